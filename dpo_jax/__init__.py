@@ -1,0 +1,3 @@
+"""dpo_jax: Direct Preference Optimization in pure JAX/Flax."""
+
+__version__ = "0.1.0"
