@@ -1,0 +1,329 @@
+"""The preference-loss family: one small pure function per variant, registered by name.
+
+Inputs are the summed completion log-probs from ``logprobs.sequence_logprobs`` and the token
+counts. Notation used in the docstrings:
+
+    pc, pr  policy log-prob of the chosen / rejected completion (summed over its tokens)
+    rc, rr  reference log-probs of the same (0 when ``reference_free``)
+    Dc = pc - rc,  Dr = pr - rr,  h = Dc - Dr,  e = label_smoothing,  |y| = token count,
+    s = sigmoid,  log s = log-sigmoid (computed stably: no overflow at any margin)
+
+A loss is ``fn(x: PairLogps, o: LossConfig) -> (B,) per-pair losses``. Rewards and metrics are
+computed once, for every loss, in ``compute`` and ``metrics``. To add a loss::
+
+    @register("my_loss")
+    def my_loss(x, o):
+        return -jax.nn.log_sigmoid(o.beta * x.h) ** 2
+
+after which ``--config.loss_type=my_loss`` uses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+log_sigmoid = jax.nn.log_sigmoid
+sigmoid = jax.nn.sigmoid
+
+
+class PairLogps(NamedTuple):
+    """Per-pair inputs of a loss, each (B,)."""
+
+    policy_chosen: jax.Array
+    policy_rejected: jax.Array
+    ref_chosen: jax.Array
+    ref_rejected: jax.Array
+    chosen_tokens: jax.Array
+    rejected_tokens: jax.Array
+    valid: jax.Array  # 1 for real pairs, 0 for padding pairs (eval); batch statistics ignore 0s
+
+    @property
+    def dc(self):
+        return self.policy_chosen - self.ref_chosen
+
+    @property
+    def dr(self):
+        return self.policy_rejected - self.ref_rejected
+
+    @property
+    def h(self):
+        return self.dc - self.dr
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    fn: Callable
+    check: Callable | None  # LossConfig -> error message or None
+    reference_free: bool    # never reads the reference log-probs
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+
+def register(name: str, *, check=None, reference_free: bool = False):
+    """Decorator: ``@register("name")`` adds a loss ``fn(x: PairLogps, o: LossConfig) -> (B,)``.
+
+    check(o) returns an error message when the options do not suit the loss (e.g. a smoothing
+    outside its range), so bad settings fail when the config is read, not as a NaN inside jit.
+    """
+    def wrap(fn):
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} is already registered")
+        LOSSES[name] = LossSpec(fn, check, reference_free)
+        return fn
+    return wrap
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Validated loss options (hashable, so a jitted step can take it as a static argument)."""
+
+    loss_type: tuple[str, ...] = ("sigmoid",)
+    loss_weights: tuple[float, ...] | None = None  # one weight per loss_type; None = all 1.0
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    reference_free: bool = False       # take the reference log-ratios as 0
+    rpo_alpha: float | None = None     # add alpha * per-token NLL of the chosen completions (RPO)
+    simpo_gamma: float = 0.5           # SimPO's target reward margin
+    discopop_tau: float = 0.05         # DiscoPOP's temperature
+
+    def __post_init__(self):
+        lt = (self.loss_type,) if isinstance(self.loss_type, str) else tuple(self.loss_type)
+        object.__setattr__(self, "loss_type", lt)
+        if self.loss_weights is not None:
+            object.__setattr__(self, "loss_weights", tuple(float(w) for w in self.loss_weights))
+        for name in lt:
+            if name not in LOSSES:
+                raise ValueError(f"loss_type {name!r} is not a known loss; valid: "
+                                 f"{', '.join(sorted(LOSSES))}")
+        if not lt:
+            raise ValueError("loss_type is empty")
+        if self.loss_weights is not None and len(self.loss_weights) != len(lt):
+            raise ValueError(f"loss_weights {self.loss_weights} needs one weight per loss_type {lt}")
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing <= 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5], got {self.label_smoothing}")
+        if self.rpo_alpha is not None and self.rpo_alpha < 0:
+            raise ValueError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
+        for name in lt:
+            msg = LOSSES[name].check and LOSSES[name].check(self)
+            if msg:
+                raise ValueError(f"loss_type {name!r}: {msg}")
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return self.loss_weights or (1.0,) * len(self.loss_type)
+
+    @property
+    def needs_reference(self) -> bool:
+        return not self.reference_free and not all(LOSSES[n].reference_free for n in self.loss_type)
+
+
+# ============================================================================== helpers
+
+def _smoothed(z, e):
+    """-(1-e) log s(z) - e log s(-z): the conservative-DPO form of a logistic loss."""
+    return -(1 - e) * log_sigmoid(z) - e * log_sigmoid(-z)
+
+
+def _chosen_nll(x: PairLogps):
+    """Per-pair values whose valid-weighted batch mean is the token-weighted NLL of the chosen
+    completions, sum(-pc) / sum(|yc|), as a language-model loss over those tokens would be."""
+    v = x.valid
+    mean_tokens = jnp.sum(x.chosen_tokens * v) / jnp.maximum(jnp.sum(v), 1)
+    return -x.policy_chosen / jnp.maximum(mean_tokens, 1)
+
+
+def _sort_valid(a, valid):
+    """Batch sort with padding pairs sent to the end (as +inf would be) so they pair only with each
+    other in AOT's sorted matching."""
+    big = jnp.finfo(a.dtype).max
+    return jnp.sort(jnp.where(valid > 0, a, big))
+
+
+# ============================================================================== losses
+
+@register("sigmoid")
+def sigmoid_loss(x, o):
+    """DPO (Rafailov et al. 2023, arXiv 2305.18290): -(1-e) log s(beta h) - e log s(-beta h).
+    e > 0 is conservative DPO (cDPO, Mitchell 2023), robust to flipped labels with rate e."""
+    return _smoothed(o.beta * x.h, o.label_smoothing)
+
+
+@register("robust", check=lambda o: None if o.label_smoothing < 0.5 else
+          "needs 0 <= label_smoothing < 0.5")
+def robust(x, o):
+    """rDPO (Chowdhury et al. 2024, arXiv 2403.00409): an unbiased loss under label noise e,
+    [-(1-e) log s(beta h) + e log s(-beta h)] / (1 - 2e)."""
+    e, z = o.label_smoothing, o.beta * x.h
+    return (-(1 - e) * log_sigmoid(z) + e * log_sigmoid(-z)) / (1 - 2 * e)
+
+
+@register("hinge")
+def hinge(x, o):
+    """SLiC-HF (Zhao et al. 2023, arXiv 2305.10425): relu(1 - beta h)."""
+    return jax.nn.relu(1 - o.beta * x.h)
+
+
+@register("ipo")
+def ipo(x, o):
+    """IPO (Azar et al. 2023, arXiv 2310.12036): (Dc/|yc| - Dr/|yr| - 1/(2 beta))^2, with the
+    log-ratios averaged over tokens as the IPO authors specify."""
+    h = x.dc / x.chosen_tokens - x.dr / x.rejected_tokens
+    return (h - 1 / (2 * o.beta)) ** 2
+
+
+@register("exo_pair", check=lambda o: None if 0 < o.label_smoothing < 1 else
+          "needs label_smoothing > 0 (it is the e of log e; the EXO paper uses 1e-3)")
+def exo_pair(x, o):
+    """EXO (Ji et al. 2024, arXiv 2402.00856), pairwise: the reverse KL from the policy's
+    preference distribution to the smoothed label:
+    s(beta h)[log s(beta h) - log(1-e)] + s(-beta h)[log s(-beta h) - log e]."""
+    z, e = o.beta * x.h, o.label_smoothing
+    return (sigmoid(z) * (log_sigmoid(z) - math.log1p(-e))
+            + sigmoid(-z) * (log_sigmoid(-z) - math.log(e)))
+
+
+@register("nca_pair")
+def nca_pair(x, o):
+    """NCA (Chen et al. 2024, arXiv 2402.05369), pairwise:
+    -log s(beta Dc) - 1/2 log s(-beta Dc) - 1/2 log s(-beta Dr)."""
+    zc, zr = o.beta * x.dc, o.beta * x.dr
+    return -log_sigmoid(zc) - 0.5 * log_sigmoid(-zc) - 0.5 * log_sigmoid(-zr)
+
+
+@register("bco_pair")
+def bco_pair(x, o):
+    """BCO (Jung et al. 2024, arXiv 2404.04656), pairwise, without the running reward shift:
+    -log s(beta Dc) - log s(-beta Dr)."""
+    return -log_sigmoid(o.beta * x.dc) - log_sigmoid(-o.beta * x.dr)
+
+
+@register("sppo_hard")
+def sppo_hard(x, o):
+    """SPPO (Wu et al. 2024, arXiv 2405.00675) with hard win-probabilities 1 and 0:
+    (Dc - 1/(2 beta))^2 + (Dr + 1/(2 beta))^2."""
+    return (x.dc - 0.5 / o.beta) ** 2 + (x.dr + 0.5 / o.beta) ** 2
+
+
+@register("aot")
+def aot(x, o):
+    """AOT (Melnyk et al. 2024, arXiv 2406.05882), paired: distributional dominance through sorted
+    batch statistics. d = sort_batch(pc - pr) - sort_batch(rc - rr);
+    -(1-e) log s(beta d) - e log s(-beta d)."""
+    d = (_sort_valid(x.policy_chosen - x.policy_rejected, x.valid)
+         - _sort_valid(x.ref_chosen - x.ref_rejected, x.valid))
+    return _smoothed(o.beta * d, o.label_smoothing) * (jnp.sort(x.valid)[::-1] > 0)
+
+
+@register("aot_unpaired")
+def aot_unpaired(x, o):
+    """AOT, unpaired: d = sort_batch(Dc) - sort_batch(Dr); same form as ``aot``."""
+    d = _sort_valid(x.dc, x.valid) - _sort_valid(x.dr, x.valid)
+    return _smoothed(o.beta * d, o.label_smoothing) * (jnp.sort(x.valid)[::-1] > 0)
+
+
+@register("apo_zero")
+def apo_zero(x, o):
+    """APO-zero (D'Oosterlinck et al. 2024, arXiv 2408.06266), for chosen better than the model:
+    1 - s(beta Dc) + s(beta Dr)."""
+    return 1 - sigmoid(o.beta * x.dc) + sigmoid(o.beta * x.dr)
+
+
+@register("apo_down")
+def apo_down(x, o):
+    """APO-down (arXiv 2408.06266), for chosen worse than the model: s(beta Dc) + 1 - s(beta h)."""
+    return sigmoid(o.beta * x.dc) + 1 - sigmoid(o.beta * x.h)
+
+
+@register("discopop")
+def discopop(x, o):
+    """DiscoPOP (Chris Lu et al. 2024, arXiv 2406.08414), the log-ratio modulated loss:
+    z = beta h: (1 - s(z/tau)) (-log s(z)) + s(z/tau) exp(-z).
+    The second term is computed as exp(log s(z/tau) - z), finite at any z."""
+    z = o.beta * x.h
+    tau = o.discopop_tau
+    return (1 - sigmoid(z / tau)) * -log_sigmoid(z) + jnp.exp(log_sigmoid(z / tau) - z)
+
+
+@register("simpo", reference_free=True)
+def simpo(x, o):
+    """SimPO (Meng et al. 2024, arXiv 2405.14734), reference-free, length-normalized:
+    -log s(beta (pc/|yc| - pr/|yr|) - gamma) (with e > 0, the smoothed form)."""
+    z = o.beta * (x.policy_chosen / x.chosen_tokens - x.policy_rejected / x.rejected_tokens)
+    return _smoothed(z - o.simpo_gamma, o.label_smoothing)
+
+
+def _log_odds(mean_logp):
+    """log(p / (1 - p)) for p = exp(mean_logp) <= 1, stably: mean_logp - log(-expm1(mean_logp))."""
+    m = jnp.minimum(mean_logp, -1e-6)  # p = 1 exactly would be infinite odds
+    return m - jnp.log(-jnp.expm1(m))
+
+
+@register("orpo", reference_free=True)
+def orpo(x, o):
+    """ORPO (Hong et al. 2024, arXiv 2403.07691), reference-free: NLL(chosen, per token)
+    - lambda log s(log odds(yc) - log odds(yr)), odds from per-token mean log-probs.
+    lambda is beta, as in TRL's ORPOConfig."""
+    lor = (_log_odds(x.policy_chosen / x.chosen_tokens)
+           - _log_odds(x.policy_rejected / x.rejected_tokens))
+    return _chosen_nll(x) - o.beta * log_sigmoid(lor)
+
+
+@register("sft", reference_free=True)
+def sft(x, o):
+    """Supervised fine-tuning on the chosen completions: their NLL, token-weighted over the batch."""
+    return _chosen_nll(x)
+
+
+# ============================================================================== entry points
+
+def pair_losses(x: PairLogps, o: LossConfig):
+    """(losses, chosen_rewards, rejected_rewards), each (B,): the weighted sum of the configured
+    losses (+ RPO's NLL term), and the implicit rewards beta * Dc, beta * Dr."""
+    # Padding pairs have 0 tokens; a 0/0 there would be a NaN that no weight of 0 removes.
+    x = x._replace(chosen_tokens=jnp.maximum(x.chosen_tokens, 1),
+                   rejected_tokens=jnp.maximum(x.rejected_tokens, 1))
+    if o.reference_free:
+        x = x._replace(ref_chosen=jnp.zeros_like(x.ref_chosen),
+                       ref_rejected=jnp.zeros_like(x.ref_rejected))
+    losses = sum(w * LOSSES[name].fn(x, o) for name, w in zip(o.loss_type, o.weights))
+    if o.rpo_alpha:
+        losses = losses + o.rpo_alpha * _chosen_nll(x)
+    return losses, o.beta * x.dc, o.beta * x.dr
+
+
+def compute(loss_type, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+            ref_rejected_logps, *, chosen_tokens, rejected_tokens, beta, label_smoothing=0.0,
+            valid=None, **options):
+    """(losses, chosen_rewards, rejected_rewards), each (B,). ``options`` are LossConfig fields
+    (loss_weights, reference_free, rpo_alpha, simpo_gamma, discopop_tau)."""
+    o = LossConfig(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, **options)
+    pc = jnp.asarray(policy_chosen_logps)
+    x = PairLogps(pc, jnp.asarray(policy_rejected_logps), jnp.asarray(ref_chosen_logps),
+                  jnp.asarray(ref_rejected_logps), jnp.asarray(chosen_tokens, pc.dtype),
+                  jnp.asarray(rejected_tokens, pc.dtype),
+                  jnp.ones_like(pc) if valid is None else jnp.asarray(valid, pc.dtype))
+    return pair_losses(x, o)
+
+
+def metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps,
+            valid=None) -> dict:
+    """TRL's names and meanings, means over the valid pairs. Accuracy is strict (0 at step 0)."""
+    v = jnp.ones_like(losses) if valid is None else valid
+    mean = lambda a: jnp.sum(a * v) / jnp.maximum(jnp.sum(v), 1)
+    return {
+        "loss": mean(losses),
+        "rewards/chosen": mean(chosen_rewards),
+        "rewards/rejected": mean(rejected_rewards),
+        "rewards/margins": mean(chosen_rewards - rejected_rewards),
+        "rewards/accuracies": mean((chosen_rewards > rejected_rewards).astype(losses.dtype)),
+        "logps/chosen": mean(policy_chosen_logps),
+        "logps/rejected": mean(policy_rejected_logps),
+    }
