@@ -268,6 +268,9 @@ class TokenizedPairs:
     chosen: list[np.ndarray]
     rejected: list[np.ndarray]
     stats: dict
+    # Reference log-probs, (N,) each, once precomputed; batches then carry them.
+    ref_chosen: np.ndarray | None = None
+    ref_rejected: np.ndarray | None = None
 
     def __len__(self):
         return len(self.prompt)
@@ -505,8 +508,13 @@ class PairBatches:
 
     def eval_batches(self) -> Iterator[dict]:
         """Every pair once, in order; the last batch of each bucket padded with invalid pairs."""
+        for _, batch in self.eval_batches_with_rows():
+            yield batch
+
+    def eval_batches_with_rows(self) -> Iterator[tuple[np.ndarray, dict]]:
+        """As ``eval_batches``, with the pair indices of each batch's valid rows."""
         for rows in self._plan(0, drop_remainder=False, shuffle=False):
-            yield self.collate(rows)
+            yield rows, self.collate(rows)
 
     # ---- shapes
     def collate(self, rows: np.ndarray) -> dict:
@@ -525,7 +533,13 @@ class PairBatches:
                 attn[j, :n] = 1
                 loss[j, len(p):n] = 1
             valid[i] = 1
-        return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "valid": valid}
+        batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "valid": valid}
+        if self.pairs.ref_chosen is not None:
+            for key, values in (("ref_chosen_logps", self.pairs.ref_chosen),
+                                ("ref_rejected_logps", self.pairs.ref_rejected)):
+                batch[key] = np.zeros((b,), np.float32)
+                batch[key][:len(rows)] = values[rows]
+        return batch
 
     def padding_fraction(self) -> float:
         """Share of token positions in one epoch's batches that are padding."""
@@ -536,6 +550,20 @@ class PairBatches:
             real += sum(2 * len(self.pairs.prompt[r]) + len(self.pairs.chosen[r])
                         + len(self.pairs.rejected[r]) for r in rows)
         return 1.0 - real / max(total, 1)
+
+
+def stack_batches(batches: list[dict]) -> dict:
+    """Micro-batches stacked on a new leading axis (gradient accumulation), right-padded to the
+    longest of them when length buckets gave them different lengths."""
+    length = max(b["input_ids"].shape[1] for b in batches)
+
+    def pad(key, a):
+        if a.ndim < 2 or a.shape[1] == length:
+            return a
+        fill = batches[0]["input_ids"][0, -1] if key == "input_ids" else 0
+        return np.pad(a, ((0, 0), (0, length - a.shape[1])), constant_values=fill)
+
+    return {k: np.stack([pad(k, b[k]) for b in batches]) for k in batches[0]}
 
 
 def summary_line(stats: dict, padding_fraction: float | None = None) -> str:

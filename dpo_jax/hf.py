@@ -264,6 +264,27 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32") 
     return nnx.merge(graphdef, abstract)
 
 
+def load_tokenizer(name_or_path: str | os.PathLike):
+    """A transformers tokenizer from a local folder, the HF cache, or the hub (fast offline error)."""
+    from transformers import AutoTokenizer
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return AutoTokenizer.from_pretrained(str(path))
+    name = str(name_or_path)
+    if path.exists() or name.startswith((".", "/", "~")) or not name:
+        raise CheckpointError(f"{name!r}: no such tokenizer folder")
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE or not _hub_reachable(constants.ENDPOINT):
+        raise CheckpointError(f"tokenizer {name!r} is not a local folder, is not in the Hugging "
+                              f"Face cache, and the hub cannot be reached (offline). Pass a local "
+                              "tokenizer folder (config key tokenizer_name_or_path) instead")
+    return AutoTokenizer.from_pretrained(name)
+
+
 # --------------------------------------------------------------------------- writing
 
 def save_pretrained(model: GPT2, path: str | os.PathLike) -> Path:

@@ -134,14 +134,22 @@ class Attention(nnx.Module):
             scale /= float(layer_idx + 1)
         self.scale = scale
 
-    def __call__(self, x_btc, mask_btt):
+    def __call__(self, x_btc, mask_bts, kv=None, index=None):
+        """mask_bts: (B, T, S) True where query t may attend to key s. With ``kv``, a (k, v) cache
+        of (B, S, H, D) arrays, the new keys and values are written at ``index`` and attention runs
+        over the whole cache; the updated cache is returned."""
         b, t, c = x_btc.shape
         q, k, v = jnp.split(self.c_attn(x_btc), 3, axis=-1)
         q, k, v = (a.reshape(b, t, self.n_head, c // self.n_head) for a in (q, k, v))
+        if kv is not None:
+            at = (0, index, 0, 0)
+            kv = (jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), at),
+                  jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), at))
+            k, v = kv
         # jax.nn.dot_product_attention takes the logits and softmax to float32 for bfloat16
         # inputs, and on GPU can dispatch to a fused (cuDNN) kernel.
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask_btt[:, None], scale=self.scale)
-        return self.c_proj(y.reshape(b, t, c))
+        y = jax.nn.dot_product_attention(q, k, v, mask=mask_bts[:, None], scale=self.scale)
+        return self.c_proj(y.reshape(b, t, c)), kv
 
 
 class MLP(nnx.Module):
@@ -166,9 +174,10 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dt)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, mask_btt):
-        x = x + self.attn(self.ln_1(x), mask_btt)
-        return x + self.mlp(self.ln_2(x))
+    def __call__(self, x, mask_bts, kv=None, index=None):
+        a, kv = self.attn(self.ln_1(x), mask_bts, kv, index)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), kv
 
 
 def positions_from_mask(attention_mask_bt):
@@ -205,11 +214,33 @@ class GPT2(nnx.Module):
         if attn_mask is None:
             causal = jnp.tril(jnp.ones((t, t), bool))
             attn_mask = causal[None] & attention_mask.astype(bool)[:, None, :]
-        dt = self.config.compute_dtype
-        x = (self.wte(input_ids) + self.wpe(position_ids)).astype(dt)
-        for block in self.h:
-            x = block(x, attn_mask)
-        return self.ln_f(x)
+        return self._trunk(input_ids, position_ids, attn_mask)[0]
+
+    def _trunk(self, input_ids, position_ids, mask_bts, cache=None, index=None):
+        x = (self.wte(input_ids) + self.wpe(position_ids)).astype(self.config.compute_dtype)
+        new_cache = []
+        for i, block in enumerate(self.h):
+            x, kv = block(x, mask_bts, None if cache is None else cache[i], index)
+            new_cache.append(kv)
+        return self.ln_f(x), (None if cache is None else tuple(new_cache))
+
+    def init_cache(self, batch: int, length: int):
+        """An empty KV cache: per layer (k, v), each (B, S, H, D) in the compute dtype."""
+        c = self.config
+        shape = (batch, length, c.n_head, c.n_embd // c.n_head)
+        return tuple((jnp.zeros(shape, c.compute_dtype), jnp.zeros(shape, c.compute_dtype))
+                     for _ in range(c.n_layer))
+
+    def decode(self, input_ids, position_ids, key_mask, cache, index):
+        """New tokens (B, T) at cache positions [index, index + T) against a KV cache.
+
+        key_mask: (B, S) which cache positions hold real tokens (False for left padding).
+        Returns (hidden (B, T, C), updated cache).
+        """
+        t, s = input_ids.shape[1], key_mask.shape[1]
+        causal = jnp.arange(s)[None, :] <= (index + jnp.arange(t))[:, None]  # (T, S)
+        mask = causal[None] & key_mask.astype(bool)[:, None, :]
+        return self._trunk(input_ids, position_ids, mask, cache, index)
 
     def lm_head(self, hidden):
         """Logits in float32 from hidden states (..., C): the matmul runs in the compute dtype with

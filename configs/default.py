@@ -1,0 +1,79 @@
+"""Every config key, with its default and meaning. The other configs start from this one.
+
+Not meant to be run as is (it names no data); see configs/tiny.py and configs/gpt2.py.
+Key names follow TRL's DPOConfig where one exists, with the same meaning.
+"""
+
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+
+    # ---- model
+    c.model_name_or_path = "gpt2"  # HF hub id or local HF folder; "" = random init from c.model
+    c.model = ml_collections.ConfigDict(dict(  # architecture for random init (ignored otherwise)
+        vocab_size=50257,   # tokens; set to the tokenizer's size
+        n_positions=1024,   # max sequence length the position table holds
+        n_embd=768,         # width
+        n_layer=12,         # transformer blocks
+        n_head=12,          # attention heads
+    ))
+    c.tokenizer_name_or_path = ""  # HF tokenizer folder or hub id; "" = the model's
+    c.dtype = "float32"            # compute dtype: float32 | bfloat16 (params stay float32)
+
+    # ---- data (dpo_jax/data.py)
+    c.dataset_name = ""            # hub id, .json/.jsonl/.parquet/.csv file, or save_to_disk folder
+    c.dataset_train_split = "train"  # split of a hub / save_to_disk dataset to train on
+    c.eval_dataset_name = ""       # "" = dataset_name (its dataset_test_split); a file or hub id
+    c.dataset_test_split = "test"  # split to evaluate on; "" = no evaluation
+    c.prompt_column = "prompt"     # column of the prompt; absent = implicit (shared prefix)
+    c.chosen_column = "chosen"     # column of the preferred completion (or full text)
+    c.rejected_column = "rejected"  # column of the dispreferred completion (or full text)
+    c.max_length = 512             # tokens of prompt + the longer completion
+    c.max_prompt_length = 128      # a cut prompt keeps its last this-many tokens
+    c.add_bos = False              # prepend the tokenizer's BOS to prompts
+    c.on_bad_row = "error"         # bad rows: "error" (name file and row) | "skip" (drop, count)
+    c.length_buckets = ()          # padded lengths besides max_length, e.g. (128, 256); () = none
+    c.data_cache_dir = ""          # tokenization cache; "" = next to the data (~/.cache for hub)
+
+    # ---- loss (dpo_jax/losses.py)
+    c.loss_type = "sigmoid"        # a registered loss, or several: "sigmoid,sft"
+    c.loss_weights = ""            # comma-separated weights for several losses; "" = all 1
+    c.beta = 0.1                   # the KL strength beta (ORPO's lambda)
+    c.label_smoothing = 0.0        # e: assumed label-noise rate (cDPO, rDPO, EXO, ...)
+    c.reference_free = False       # take the reference log-ratios as 0
+    c.rpo_alpha = 0.0              # > 0 adds alpha * per-token NLL of chosen (RPO); 0 = off
+    c.simpo_gamma = 0.5            # SimPO's target margin
+    c.discopop_tau = 0.05          # DiscoPOP's temperature
+    c.precompute_ref_log_probs = False  # score the data with the reference once, before training
+    c.logprob_chunk_size = 1024    # positions per LM-head chunk; 0 = whole batch at once
+
+    # ---- optimization (dpo_jax/optim.py)
+    c.optim = "adamw"              # adamw | rmsprop | adafactor | sgd
+    c.learning_rate = 1e-6         # peak learning rate
+    c.lr_scheduler_type = "linear"  # after warmup: constant | cosine | linear (decay to min)
+    c.warmup_steps = 150           # linear warmup from 0, in updates
+    c.min_lr_ratio = 0.0           # decay ends at learning_rate * this
+    c.weight_decay = 0.0           # decoupled for adamw/adafactor, L2 for rmsprop
+    c.adam_beta1 = 0.9             # Adam first-moment decay
+    c.adam_beta2 = 0.999           # Adam second-moment decay; also rmsprop's decay
+    c.adam_epsilon = 1e-8          # Adam / rmsprop epsilon
+    c.max_grad_norm = 10.0         # clip the global gradient norm; 0 = off
+    c.train_batch_size = 8         # pairs per micro-batch, global (TRL: per-device x devices)
+    c.gradient_accumulation_steps = 1  # micro-batches per update (exact accumulation)
+    c.eval_batch_size = 8          # pairs per eval batch
+    c.num_train_epochs = 1         # epochs, when max_steps <= 0
+    c.max_steps = -1               # updates to run; <= 0 = num_train_epochs worth
+
+    # ---- loop (dpo_jax/trainer.py)
+    c.seed = 0                     # data order, random init and sampling
+    c.logging_steps = 10           # log train metrics every this many updates
+    c.eval_steps = 100             # evaluate every this many updates (and at the end); 0 = end only
+    c.save_steps = 100             # checkpoint every this many updates (and at the end)
+    c.save_total_limit = 3         # checkpoints kept
+    c.export_hf = True             # at the end, write the policy as an HF folder to workdir/hf
+    c.progress_bar = True          # tqdm bar on stderr
+    c.sample_prompts = 2           # eval prompts whose pi_ref / pi_theta completions end the run
+    c.sample_max_new_tokens = 32   # tokens per such completion (greedy)
+    return c

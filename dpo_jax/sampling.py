@@ -1,0 +1,146 @@
+"""Jitted autoregressive generation with a KV cache: greedy, temperature, top-k, top-p.
+
+Prompts come left-padded (B, P) with their attention mask; position ids count real tokens only, so
+a padded prompt continues exactly as the unpadded one would. Generation stops per row at EOS (the
+row then emits EOS as padding) and for the batch when every row has stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dpo_jax.model import positions_from_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0   # 0 = greedy
+    top_k: int = 0             # 0 = off
+    top_p: float = 1.0         # 1 = off
+    eos_id: int | None = None  # stop a row here; None = never stop early
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1: {self}")
+
+
+def sample_token(logits, rng, cfg: SamplingConfig):
+    """One token per row from float32 logits (B, V)."""
+    if cfg.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / cfg.temperature
+    neg = jnp.finfo(logits.dtype).min
+    if cfg.top_k:
+        kth = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if cfg.top_p < 1:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(before < cfg.top_p, sorted_logits, jnp.inf), axis=-1,
+                         keepdims=True)
+        logits = jnp.where(logits < cutoff, neg, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def _generate_cached(model, prompt_ids, prompt_mask, rng, cfg: SamplingConfig):
+    b, p = prompt_ids.shape
+    n = cfg.max_new_tokens
+    key_mask = jnp.concatenate([prompt_mask.astype(bool), jnp.ones((b, n), bool)], axis=1)
+    cache = model.init_cache(b, p + n)
+    h, cache = model.decode(prompt_ids, positions_from_mask(prompt_mask), key_mask, cache, 0)
+    logits = model.lm_head(h[:, -1])
+    n_real = prompt_mask.sum(-1).astype(jnp.int32)
+    eos = -1 if cfg.eos_id is None else cfg.eos_id
+    out = jnp.full((b, n), max(eos, 0), jnp.int32)
+
+    def cond(c):
+        i, _, _, _, done, _ = c
+        return (i < n) & ~jnp.all(done)
+
+    def body(c):
+        i, cache, logits, out, done, rng = c
+        rng, sub = jax.random.split(rng)
+        tok = jnp.where(done, max(eos, 0), sample_token(logits, sub, cfg))
+        out = out.at[:, i].set(tok)
+        done = done | (tok == eos)
+        h, cache = model.decode(tok[:, None], (n_real + i)[:, None], key_mask, cache, p + i)
+        return i + 1, cache, model.lm_head(h[:, -1]), out, done, rng
+
+    init = (jnp.int32(0), cache, logits, out, jnp.zeros((b,), bool), rng)
+    return jax.lax.while_loop(cond, body, init)[3]
+
+
+def _generate_uncached(model, prompt_ids, prompt_mask, rng, cfg: SamplingConfig):
+    """The reference: a full forward over the whole buffer for every new token."""
+    b, p = prompt_ids.shape
+    n = cfg.max_new_tokens
+    eos = -1 if cfg.eos_id is None else cfg.eos_id
+    ids = jnp.concatenate([prompt_ids, jnp.zeros((b, n), prompt_ids.dtype)], axis=1)
+    mask = jnp.concatenate([prompt_mask, jnp.zeros((b, n), prompt_mask.dtype)], axis=1)
+    done = jnp.zeros((b,), bool)
+    for i in range(n):
+        rng, sub = jax.random.split(rng)
+        logits = model(ids, mask)[:, p + i - 1]
+        tok = jnp.where(done, max(eos, 0), sample_token(logits, sub, cfg))
+        ids = ids.at[:, p + i].set(tok)
+        mask = mask.at[:, p + i].set(1)
+        done = done | (tok == eos)
+    return ids[:, p:]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "use_cache"))
+def _generate_jit(graphdef, state, prompt_ids, prompt_mask, rng, cfg, use_cache):
+    model = nnx.merge(graphdef, state)
+    fn = _generate_cached if use_cache else _generate_uncached
+    return fn(model, prompt_ids, prompt_mask, rng, cfg)
+
+
+def generate(model, prompt_ids, prompt_mask, cfg: SamplingConfig, *, seed: int = 0,
+             use_cache: bool = True) -> np.ndarray:
+    """New tokens (B, max_new_tokens), int32; rows that stopped are EOS-padded after their EOS."""
+    room = model.config.n_positions
+    if prompt_ids.shape[1] + cfg.max_new_tokens > room:
+        raise ValueError(f"prompt length {prompt_ids.shape[1]} + max_new_tokens "
+                         f"{cfg.max_new_tokens} exceeds the model's n_positions={room}")
+    graphdef, state = nnx.split(model)
+    return np.asarray(_generate_jit(graphdef, state, jnp.asarray(prompt_ids, jnp.int32),
+                                    jnp.asarray(prompt_mask, jnp.int32),
+                                    jax.random.key(seed), cfg, use_cache))
+
+
+def left_pad(token_lists, pad_id: int, length: int | None = None):
+    """(ids, mask) numpy arrays of left-padded prompts."""
+    length = length or max(len(t) for t in token_lists)
+    ids = np.full((len(token_lists), length), pad_id, np.int32)
+    mask = np.zeros((len(token_lists), length), np.int32)
+    for i, t in enumerate(token_lists):
+        t = list(t)[-length:]
+        if t:
+            ids[i, -len(t):] = t
+            mask[i, -len(t):] = 1
+    return ids, mask
+
+
+def complete(model, tokenizer, prompts, cfg: SamplingConfig, *, seed: int = 0) -> list[str]:
+    """Text completions of text prompts (tokenized without special tokens, as in training)."""
+    toks = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids, mask = left_pad(toks, tokenizer.eos_token_id or 0)
+    out = generate(model, ids, mask, cfg, seed=seed)
+    texts = []
+    for row in out:
+        row = list(row)
+        if cfg.eos_id is not None and cfg.eos_id in row:
+            row = row[: row.index(cfg.eos_id)]
+        texts.append(tokenizer.decode(row))
+    return texts

@@ -1,0 +1,89 @@
+"""Train and eval steps: pure functions of pytrees, jitted, the train state donated.
+
+The model enters as a graphdef (static) and a params pytree; ``nnx.merge`` rebuilds it inside the
+trace. The reference params are a separate argument that is never differentiated: the gradient is
+taken with respect to the policy params only (``argnums=0``), so the reference gets none by
+construction. Reference log-probs are either computed in the step from those params or carried in
+the batch (``ref_chosen_logps`` / ``ref_rejected_logps``, precomputed once over the data).
+
+Batch layout (``data.PairBatches``): (2B, L) arrays, chosen rows first, one forward for both.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dpo_jax.logprobs import model_sequence_logprobs
+from dpo_jax.losses import LossConfig, PairLogps, metrics, pair_losses
+from dpo_jax.optim import accumulate_gradients
+
+
+def batch_logps(graphdef, params, batch, chunk_size: int):
+    """(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens), each (B,)."""
+    model = nnx.merge(graphdef, params)
+    logps, n = model_sequence_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                       batch["loss_mask"], chunk_size=chunk_size)
+    b = logps.shape[0] // 2
+    return logps[:b], logps[b:], n[:b], n[b:]
+
+
+def make_loss_fn(graphdef, ref_graphdef, loss_cfg: LossConfig, chunk_size: int):
+    """loss_fn(params, ref_params, batch) -> (loss, metrics)."""
+
+    def loss_fn(params, ref_params, batch):
+        pc, pr, nc, nr = batch_logps(graphdef, params, batch, chunk_size)
+        if "ref_chosen_logps" in batch:
+            rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        elif loss_cfg.needs_reference:
+            rc, rr, _, _ = batch_logps(ref_graphdef, ref_params, batch, chunk_size)
+        else:
+            rc = rr = jnp.zeros_like(pc)
+        rc, rr = jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
+        valid = batch["valid"].astype(pc.dtype)
+        x = PairLogps(pc, pr, rc, rr, nc, nr, valid)
+        losses, chosen_rewards, rejected_rewards = pair_losses(x, loss_cfg)
+        m = metrics(losses, chosen_rewards, rejected_rewards, pc, pr, valid)
+        return m["loss"], m
+
+    return loss_fn
+
+
+def make_train_step(graphdef, ref_graphdef, loss_cfg: LossConfig, optimizer, lr_schedule, *,
+                    chunk_size: int, in_shardings=None, out_shardings=None):
+    """train_step(state, ref_params, batch) -> (state, metrics); jitted, state donated.
+
+    state = {"params", "opt_state", "step"}. Every batch leaf has a leading axis of micro-batches
+    (gradient accumulation, exact: see optim.accumulate_gradients); its length may be 1.
+    """
+    loss_fn = make_loss_fn(graphdef, ref_graphdef, loss_cfg, chunk_size)
+    grad_fn = jax.value_and_grad(loss_fn, argnums=0, has_aux=True)
+
+    def train_step(state, ref_params, batch):
+        params = state["params"]
+        weights = batch["valid"].sum(axis=-1)
+        (_, m), grads = accumulate_gradients(lambda p, b: grad_fn(p, ref_params, b), params,
+                                             batch, weights)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        m = dict(m, grad_norm=optax.tree.norm(grads), learning_rate=lr_schedule(state["step"]))
+        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+                     "step": state["step"] + 1}
+        return new_state, m
+
+    kw = {}
+    if in_shardings is not None:
+        kw = dict(in_shardings=in_shardings, out_shardings=out_shardings)
+    return jax.jit(train_step, donate_argnums=0, **kw)
+
+
+def make_eval_step(graphdef, ref_graphdef, loss_cfg: LossConfig, *, chunk_size: int):
+    """eval_step(params, ref_params, batch) -> metrics (means over the batch's valid pairs)."""
+    loss_fn = make_loss_fn(graphdef, ref_graphdef, loss_cfg, chunk_size)
+    return jax.jit(lambda params, ref_params, batch: loss_fn(params, ref_params, batch)[1])
+
+
+def make_ref_logps_fn(ref_graphdef, *, chunk_size: int):
+    """ref_fn(ref_params, batch) -> (chosen_logps, rejected_logps): for precomputing."""
+    return jax.jit(lambda p, batch: batch_logps(ref_graphdef, p, batch, chunk_size)[:2])

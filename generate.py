@@ -1,0 +1,76 @@
+"""Side-by-side completions of the reference model and the trained policy.
+
+    python generate.py --workdir runs/tiny --prompt "The acting was"
+    python generate.py --workdir runs/tiny --prompts_file prompts.txt --temperature 0.7 --top_p 0.9
+
+The reference is rebuilt from the run's config (the same checkpoint or random init); the policy is
+the run's latest checkpoint (or its HF export with --from_export).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A training run's workdir.")
+flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
+flags.DEFINE_string("prompts_file", None, "A file with one prompt per line.")
+flags.DEFINE_integer("max_new_tokens", 48, "Tokens to generate per prompt.")
+flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 = off.")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 = off.")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_bool("from_export", False, "Take the policy from workdir/hf, not the checkpoint.")
+flags.mark_flag_as_required("workdir")
+
+
+def load_policy_params(config, workdir: Path, model, tokenizer):
+    """The latest checkpoint's params (or the HF export's)."""
+    import jax
+    from flax import nnx
+    from dpo_jax import checkpoint, hf, optim
+    if FLAGS.from_export:
+        return nnx.to_pure_dict(nnx.state(hf.load_pretrained(workdir / "hf"), nnx.Param))
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", async_save=False)
+    s = ckpt.latest_step()
+    if s is None:
+        raise SystemExit(f"{workdir}: no complete checkpoint (train first, or --from_export)")
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    optimizer, _ = optim.build(config, config.warmup_steps + 1)  # only its state's structure
+    abstract = checkpoint.abstract_like({"params": params, "opt_state": optimizer.init(params),
+                                         "step": jax.numpy.int32(0)})
+    state, _ = ckpt.restore(s, abstract, model_config=checkpoint.model_config_record(model.config))
+    print(f"policy: {workdir / 'checkpoints' / str(s)}", file=sys.stderr)
+    return state["params"]
+
+
+def main(argv):
+    del argv
+    import ml_collections
+    from flax import nnx
+    from dpo_jax import hf, sampling, trainer
+    workdir = Path(FLAGS.workdir)
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    prompts = list(FLAGS.prompt)
+    if FLAGS.prompts_file:
+        prompts += [l.rstrip("\n") for l in Path(FLAGS.prompts_file).read_text().splitlines()
+                    if l.strip()]
+    if not prompts:
+        raise app.UsageError("give --prompt or --prompts_file")
+    tokenizer = hf.load_tokenizer(workdir / "tokenizer")
+    reference = trainer.build_model(config, tokenizer)
+    graphdef, ref_params = nnx.split(reference, nnx.Param)
+    policy = nnx.merge(graphdef, load_policy_params(config, workdir, reference, tokenizer))
+    cfg = sampling.SamplingConfig(max_new_tokens=FLAGS.max_new_tokens,
+                                  temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                                  top_p=FLAGS.top_p, eos_id=tokenizer.eos_token_id)
+    ref = sampling.complete(reference, tokenizer, prompts, cfg, seed=FLAGS.seed)
+    theta = sampling.complete(policy, tokenizer, prompts, cfg, seed=FLAGS.seed)
+    for i, (p, r, t) in enumerate(zip(prompts, ref, theta), 1):
+        print(f"=== {i}: {p!r}\n  pi_ref   | {p}{r}\n  pi_theta | {p}{t}")
+
+
+if __name__ == "__main__":
+    app.run(main)
