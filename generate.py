@@ -60,8 +60,9 @@ def main(argv):
     if not prompts:
         raise app.UsageError("give --prompt or --prompts_file")
     tokenizer = hf.load_tokenizer(workdir / "tokenizer")
-    reference = trainer.build_model(config, tokenizer)
-    graphdef, ref_params = nnx.split(reference, nnx.Param)
+    model_cfg, ref_params = trainer.build_model(config, tokenizer)
+    reference = hf.build(model_cfg, ref_params)
+    graphdef = nnx.graphdef(reference)
     policy = nnx.merge(graphdef, load_policy_params(config, workdir, reference, tokenizer))
     cfg = sampling.SamplingConfig(max_new_tokens=FLAGS.max_new_tokens,
                                   temperature=FLAGS.temperature, top_k=FLAGS.top_k,

@@ -21,6 +21,15 @@ def get_config():
     ))
     c.tokenizer_name_or_path = ""  # HF tokenizer folder or hub id; "" = the model's
     c.dtype = "float32"            # compute dtype: float32 | bfloat16 (params stay float32)
+    c.ref_dtype = ""               # reference params' dtype: "" = float32; "bfloat16" halves them
+    c.remat = False                # recompute each block's activations in the backward pass
+    c.remat_policy = "nothing_saveable"  # or dots_saveable / dots_with_no_batch_dims_saveable
+
+    # ---- devices (dpo_jax/sharding.py)
+    c.mesh_data = -1               # data-parallel axis size; -1 = the devices left over
+    c.mesh_fsdp = 1                # fully sharded data-parallel axis (params + optimizer split)
+    c.mesh_tensor = 1              # tensor-parallel axis (heads and MLP units split)
+    c.distributed = False          # multi-host: call jax.distributed.initialize() first
 
     # ---- data (dpo_jax/data.py)
     c.dataset_name = ""            # hub id, .json/.jsonl/.parquet/.csv file, or save_to_disk folder

@@ -79,7 +79,8 @@ def abstract_like(tree):
 
 
 def model_config_record(cfg) -> dict:
-    """The fields of a GPT2Config that fix parameter shapes (the compute dtype does not)."""
+    """The fields of a GPT2Config that fix parameter shapes (compute options do not)."""
     d = dataclasses.asdict(cfg)
-    d.pop("dtype", None)
+    for compute_option in ("dtype", "remat", "remat_policy"):
+        d.pop(compute_option, None)
     return d

@@ -413,9 +413,16 @@ def tokenize_pairs(ds, tokenizer, cfg: DataConfig, *, where: str | None = None) 
     return pairs
 
 
-def load_pairs(cfg: DataConfig, tokenizer) -> TokenizedPairs:
-    """Rows from ``cfg.source``, tokenized; logs the one-line summary."""
-    pairs = tokenize_pairs(load_rows(cfg), tokenizer, cfg)
+def load_pairs(cfg: DataConfig, tokenizer, shard: tuple[int, int] = (0, 1)) -> TokenizedPairs:
+    """Rows from ``cfg.source``, tokenized; logs the one-line summary.
+
+    shard=(index, count): only that contiguous share of the rows is read and tokenized (each
+    process of a multi-host run takes its own).
+    """
+    rows = load_rows(cfg)
+    if shard[1] > 1:
+        rows = rows.shard(num_shards=shard[1], index=shard[0], contiguous=True)
+    pairs = tokenize_pairs(rows, tokenizer, cfg)
     log.info("%s: %s", cfg.source, summary_line(pairs.stats))
     return pairs
 

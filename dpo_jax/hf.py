@@ -1,8 +1,9 @@
 """Hugging Face GPT-2 checkpoints <-> our Flax module.
 
-Our parameter names are HF's own (``model.py``), so the import table is the identity on names:
-HF key ``transformer.h.3.attn.c_attn.weight`` (or ``h.3.attn.c_attn.weight`` in the original
-``gpt2`` repository, which stores a bare ``GPT2Model``) fills ``h/3/attn/c_attn/weight``.
+Our parameter names are HF's own (``model.py``), so the import table is the identity on names,
+with one twist: our blocks are stacked, so HF key ``transformer.h.3.attn.c_attn.weight`` (or
+``h.3.attn.c_attn.weight`` in the original ``gpt2`` repository, which stores a bare
+``GPT2Model``) is slice 3 of our ``h.attn.c_attn.weight`` (n_layer, C, 3C).
 
 Layout: HF GPT-2 uses ``Conv1D``, whose weight is (in, out), not ``nn.Linear``'s (out, in). Our
 ``Conv1D`` stores (in, out) too, so no tensor is transposed on import or export. Every tensor's
@@ -16,8 +17,9 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dpo_jax.model import GPT2, GPT2Config
@@ -86,6 +88,27 @@ def flatten_params(tree: dict, prefix: str = "") -> dict[str, object]:
         else:
             flat[name] = v
     return flat
+
+
+def _hf_names(name: str, n_layer: int) -> list[str]:
+    """HF's keys for one of our params: the stacked blocks ``h.X`` are HF's ``h.{i}.X``."""
+    if name.startswith("h."):
+        return [f"h.{i}.{name[2:]}" for i in range(n_layer)]
+    return [name]
+
+
+def _natural(key: str):
+    return [int(p) if p.isdigit() else p for p in key.split(".")]
+
+
+def hf_state_dict(params: dict, n_layer: int) -> dict[str, np.ndarray]:
+    """Our params as HF GPT2Model tensors (float32 numpy), the stacked blocks split per layer."""
+    out = {}
+    for name, value in flatten_params(params).items():
+        value = np.asarray(value, dtype=np.float32)
+        for i, hf_name in enumerate(_hf_names(name, n_layer)):
+            out[hf_name] = np.ascontiguousarray(value[i] if name.startswith("h.") else value)
+    return out
 
 
 def _unflatten_into(template: dict, flat: dict, prefix: str = "") -> dict:
@@ -219,11 +242,11 @@ def _download(repo_id: str) -> Path:
                               f"[{type(e).__name__}: {e}]. {hint}") from None
 
 
-def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32") -> GPT2:
-    """GPT-2 with weights from a local HF folder or a hub id (gpt2, gpt2-medium, distilgpt2, ...).
+def load_pretrained_params(name_or_path: str | os.PathLike, *, dtype: str = "float32",
+                           **compute_options) -> tuple[GPT2Config, dict]:
+    """(config, params as a nested dict of float32 numpy arrays) of an HF GPT-2 checkpoint.
 
-    dtype is the compute dtype; parameters are always float32. Missing tensors or tensors whose
-    shape disagrees with config.json are errors naming the key; unexpected keys are logged.
+    Host memory only: callers place the arrays (e.g. sharded over a mesh, see sharding.place).
     """
     folder = _resolve(name_or_path)
     cfg_path = folder / CONFIG_FILE
@@ -233,35 +256,58 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32") 
         hf_config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
-    cfg = config_from_hf(hf_config, source=str(cfg_path), dtype=dtype)
+    cfg = config_from_hf(hf_config, source=str(cfg_path), dtype=dtype, **compute_options)
 
     tensors, origin = _read_weights(folder)
     tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
     origin = {k.removeprefix("transformer."): v for k, v in origin.items()}
 
-    model = nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract = nnx.split(model, nnx.Param)
-    expected = flatten_params(nnx.to_pure_dict(abstract))
-
-    missing = sorted(set(expected) - set(tensors))
+    template = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(0))),
+                                          nnx.Param))
+    ours = flatten_params(template)
+    hf_names = {name: _hf_names(name, cfg.n_layer) for name in ours}
+    expected = {n for names in hf_names.values() for n in names}
+    missing = sorted(expected - set(tensors), key=_natural)
     if missing:
         raise CheckpointError(f"{folder}: missing tensors {missing[:8]}"
                               f"{' ...' if len(missing) > 8 else ''} ({len(missing)} in all)")
     loaded = {}
-    for name, spec in expected.items():
-        t = tensors[name]
-        if tuple(t.shape) != tuple(spec.shape):
-            raise CheckpointError(
-                f"{folder / origin[name]}: tensor {name!r} has shape {tuple(t.shape)}, but "
-                f"{CONFIG_FILE} implies {tuple(spec.shape)}")
-        loaded[name] = jnp.asarray(np.asarray(t, dtype=np.float32))
-    unexpected = sorted(k for k in set(tensors) - set(expected)
+    for name, spec in ours.items():
+        per_layer = len(hf_names[name]) > 1 or name.startswith("h.")
+        want = tuple(spec.shape[1:]) if per_layer else tuple(spec.shape)
+        parts = []
+        for hf_name in hf_names[name]:
+            t = tensors[hf_name]
+            if tuple(t.shape) != want:
+                raise CheckpointError(
+                    f"{folder / origin[hf_name]}: tensor {hf_name!r} has shape {tuple(t.shape)}, "
+                    f"but {CONFIG_FILE} implies {want}")
+            parts.append(np.asarray(t, dtype=np.float32))
+        loaded[name] = np.stack(parts) if per_layer else parts[0]
+    unexpected = sorted(k for k in set(tensors) - expected
                         if not k.endswith(_IGNORED_SUFFIXES) and k != "lm_head.weight")
     if unexpected:
         log.warning("%s: ignoring unexpected tensors %s", folder, unexpected)
+    return cfg, _unflatten_into(template, loaded)
 
-    nnx.replace_by_pure_dict(abstract, _unflatten_into(nnx.to_pure_dict(abstract), loaded))
-    return nnx.merge(graphdef, abstract)
+
+def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32",
+                    **compute_options) -> GPT2:
+    """GPT-2 with weights from a local HF folder or a hub id (gpt2, gpt2-medium, distilgpt2, ...).
+
+    dtype is the compute dtype; parameters are always float32. compute_options are the other
+    GPT2Config compute fields (remat, remat_policy). Missing tensors or tensors whose shape
+    disagrees with config.json are errors naming the key; unexpected keys are logged.
+    """
+    cfg, params = load_pretrained_params(name_or_path, dtype=dtype, **compute_options)
+    return build(cfg, jax.tree.map(jnp.asarray, params))
+
+
+def build(cfg: GPT2Config, params: dict) -> GPT2:
+    """The module with the given params (a nested dict as ``model_params`` returns)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):
@@ -297,9 +343,8 @@ def save_pretrained(model: GPT2, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    flat = flatten_params(model_params(model))
-    tensors = {f"transformer.{k}": np.ascontiguousarray(np.asarray(v, dtype=np.float32))
-               for k, v in flat.items()}
+    tensors = {f"transformer.{k}": v
+               for k, v in hf_state_dict(model_params(model), model.config.n_layer).items()}
     # Write to temporary names, then rename, so a kill mid-write never leaves a half file that
     # looks complete.
     tmp_w, tmp_c = path / (SAFETENSORS_FILE + ".tmp"), path / (CONFIG_FILE + ".tmp")

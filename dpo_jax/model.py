@@ -31,6 +31,13 @@ _ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# What a rematerialized block keeps for the backward pass (jax.checkpoint_policies):
+_REMAT = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,  # recompute all: least memory
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,        # keep matmul outputs
+    "dots_with_no_batch_dims_saveable":
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +58,8 @@ class GPT2Config:
     eos_token_id: int = 50256
     # Compute options, not architecture: they are not written to config.json.
     dtype: str = "float32"  # compute dtype of matmuls and activations; params stay float32
+    remat: bool = False     # recompute each block's activations in the backward pass
+    remat_policy: str = "nothing_saveable"  # what a rematerialized block keeps (see _REMAT)
 
     def __post_init__(self):
         if self.activation_function not in _ACTIVATIONS:
@@ -59,6 +68,9 @@ class GPT2Config:
                 f"valid: {sorted(_ACTIVATIONS)}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not supported; valid: {sorted(_DTYPES)}")
+        if self.remat_policy not in _REMAT:
+            raise ValueError(f"remat_policy={self.remat_policy!r} is not supported; valid: "
+                             f"{sorted(_REMAT)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
 
@@ -122,22 +134,21 @@ class Embedding(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: GPT2Config, layer_idx: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
         dt = cfg.compute_dtype
         self.c_attn = Conv1D(cfg.n_embd, 3 * cfg.n_embd, std=0.02, dtype=dt, rngs=rngs)
         # GPT-2 scales residual projections at init by 1/sqrt(2 * n_layer).
         self.c_proj = Conv1D(cfg.n_embd, cfg.n_embd, std=0.02 / math.sqrt(2 * cfg.n_layer),
                              dtype=dt, rngs=rngs)
         self.n_head = cfg.n_head
-        scale = 1.0 / math.sqrt(cfg.n_embd // cfg.n_head) if cfg.scale_attn_weights else 1.0
-        if cfg.scale_attn_by_inverse_layer_idx:
-            scale /= float(layer_idx + 1)
-        self.scale = scale
+        self.scale = 1.0 / math.sqrt(cfg.n_embd // cfg.n_head) if cfg.scale_attn_weights else 1.0
+        self.by_layer = cfg.scale_attn_by_inverse_layer_idx
 
-    def __call__(self, x_btc, mask_bts, kv=None, index=None):
-        """mask_bts: (B, T, S) True where query t may attend to key s. With ``kv``, a (k, v) cache
-        of (B, S, H, D) arrays, the new keys and values are written at ``index`` and attention runs
-        over the whole cache; the updated cache is returned."""
+    def __call__(self, x_btc, mask_bts, layer_idx, kv=None, index=None):
+        """mask_bts: (B, T, S) True where query t may attend to key s. layer_idx: this layer's
+        index (traced under the layer scan). With ``kv``, a (k, v) cache of (B, S, H, D) arrays,
+        the new keys and values are written at ``index`` and attention runs over the whole
+        cache; the updated cache is returned."""
         b, t, c = x_btc.shape
         q, k, v = jnp.split(self.c_attn(x_btc), 3, axis=-1)
         q, k, v = (a.reshape(b, t, self.n_head, c // self.n_head) for a in (q, k, v))
@@ -148,6 +159,8 @@ class Attention(nnx.Module):
             k, v = kv
         # jax.nn.dot_product_attention takes the logits and softmax to float32 for bfloat16
         # inputs, and on GPU can dispatch to a fused (cuDNN) kernel.
+        if self.by_layer:  # GPT-2 variant option: scale by 1 / (layer_idx + 1) as well
+            q = q / (layer_idx + 1).astype(q.dtype)
         y = jax.nn.dot_product_attention(q, k, v, mask=mask_bts[:, None], scale=self.scale)
         return self.c_proj(y.reshape(b, t, c)), kv
 
@@ -167,15 +180,15 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-LN transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
 
-    def __init__(self, cfg: GPT2Config, layer_idx: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
         dt = cfg.compute_dtype
         self.ln_1 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dt)
-        self.attn = Attention(cfg, layer_idx, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dt)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, mask_bts, kv=None, index=None):
-        a, kv = self.attn(self.ln_1(x), mask_bts, kv, index)
+    def __call__(self, x, mask_bts, layer_idx, kv=None, index=None):
+        a, kv = self.attn(self.ln_1(x), mask_bts, layer_idx, kv, index)
         x = x + a
         return x + self.mlp(self.ln_2(x)), kv
 
@@ -189,13 +202,27 @@ def positions_from_mask(attention_mask_bt):
 
 
 class GPT2(nnx.Module):
-    """GPT-2 LM (HF ``GPT2LMHeadModel``) with the LM head tied to the token embedding ``wte``."""
+    """GPT-2 LM (HF ``GPT2LMHeadModel``) with the LM head tied to the token embedding ``wte``.
+
+    The blocks are stacked: ``h`` is one Block whose params carry a leading layer axis
+    (``h.attn.c_attn.weight`` is (n_layer, C, 3C); HF's ``h.{i}.attn.c_attn.weight`` is its
+    slice i), and the trunk is a ``lax.scan`` over it. One block is compiled instead of n_layer,
+    and rematerialization really bounds memory: under a scan, the backward pass recomputes one
+    block at a time whatever the backend's scheduler does (an unrolled, checkpointed stack kept
+    nothing off XLA's CPU peak).
+    """
 
     def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
         self.config = config
         self.wte = Embedding(config.vocab_size, config.n_embd, rngs=rngs)
         self.wpe = Embedding(config.n_positions, config.n_embd, rngs=rngs)
-        self.h = nnx.List([Block(config, i, rngs=rngs) for i in range(config.n_layer)])
+
+        @nnx.split_rngs(splits=config.n_layer)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def stacked_blocks(rngs):
+            return Block(config, rngs=rngs)
+
+        self.h = stacked_blocks(rngs)
         self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon, config.compute_dtype)
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, *, attn_mask=None):
@@ -218,18 +245,30 @@ class GPT2(nnx.Module):
 
     def _trunk(self, input_ids, position_ids, mask_bts, cache=None, index=None):
         x = (self.wte(input_ids) + self.wpe(position_ids)).astype(self.config.compute_dtype)
-        new_cache = []
-        for i, block in enumerate(self.h):
-            x, kv = block(x, mask_bts, None if cache is None else cache[i], index)
-            new_cache.append(kv)
-        return self.ln_f(x), (None if cache is None else tuple(new_cache))
+        graphdef, stacked = nnx.split(self.h)
+        layers = jnp.arange(self.config.n_layer)
+
+        if cache is None:
+            def body(x, layer):
+                params, i = layer
+                return nnx.merge(graphdef, params)(x, mask_bts, i)[0], None
+            if self.config.remat:
+                body = jax.checkpoint(body, policy=_REMAT[self.config.remat_policy])
+            x, _ = jax.lax.scan(body, x, (stacked, layers))
+            return self.ln_f(x), None
+
+        def decode_body(x, layer):
+            params, i, k, v = layer
+            x, kv = nnx.merge(graphdef, params)(x, mask_bts, i, (k, v), index)
+            return x, kv
+        x, (k, v) = jax.lax.scan(decode_body, x, (stacked, layers, *cache))
+        return self.ln_f(x), (k, v)
 
     def init_cache(self, batch: int, length: int):
-        """An empty KV cache: per layer (k, v), each (B, S, H, D) in the compute dtype."""
+        """An empty KV cache: (k, v), each (n_layer, B, S, H, D) in the compute dtype."""
         c = self.config
-        shape = (batch, length, c.n_head, c.n_embd // c.n_head)
-        return tuple((jnp.zeros(shape, c.compute_dtype), jnp.zeros(shape, c.compute_dtype))
-                     for _ in range(c.n_layer))
+        shape = (c.n_layer, batch, length, c.n_head, c.n_embd // c.n_head)
+        return jnp.zeros(shape, c.compute_dtype), jnp.zeros(shape, c.compute_dtype)
 
     def decode(self, input_ids, position_ids, key_mask, cache, index):
         """New tokens (B, T) at cache positions [index, index + T) against a KV cache.

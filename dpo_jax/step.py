@@ -21,24 +21,34 @@ from dpo_jax.losses import LossConfig, PairLogps, metrics, pair_losses
 from dpo_jax.optim import accumulate_gradients
 
 
-def batch_logps(graphdef, params, batch, chunk_size: int):
+def split_pairs(x, pair_blocks: int = 1):
+    """(2B,) per-row values -> (chosen (B,), rejected (B,)).
+
+    Rows come in ``pair_blocks`` blocks of [chosen rows; rejected rows]: one block per process,
+    whose block is the batch it loaded (``data.PairBatches`` lays out one block).
+    """
+    x = x.reshape(pair_blocks, 2, -1)
+    return x[:, 0].reshape(-1), x[:, 1].reshape(-1)
+
+
+def batch_logps(graphdef, params, batch, chunk_size: int, pair_blocks: int = 1):
     """(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens), each (B,)."""
     model = nnx.merge(graphdef, params)
     logps, n = model_sequence_logprobs(model, batch["input_ids"], batch["attention_mask"],
                                        batch["loss_mask"], chunk_size=chunk_size)
-    b = logps.shape[0] // 2
-    return logps[:b], logps[b:], n[:b], n[b:]
+    return (*split_pairs(logps, pair_blocks), *split_pairs(n, pair_blocks))
 
 
-def make_loss_fn(graphdef, ref_graphdef, loss_cfg: LossConfig, chunk_size: int):
+def make_loss_fn(graphdef, ref_graphdef, loss_cfg: LossConfig, chunk_size: int,
+                 pair_blocks: int = 1):
     """loss_fn(params, ref_params, batch) -> (loss, metrics)."""
 
     def loss_fn(params, ref_params, batch):
-        pc, pr, nc, nr = batch_logps(graphdef, params, batch, chunk_size)
+        pc, pr, nc, nr = batch_logps(graphdef, params, batch, chunk_size, pair_blocks)
         if "ref_chosen_logps" in batch:
             rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         elif loss_cfg.needs_reference:
-            rc, rr, _, _ = batch_logps(ref_graphdef, ref_params, batch, chunk_size)
+            rc, rr, _, _ = batch_logps(ref_graphdef, ref_params, batch, chunk_size, pair_blocks)
         else:
             rc = rr = jnp.zeros_like(pc)
         rc, rr = jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
@@ -52,13 +62,15 @@ def make_loss_fn(graphdef, ref_graphdef, loss_cfg: LossConfig, chunk_size: int):
 
 
 def make_train_step(graphdef, ref_graphdef, loss_cfg: LossConfig, optimizer, lr_schedule, *,
-                    chunk_size: int, in_shardings=None, out_shardings=None):
+                    chunk_size: int, pair_blocks: int = 1, in_shardings=None,
+                    out_shardings=None):
     """train_step(state, ref_params, batch) -> (state, metrics); jitted, state donated.
 
     state = {"params", "opt_state", "step"}. Every batch leaf has a leading axis of micro-batches
     (gradient accumulation, exact: see optim.accumulate_gradients); its length may be 1.
+    in/out_shardings, when given, pin the layouts over a mesh (what pjit did).
     """
-    loss_fn = make_loss_fn(graphdef, ref_graphdef, loss_cfg, chunk_size)
+    loss_fn = make_loss_fn(graphdef, ref_graphdef, loss_cfg, chunk_size, pair_blocks)
     grad_fn = jax.value_and_grad(loss_fn, argnums=0, has_aux=True)
 
     def train_step(state, ref_params, batch):
@@ -72,18 +84,29 @@ def make_train_step(graphdef, ref_graphdef, loss_cfg: LossConfig, optimizer, lr_
                      "step": state["step"] + 1}
         return new_state, m
 
+    return jax.jit(train_step, donate_argnums=0, **_shardings(in_shardings, out_shardings))
+
+
+def make_eval_step(graphdef, ref_graphdef, loss_cfg: LossConfig, *, chunk_size: int,
+                   pair_blocks: int = 1, in_shardings=None, out_shardings=None):
+    """eval_step(params, ref_params, batch) -> metrics (means over the batch's valid pairs)."""
+    loss_fn = make_loss_fn(graphdef, ref_graphdef, loss_cfg, chunk_size, pair_blocks)
+    return jax.jit(lambda params, ref_params, batch: loss_fn(params, ref_params, batch)[1],
+                   **_shardings(in_shardings, out_shardings))
+
+
+def make_ref_logps_fn(ref_graphdef, *, chunk_size: int, pair_blocks: int = 1,
+                      in_shardings=None, out_shardings=None):
+    """ref_fn(ref_params, batch) -> (chosen_logps, rejected_logps): for precomputing."""
+    return jax.jit(lambda p, batch: batch_logps(ref_graphdef, p, batch, chunk_size,
+                                                pair_blocks)[:2],
+                   **_shardings(in_shardings, out_shardings))
+
+
+def _shardings(in_shardings, out_shardings) -> dict:
     kw = {}
     if in_shardings is not None:
-        kw = dict(in_shardings=in_shardings, out_shardings=out_shardings)
-    return jax.jit(train_step, donate_argnums=0, **kw)
-
-
-def make_eval_step(graphdef, ref_graphdef, loss_cfg: LossConfig, *, chunk_size: int):
-    """eval_step(params, ref_params, batch) -> metrics (means over the batch's valid pairs)."""
-    loss_fn = make_loss_fn(graphdef, ref_graphdef, loss_cfg, chunk_size)
-    return jax.jit(lambda params, ref_params, batch: loss_fn(params, ref_params, batch)[1])
-
-
-def make_ref_logps_fn(ref_graphdef, *, chunk_size: int):
-    """ref_fn(ref_params, batch) -> (chosen_logps, rejected_logps): for precomputing."""
-    return jax.jit(lambda p, batch: batch_logps(ref_graphdef, p, batch, chunk_size)[:2])
+        kw["in_shardings"] = in_shardings
+    if out_shardings is not None:
+        kw["out_shardings"] = out_shardings
+    return kw

@@ -44,7 +44,7 @@ def seed_experiment_config(tmp_path, **overrides):
                                               "model.n_positions": 192},
               max_length=160, max_prompt_length=96, train_batch_size=1, eval_batch_size=1,
               max_steps=30, warmup_steps=0, lr_scheduler_type="constant", learning_rate=3e-3,
-              logging_steps=10, eval_steps=0, save_steps=1000, sample_prompts=1,
+              logging_steps=10, eval_steps=0, save_steps=1000, sample_prompts=1, mesh_data=1,
               sample_max_new_tokens=8)
     kw.update(overrides)
     return tiny_config(tmp_path, **kw), tok

@@ -1,0 +1,117 @@
+"""Per-device memory of a DPO train step for a model shape and a mesh (issue 6).
+
+    python bench/memory.py --model gpt2 --pairs 8 --seq 512                    # one device
+    python bench/memory.py --model gpt2-medium --mesh 2,2,2 --devices 8 --remat
+    python bench/memory.py --model gpt2 --compare-remat                      # remat off vs on
+
+Nothing is run and no weights are needed: the train step is compiled from abstract inputs
+(ShapeDtypeStructs with their shardings) and XLA's memory analysis of the executable is read.
+Per device: params, optimizer state and reference params from their shardings; "temp" is what
+the step needs beyond its inputs and outputs, i.e. activations kept for the backward pass and
+scratch. --devices N simulates N CPU devices.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+
+PRESETS = {  # (n_layer, n_embd, n_head)
+    "tiny": (2, 64, 4), "gpt2": (12, 768, 12), "gpt2-medium": (24, 1024, 16),
+    "gpt2-large": (36, 1280, 20), "gpt2-xl": (48, 1600, 25),
+}
+
+
+def parse():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="gpt2", choices=sorted(PRESETS))
+    ap.add_argument("--pairs", type=int, default=8, help="pairs per step (global)")
+    ap.add_argument("--seq", type=int, default=512, help="tokens per sequence")
+    ap.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor")
+    ap.add_argument("--devices", type=int, default=0, help="simulate this many CPU devices")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--ref-dtype", default="", help='"" = float32, or bfloat16')
+    ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--remat-policy", default="nothing_saveable")
+    ap.add_argument("--compare-remat", action="store_true", help="report remat off and on")
+    ap.add_argument("--chunk", type=int, default=1024, help="LM-head chunk (positions)")
+    return ap.parse_args()
+
+
+def main():
+    a = parse()
+    if a.devices:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={a.devices}")
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from dpo_jax import sharding, step
+    from dpo_jax.losses import LossConfig
+    from dpo_jax.model import GPT2, GPT2Config
+
+    n_layer, n_embd, n_head = PRESETS[a.model]
+    mesh = sharding.make_mesh(*[int(x) for x in a.mesh.split(",")])
+    base = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, dtype=a.dtype,
+                      remat=a.remat, remat_policy=a.remat_policy)
+    sharding.check_model_fits(mesh, base, a.pairs)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6))
+    mib = lambda b: b / 2**20
+
+    def per_device(tree):
+        total = 0
+        for leaf in jax.tree.leaves(tree):
+            shard = leaf.sharding.shard_shape(leaf.shape)
+            total += int(jax.numpy.prod(jnp.array(shard))) * jnp.dtype(leaf.dtype).itemsize
+        return total
+
+    rows = []
+    for remat in ([False, True] if a.compare_remat else [a.remat]):
+        cfg = dataclasses.replace(base, remat=remat)
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(0))))
+        params = nnx.to_pure_dict(abstract)
+        specs = sharding.param_specs(params)
+        sharding.check_divisible(mesh, params, specs)
+        named = sharding.named(mesh, specs)
+        make = lambda p: {"params": p, "opt_state": optimizer.init(p),
+                          "step": jnp.zeros((), jnp.int32)}
+        state_abs = jax.eval_shape(make, params)
+        state_sh = sharding.state_shardings(mesh, state_abs, specs)
+        with_sh = lambda t, s: jax.tree.map(
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), t, s)
+        state_in = with_sh(state_abs, state_sh)
+        ref_dt = jnp.dtype(a.ref_dtype) if a.ref_dtype else jnp.float32
+        ref_in = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, ref_dt, sharding=sh),
+                              params, named)
+        rows_ = 2 * a.pairs
+        batch = {k: jax.ShapeDtypeStruct((1, rows_, a.seq), jnp.int32,
+                                         sharding=sharding.batch_sharding(mesh, 3))
+                 for k in ("input_ids", "attention_mask", "loss_mask")}
+        batch["valid"] = jax.ShapeDtypeStruct((1, a.pairs), jnp.float32,
+                                              sharding=sharding.batch_sharding(mesh, 2))
+        replicated = NamedSharding(mesh, P())
+        train_step = step.make_train_step(graphdef, graphdef, LossConfig(), optimizer,
+                                          lambda s: 1e-6, chunk_size=a.chunk,
+                                          in_shardings=(state_sh, named, {k: v.sharding for k, v
+                                                                           in batch.items()}),
+                                          out_shardings=(state_sh, replicated))
+        compiled = train_step.lower(state_in, ref_in, batch).compile()
+        ma = compiled.memory_analysis()
+        rows.append((remat, per_device(state_in["params"]), per_device(state_in["opt_state"]),
+                     per_device(ref_in), ma.temp_size_in_bytes))
+
+    dev = jax.devices()[0]
+    print(f"{a.model}: {n_layer} layers x {n_embd} wide; {a.pairs} pairs x {a.seq} tokens; "
+          f"mesh {dict(mesh.shape)}; {len(mesh.devices.flat)} x {dev.device_kind} ({dev.platform});"
+          f" compute {a.dtype}, reference {a.ref_dtype or 'float32'}, LM-head chunk {a.chunk}")
+    print(f"{'remat':>6} {'params':>10} {'opt state':>10} {'ref params':>11} {'temp (act.)':>12}"
+          "   MiB per device")
+    for remat, p, o, r, t in rows:
+        policy = a.remat_policy if remat else "off"
+        print(f"{policy[:6]:>6} {mib(p):10.1f} {mib(o):10.1f} {mib(r):11.1f} {mib(t):12.1f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Device mesh, parameter sharding rules and batch sharding: what ``pjit`` did, with ``jax.jit``.
+
+The mesh has three axes:
+  data    pure data parallelism: params replicated, batch split
+  fsdp    data parallelism with params (and optimizer state) split too, gathered per use
+  tensor  Megatron tensor parallelism: attention heads and the MLP's hidden units split
+
+Parameters are placed by one ordered table of (regex on the parameter path, PartitionSpec); the
+first match wins and must match the whole path. Layers carry no annotations. The table ends with
+the vectors that stay replicated, by name, rather than a ``.*``: a parameter that no rule matches
+is an error, so a new matrix in a research fork is given a rule, not silently replicated.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")  # the batch axis is split over both data-parallel axes
+
+# GPT-2, Megatron style: c_attn / c_fc split their outputs over `tensor` (column parallel),
+# the c_proj's split their inputs (row parallel), so each block needs one all-reduce per
+# sub-layer; the other matrix dimension is split over `fsdp`. GPT-2's vocabulary (50257) divides
+# by nothing useful, so the embeddings are split along the width only.
+GPT2_RULES = (
+    (r"wte\.weight", P(None, "fsdp")),
+    (r"wpe\.weight", P(None, "fsdp")),
+    # the blocks are stacked: a leading layer axis, never split
+    (r"h\.attn\.c_attn\.weight", P(None, "fsdp", "tensor")),
+    (r"h\.attn\.c_attn\.bias", P(None, "tensor")),
+    (r"h\.attn\.c_proj\.weight", P(None, "tensor", "fsdp")),
+    (r"h\.mlp\.c_fc\.weight", P(None, "fsdp", "tensor")),
+    (r"h\.mlp\.c_fc\.bias", P(None, "tensor")),
+    (r"h\.mlp\.c_proj\.weight", P(None, "tensor", "fsdp")),
+    # the remaining vectors, replicated: layer norms and the row-parallel layers' biases
+    (r"(h\.)?ln_(1|2|f)\.(weight|bias)|h\.(attn|mlp)\.c_proj\.bias", P()),
+)
+
+
+class ShardingError(ValueError):
+    """A mesh or rule that does not fit the model or the batch (raised before compiling)."""
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one size may be -1: the devices left over. Sizes whose
+    product is below the device count use the first devices (e.g. one device for debugging)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ShardingError(f"mesh (data, fsdp, tensor)={tuple(sizes)}: at most one -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ShardingError(f"mesh {tuple(sizes)}: {len(devices)} devices do not divide by "
+                                f"{known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    n = int(np.prod(sizes))
+    if any(s < 1 for s in sizes) or n > len(devices):
+        raise ShardingError(f"mesh (data, fsdp, tensor)={tuple(sizes)} needs {n} devices; there "
+                            f"are {len(devices)}")
+    if n < len(devices):
+        log.info("mesh %s uses %d of the %d devices", tuple(sizes), n, len(devices))
+    return Mesh(np.asarray(devices[:n]).reshape(sizes), AXES)
+
+
+def _path_name(path) -> str:
+    parts = []
+    for k in path:
+        parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+    return ".".join(parts)
+
+
+def param_specs(params, rules=GPT2_RULES):
+    """PartitionSpec of every leaf of a params pytree (arrays or ShapeDtypeStructs)."""
+    def spec(path, leaf):
+        name = _path_name(path)
+        for pattern, s in rules:
+            if re.fullmatch(pattern, name):
+                if len(s) > len(leaf.shape):
+                    raise ShardingError(f"rule {pattern!r} gives {s} to {name} of rank "
+                                        f"{len(leaf.shape)}")
+                return s
+        raise ShardingError(f"no sharding rule matches parameter {name!r} {tuple(leaf.shape)}; "
+                            "add one to the rules table")
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def _axis_size(mesh: Mesh, entry) -> int:
+    if entry is None:
+        return 1
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return int(np.prod([mesh.shape[n] for n in names]))
+
+
+def check_divisible(mesh: Mesh, tree, specs, what: str = "parameter"):
+    """Every split dimension must divide evenly: say which one does not, before XLA does."""
+    def check(path, leaf, spec):
+        for dim, entry in enumerate(spec):
+            n = _axis_size(mesh, entry)
+            if leaf.shape[dim] % n:
+                raise ShardingError(f"{what} {_path_name(path)} {tuple(leaf.shape)}: dimension "
+                                    f"{dim} ({leaf.shape[dim]}) does not divide over mesh axis "
+                                    f"{entry} of size {n}")
+    jax.tree_util.tree_map_with_path(check, tree, specs)
+
+
+def check_model_fits(mesh: Mesh, model_config, pairs_per_batch: int):
+    """The head and batch constraints of a mesh, in the terms a user sets."""
+    t = mesh.shape["tensor"]
+    if model_config.n_head % t:
+        raise ShardingError(f"n_head={model_config.n_head} does not divide over the tensor axis "
+                            f"of size {t} (config key mesh_tensor)")
+    if (model_config.d_ff % t) or (model_config.n_embd % t):
+        raise ShardingError(f"the MLP width {model_config.d_ff} / n_embd {model_config.n_embd} "
+                            f"does not divide over the tensor axis of size {t}")
+    n = _axis_size(mesh, BATCH)
+    if pairs_per_batch % n:
+        raise ShardingError(f"a batch of {pairs_per_batch} pairs does not divide over the "
+                            f"data x fsdp axes ({mesh.shape['data']} x {mesh.shape['fsdp']} = {n})")
+
+
+def named(mesh: Mesh, specs):
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def state_shardings(mesh: Mesh, abstract_state, param_spec_tree):
+    """Shardings of {"params", "opt_state", "step"}: optimizer moments follow their parameter
+    (a leaf whose path ends with a parameter's path and has its shape); the rest is replicated."""
+    by_name = {}
+    jax.tree_util.tree_map_with_path(
+        lambda path, leaf, spec: by_name.__setitem__(_path_name(path), (leaf.shape, spec)),
+        abstract_state["params"], param_spec_tree)
+
+    def spec(path, leaf):
+        name = _path_name(path)
+        for pname, (shape, s) in by_name.items():
+            if (name == pname or name.endswith("." + pname)) and tuple(leaf.shape) == tuple(shape):
+                return s
+        return P()
+    specs = jax.tree_util.tree_map_with_path(spec, abstract_state)
+    return named(mesh, specs)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, accumulate: bool = True) -> NamedSharding:
+    """Batch leaves: (A, rows, ...) with rows split over (data, fsdp); A (micro-batches) whole."""
+    lead = (None,) if accumulate else ()
+    spec = P(*lead, BATCH, *([None] * (ndim - len(lead) - 1)))
+    return NamedSharding(mesh, spec)
+
+
+def shard_batch(mesh: Mesh, batch: dict, accumulate: bool = True) -> dict:
+    """Host numpy batch -> global arrays. Each process passes the rows it loaded (process-local
+    data: its block of pairs), so on one host this is the whole batch."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim, accumulate), v)
+            for k, v in batch.items()}
+
+
+def place(tree, shardings):
+    """Host arrays -> arrays laid out by ``shardings`` (each process fills its own shards)."""
+    def put(a, s):
+        a = np.asarray(a) if not isinstance(a, jax.Array) else a
+        if isinstance(a, jax.Array):
+            return jax.device_put(a, s)
+        return jax.make_array_from_callback(a.shape, s, lambda idx: a[idx])
+    return jax.tree.map(put, tree, shardings)
+
+
+def init_params(mesh: Mesh, init_fn, rules=GPT2_RULES):
+    """Params created already sharded: the rules are applied to ``jax.eval_shape(init_fn)``, then
+    ``init_fn`` runs under jit with those output shardings (no device ever holds them all)."""
+    abstract = jax.eval_shape(init_fn)
+    specs = param_specs(abstract, rules)
+    check_divisible(mesh, abstract, specs)
+    return jax.jit(init_fn, out_shardings=named(mesh, specs))()
+
+
+def init_state(mesh: Mesh, params, optimizer, rules=GPT2_RULES):
+    """(state, state_shardings): {"params", "opt_state", "step"} laid out over the mesh, the
+    optimizer state created in place with the sharding of its parameters."""
+    specs = param_specs(params, rules)
+    check_divisible(mesh, params, specs)
+    params = place(params, named(mesh, specs))
+
+    def make(p):
+        return {"params": p, "opt_state": optimizer.init(p), "step": jnp.zeros((), jnp.int32)}
+
+    shardings = state_shardings(mesh, jax.eval_shape(make, params), specs)
+    return jax.jit(make, out_shardings=shardings)(params), shardings

@@ -1,0 +1,188 @@
+"""Issue 6: the same numbers on 1 or 8 (simulated CPU) devices, really split, resumable across
+meshes; remat; clear errors for meshes that do not fit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from trainutil import tiny_config
+from dpo_jax import checkpoint, data, optim, sharding, step
+from dpo_jax.losses import LossConfig
+from dpo_jax.model import GPT2, GPT2Config
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
+
+CFG = GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4)
+MESHES = [(8, 1, 1), (2, 4, 1), (1, 4, 2), (2, 2, 2)]
+
+
+def host_params(cfg=CFG, seed=0):
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(GPT2(cfg, rngs=nnx.Rngs(seed)),
+                                                               nnx.Param)))
+
+
+def pair_batch(pairs=8, seed=0):
+    rng = np.random.default_rng(seed)
+    mk = lambda lo, hi: [rng.integers(1, 90, rng.integers(lo, hi)).astype(np.int32)
+                         for _ in range(pairs)]
+    tp = data.TokenizedPairs(mk(2, 8), mk(2, 10), mk(2, 10), {})
+    b = data.PairBatches(tp, batch_size=pairs, max_length=24, pad_id=0, shuffle=False)
+    return data.stack_batches([b.collate(np.arange(pairs))])
+
+
+def optimizer():
+    c = tiny_config.__globals__["tiny"].get_config()
+    # eps 1e-3 keeps Adam's update smooth in the gradient, so float reassociation across
+    # devices (~1e-7) cannot flip the sign-like first step of near-zero gradients.
+    c.learning_rate, c.warmup_steps, c.lr_scheduler_type, c.adam_epsilon = 1e-2, 0, "constant", 1e-3
+    c.weight_decay = 0.01
+    return optim.build(c, 10)
+
+
+def run_steps(mesh, params, batches, state=None, n_steps=1):
+    opt, lr = optimizer()
+    if state is None:
+        state, state_sh = sharding.init_state(mesh, params, opt)
+    else:
+        state_sh = jax.tree.map(lambda a: a.sharding, state)
+    # the reference is always the initial model
+    ref = sharding.place(host_params(), state_sh["params"])
+    sharding.check_model_fits(mesh, CFG, 8)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: GPT2(CFG, rngs=nnx.Rngs(0))))
+    batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batches[0].items()}
+    replicated = jax.sharding.NamedSharding(mesh, P())
+    train_step = step.make_train_step(graphdef, graphdef, LossConfig(beta=0.5), opt, lr,
+                                      chunk_size=16, in_shardings=(state_sh, state_sh["params"],
+                                                                   batch_sh),
+                                      out_shardings=(state_sh, replicated))
+    ms = []
+    for b in batches[:n_steps]:
+        state, m = train_step(state, ref, sharding.shard_batch(mesh, b))
+        ms.append({k: float(v) for k, v in m.items()})
+    return state, ms
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    """One device, two steps: (params after step 1, state after step 2, metrics of both)."""
+    mesh = sharding.make_mesh(1, 1, 1)
+    state, ms1 = run_steps(mesh, host_params(), [pair_batch(seed=0)])
+    after_one = jax.device_get(state["params"])
+    state, ms2 = run_steps(mesh, None, [pair_batch(seed=1)], state=state)
+    return after_one, jax.device_get(state), ms1 + ms2
+
+
+def opt_leaf(opt_state, suffix):
+    found = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state)
+             if sharding._path_name(path).endswith(suffix)]
+    assert len(found) == 1, suffix
+    return found[0]
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_one_step_matches_one_device_and_is_really_split(shape, single_device):
+    mesh = sharding.make_mesh(*shape)
+    state, ms = run_steps(mesh, host_params(), [pair_batch(seed=0)])
+    after_one, _, ref_ms = single_device
+    np.testing.assert_allclose(ms[0]["loss"], ref_ms[0]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(ms[0]["grad_norm"], ref_ms[0]["grad_norm"], rtol=1e-5)
+    for a, b in zip(leaves(state["params"]), leaves(after_one)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+    data_, fsdp, tensor = shape
+    w = state["params"]["h"]["attn"]["c_attn"]["weight"]  # (2 layers, 64, 192)
+    assert w.sharding.spec == P(None, "fsdp", "tensor")
+    assert {s.data.shape for s in w.addressable_shards} == {(2, 64 // fsdp, 192 // tensor)}
+    mu = opt_leaf(state["opt_state"], "mu.h.mlp.c_proj.weight")  # Adam's moment, (2, 256, 64)
+    assert mu.sharding.spec == P(None, "tensor", "fsdp")
+    assert {s.data.shape for s in mu.addressable_shards} == {(2, 256 // tensor, 64 // fsdp)}
+    assert state["params"]["ln_f"]["weight"].sharding.spec == P()
+
+
+def test_resume_on_another_mesh_continues_with_the_same_numbers(tmp_path, single_device):
+    batches = [pair_batch(seed=0), pair_batch(seed=1)]
+    state, _ = run_steps(sharding.make_mesh(8, 1, 1), host_params(), batches)
+    ck = checkpoint.Checkpointer(tmp_path / "ckpt", async_save=False)
+    ck.save(1, state, {"step": 1})
+    ck.wait()
+    # restore onto (2, 2, 2): build the target layout there, then continue one step
+    mesh = sharding.make_mesh(2, 2, 2)
+    opt, _ = optimizer()
+    target, _ = sharding.init_state(mesh, host_params(seed=9), opt)
+    restored, _ = ck.restore(1, checkpoint.abstract_like(target))
+    w = restored["params"]["h"]["mlp"]["c_fc"]["weight"]
+    assert {s.data.shape for s in w.addressable_shards} == {(2, 32, 128)}
+    for a, b in zip(leaves(restored), leaves(state)):
+        np.testing.assert_array_equal(a, b)
+    cont, ms = run_steps(mesh, None, batches[1:], state=restored)
+    _, ref_state, ref_ms = single_device
+    np.testing.assert_allclose(ms[0]["loss"], ref_ms[1]["loss"], rtol=1e-5)
+    for a, b in zip(leaves(cont["params"]), leaves(ref_state["params"])):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable"])
+def test_remat_gives_the_same_gradients(policy):
+    from dpo_jax.logprobs import model_sequence_logprobs
+    b = {k: v[0] for k, v in pair_batch().items()}
+    params = jax.tree.map(jnp.asarray, host_params())
+
+    def grads(cfg):
+        gd = nnx.graphdef(nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(0))))
+        f = lambda p: model_sequence_logprobs(nnx.merge(gd, p), b["input_ids"],
+                                              b["attention_mask"], b["loss_mask"])[0].sum()
+        return jax.jit(jax.grad(f))(params)
+
+    import dataclasses
+    plain = grads(CFG)
+    remat = grads(dataclasses.replace(CFG, remat=True, remat_policy=policy))
+    for a, r in zip(leaves(plain), leaves(remat)):
+        np.testing.assert_allclose(r, a, atol=1e-6, rtol=0)
+
+
+def test_bfloat16_reference_params():
+    """The reference may be held in bf16 (never updated): the loss stays close to float32's."""
+    params = jax.tree.map(jnp.asarray, host_params())
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: GPT2(CFG, rngs=nnx.Rngs(0))))
+    b = {k: v[0] for k, v in pair_batch().items()}
+    loss_fn = step.make_loss_fn(graphdef, graphdef, LossConfig(beta=0.5), 0)
+    f32 = loss_fn(params, params, b)[1]
+    bf16 = loss_fn(params, jax.tree.map(lambda a: a.astype(jnp.bfloat16), params), b)[1]
+    np.testing.assert_allclose(float(bf16["loss"]), float(f32["loss"]), atol=5e-3)
+    assert float(f32["rewards/margins"]) == 0.0 and abs(float(bf16["rewards/margins"])) > 0
+
+
+def test_meshes_that_do_not_fit_fail_before_compiling():
+    with pytest.raises(sharding.ShardingError, match="n_head=4 does not divide over the tensor "
+                                                     "axis of size 8"):
+        sharding.check_model_fits(sharding.make_mesh(1, 1, 8), CFG, 8)
+    with pytest.raises(sharding.ShardingError, match=r"a batch of 6 pairs does not divide over "
+                                                     r"the data x fsdp axes \(4 x 2 = 8\)"):
+        sharding.check_model_fits(sharding.make_mesh(4, 2, 1), CFG, 6)
+    with pytest.raises(sharding.ShardingError, match="needs 16 devices; there are 8"):
+        sharding.make_mesh(4, 4, 1)
+    with pytest.raises(sharding.ShardingError, match="at most one -1"):
+        sharding.make_mesh(-1, -1, 1)
+    odd = GPT2Config(vocab_size=96, n_positions=32, n_embd=36, n_layer=1, n_head=4)
+    with pytest.raises(sharding.ShardingError, match=r"parameter h\.attn\.c_attn\.weight "
+                                                     r"\(1, 36, 108\): dimension 1 \(36\) does "
+                                                     r"not divide over mesh axis fsdp of size 8"):
+        sharding.init_params(sharding.make_mesh(1, 8, 1), lambda: nnx.to_pure_dict(
+            nnx.state(GPT2(odd, rngs=nnx.Rngs(0)), nnx.Param)))
+
+
+def test_a_parameter_no_rule_matches_is_an_error():
+    rules = sharding.GPT2_RULES[:-1]  # without the last rule, for the replicated vectors
+    with pytest.raises(sharding.ShardingError, match=r"no sharding rule matches parameter "
+                                                     r"'h\.attn\.c_proj\.bias'"):
+        sharding.param_specs(host_params(), rules)
+    extra = dict(host_params(), lora={"weight": np.zeros((64, 4))})  # a fork's new matrix
+    with pytest.raises(sharding.ShardingError, match="'lora.weight'"):
+        sharding.param_specs(extra)
