@@ -30,6 +30,9 @@ def get_config():
     c.mesh_fsdp = 1                # fully sharded data-parallel axis (params + optimizer split)
     c.mesh_tensor = 1              # tensor-parallel axis (heads and MLP units split)
     c.distributed = False          # multi-host: call jax.distributed.initialize() first
+    c.coordinator_address = ""     # host:port of process 0; "" = auto-detect (SLURM, TPU, MPI)
+    c.num_processes = 0            # processes in the job; 0 = auto-detect
+    c.process_id = -1              # this process's index; -1 = auto-detect
 
     # ---- data (dpo_jax/data.py)
     c.dataset_name = ""            # hub id, .json/.jsonl/.parquet/.csv file, or save_to_disk folder

@@ -208,7 +208,10 @@ def _train(config, workdir: Path) -> dict:
     loss_cfg = loss_config(config)
     optim.validate(config)  # fail on bad keys before anything heavy is built
     if config.distributed:  # multi-host: before any other JAX call touches the devices
-        jax.distributed.initialize()
+        jax.distributed.initialize(
+            coordinator_address=config.coordinator_address or None,
+            num_processes=config.num_processes or None,
+            process_id=config.process_id if config.process_id >= 0 else None)
     mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
     n_proc, proc = jax.process_count(), jax.process_index()
     lead = proc == 0  # the process that writes logs and exports
