@@ -44,6 +44,7 @@ def get_config():
     c.rejected_column = "rejected"  # column of the dispreferred completion (or full text)
     c.max_length = 512             # tokens of prompt + the longer completion
     c.max_prompt_length = 128      # a cut prompt keeps its last this-many tokens
+    c.max_completion_length = 0    # > 0: cap completions (the static window of the two savings)
     c.add_bos = False              # prepend the tokenizer's BOS to prompts
     c.on_bad_row = "error"         # bad rows: "error" (name file and row) | "skip" (drop, count)
     c.length_buckets = ()          # padded lengths besides max_length, e.g. (128, 256); () = none
@@ -60,6 +61,8 @@ def get_config():
     c.discopop_tau = 0.05          # DiscoPOP's temperature
     c.precompute_ref_log_probs = False  # score the data with the reference once, before training
     c.logprob_chunk_size = 1024    # positions per LM-head chunk; 0 = whole batch at once
+    c.completion_only_head = True  # LM head only where completions are scored (needs the cap)
+    c.layout = "pair"              # "pair": 2 rows per pair; "prefix_sharing": 1 row, prompt once
 
     # ---- optimization (dpo_jax/optim.py)
     c.optim = "adamw"              # adamw | rmsprop | adafactor | sgd

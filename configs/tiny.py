@@ -27,6 +27,8 @@ def get_config():
     c.eval_dataset_name = os.path.join(DATA, "eval.jsonl")
     c.max_length = 48
     c.max_prompt_length = 16
+    c.max_completion_length = 32              # the scoring window of the savings below
+    c.layout = "prefix_sharing"               # prompt run once per pair
     c.beta = 0.1
     c.learning_rate = 3e-3                    # a tiny random model needs a large step
     c.warmup_steps = 8

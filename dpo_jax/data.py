@@ -47,6 +47,7 @@ class DataConfig:
     rejected_column: str = "rejected"
     max_length: int = 512            # tokens of prompt + the longer completion
     max_prompt_length: int = 128     # the prompt keeps its last this-many tokens when cut
+    max_completion_length: int = 0   # > 0: completions keep at most this many tokens (TRL)
     add_bos: bool = False            # prepend the tokenizer's BOS to the prompt, if it has one
     on_bad_row: str = "error"        # "error": raise naming file and row; "skip": drop and count
     cache_dir: str | None = None     # tokenized cache; None = next to the data (or ~/.cache)
@@ -354,6 +355,9 @@ def _process_batch(batch, indices, *, cfg: DataConfig, tokenizer, where: str):
             p = p[-cfg.max_prompt_length:]
             room = cfg.max_length - len(p)
             c, r = c[:room], r[:room]
+        if cfg.max_completion_length and max(len(c), len(r)) > cfg.max_completion_length:
+            t = True
+            c, r = c[:cfg.max_completion_length], r[:cfg.max_completion_length]
         p_ids[j], c_ids[j], r_ids[j] = p, c, r
         truncated.append(t and not drop[j])
     return {"prompt_ids": p_ids, "chosen_ids": c_ids, "rejected_ids": r_ids,
@@ -373,7 +377,7 @@ def tokenize_pairs(ds, tokenizer, cfg: DataConfig, *, where: str | None = None) 
                                        Path.home() / ".cache" / "dpo_jax"))
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(repr((ds._fingerprint, tokenizer_fingerprint(tokenizer),
-                               dataclasses.astuple(cfg)[1:-1], 1)).encode()).hexdigest()[:20]
+                               dataclasses.astuple(cfg)[1:-1], 2)).encode()).hexdigest()[:20]
     import datasets
     datasets.disable_progress_bars()
     out = ds.map(_process_batch, batched=True, batch_size=1000, with_indices=True,
@@ -437,13 +441,26 @@ def bucket_lengths(max_length: int, buckets=()) -> tuple[int, ...]:
     return tuple(bs)
 
 
+LAYOUTS = ("pair", "prefix_sharing")
+# batch keys whose second axis is the sequence (padded when micro-batches differ in length)
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "loss_mask", "position_ids", "segment_ids")
+
+
 class PairBatches:
     """Fixed-shape batches of preference pairs in a deterministic, resumable order.
 
-    Each batch is a dict of numpy arrays. Chosen rows come first, then rejected rows, so one forward
-    call scores both: ``input_ids``, ``attention_mask``, ``loss_mask`` are (2B, L) with rows [0, B)
-    the chosen sequences (prompt + chosen, right-padded) and rows [B, 2B) the rejected ones;
-    ``valid`` (B,) is 1 for real pairs, 0 for the padding pairs that fill an eval batch.
+    Each batch is a dict of numpy arrays; ``valid`` (B,) is 1 for real pairs, 0 for the padding
+    pairs that fill an eval batch. Two layouts:
+
+    - ``pair``: chosen rows first, then rejected rows, so one forward call scores both:
+      ``input_ids``, ``attention_mask``, ``loss_mask`` are (2B, L), rows [0, B) the chosen
+      sequences (prompt + chosen, right-padded), rows [B, 2B) the rejected ones.
+    - ``prefix_sharing``: one (B, L) row per pair, prompt + chosen + rejected, with
+      ``position_ids`` and ``segment_ids`` for the attention mask (see ``_collate_shared``).
+
+    With a ``completion_window`` W (max_completion_length), batches also carry ``score_pos``,
+    ``score_label``, ``score_mask`` of shape (rows, k, W): for each of the k completions of a row,
+    the positions whose hidden state scores its tokens, so the LM head runs only there.
     L is ``max_length``, or with length buckets the smallest bucket that fits every pair of the
     batch (pairs are grouped by bucket, so there are at most len(buckets) shapes).
 
@@ -453,11 +470,28 @@ class PairBatches:
     """
 
     def __init__(self, pairs: TokenizedPairs, *, batch_size: int, max_length: int, pad_id: int,
-                 seed: int = 0, shuffle: bool = True, buckets=(), state: dict | None = None):
+                 seed: int = 0, shuffle: bool = True, buckets=(), state: dict | None = None,
+                 layout: str = "pair", completion_window: int = 0):
+        if layout not in LAYOUTS:
+            raise DataError(f"layout={layout!r}: valid layouts are {', '.join(LAYOUTS)}")
+        if layout == "prefix_sharing" and completion_window <= 0:
+            raise DataError("prefix_sharing needs max_completion_length > 0 (the static window "
+                            "each completion is scored in)")
         self.pairs, self.batch_size, self.pad_id = pairs, batch_size, pad_id
         self.seed, self.shuffle = seed, shuffle
+        self.layout, self.window = layout, completion_window
+        longest = max(max(len(c), len(r)) for c, r in zip(pairs.chosen, pairs.rejected))
+        if completion_window and longest > completion_window:
+            raise DataError(f"a completion has {longest} tokens > the scoring window "
+                            f"{completion_window} (max_completion_length)")
+        if layout == "prefix_sharing":
+            # one row per pair: prompt + chosen + rejected <= max_length + the window
+            max_length = max_length + completion_window
+            self.lengths = np.array([len(p) + len(c) + len(r) for p, c, r in
+                                     zip(pairs.prompt, pairs.chosen, pairs.rejected)], np.int64)
+        else:
+            self.lengths = pairs.pair_lengths()
         self.buckets = bucket_lengths(max_length, buckets)
-        self.lengths = pairs.pair_lengths()
         if self.lengths.max() > max_length:
             raise DataError(f"a pair needs {self.lengths.max()} tokens > max_length={max_length}")
         self.bucket_of = np.searchsorted(self.buckets, self.lengths)
@@ -525,12 +559,37 @@ class PairBatches:
 
     # ---- shapes
     def collate(self, rows: np.ndarray) -> dict:
+        if self.layout == "prefix_sharing":
+            batch = self._collate_shared(rows)
+        else:
+            batch = self._collate_pair(rows)
         b = self.batch_size
-        length = self.buckets[int(self.bucket_of[rows].max())]
+        valid = np.zeros((b,), np.float32)
+        valid[:len(rows)] = 1
+        batch["valid"] = valid
+        if self.pairs.ref_chosen is not None:
+            for key, values in (("ref_chosen_logps", self.pairs.ref_chosen),
+                                ("ref_rejected_logps", self.pairs.ref_rejected)):
+                batch[key] = np.zeros((b,), np.float32)
+                batch[key][:len(rows)] = values[rows]
+        return batch
+
+    def _length(self, rows) -> int:
+        return self.buckets[int(self.bucket_of[rows].max())]
+
+    def _score_arrays(self, n_rows: int, k: int):
+        w = self.window
+        return (np.zeros((n_rows, k, w), np.int32), np.zeros((n_rows, k, w), np.int32),
+                np.zeros((n_rows, k, w), np.int32))
+
+    def _collate_pair(self, rows) -> dict:
+        """Two rows per pair, [prompt | completion | pad]: chosen rows first, then rejected."""
+        b, length = self.batch_size, self._length(rows)
         ids = np.full((2 * b, length), self.pad_id, np.int32)
         attn = np.zeros((2 * b, length), np.int32)
         loss = np.zeros((2 * b, length), np.int32)
-        valid = np.zeros((b,), np.float32)
+        if self.window:
+            pos, label, mask = self._score_arrays(2 * b, 1)
         for i, r in enumerate(rows):
             p = self.pairs.prompt[r]
             for j, comp in ((i, self.pairs.chosen[r]), (b + i, self.pairs.rejected[r])):
@@ -539,22 +598,48 @@ class PairBatches:
                 ids[j, len(p):n] = comp
                 attn[j, :n] = 1
                 loss[j, len(p):n] = 1
-            valid[i] = 1
-        batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "valid": valid}
-        if self.pairs.ref_chosen is not None:
-            for key, values in (("ref_chosen_logps", self.pairs.ref_chosen),
-                                ("ref_rejected_logps", self.pairs.ref_rejected)):
-                batch[key] = np.zeros((b,), np.float32)
-                batch[key][:len(rows)] = values[rows]
+                if self.window:  # completion token t is scored by the hidden state at t - 1
+                    pos[j, 0, :len(comp)] = np.arange(len(p) - 1, n - 1)
+                    label[j, 0, :len(comp)] = comp
+                    mask[j, 0, :len(comp)] = 1
+        batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+        if self.window:
+            batch.update(score_pos=pos, score_label=label, score_mask=mask)
         return batch
+
+    def _collate_shared(self, rows) -> dict:
+        """One row per pair, [prompt | chosen | rejected | pad]. The rejected tokens continue the
+        prompt's positions and (by segment ids: 0 prompt, 1 chosen, 2 rejected, -1 pad) do not
+        see the chosen ones; its first token is scored from the prompt's last position."""
+        b, length = self.batch_size, self._length(rows)
+        ids = np.full((b, length), self.pad_id, np.int32)
+        attn = np.zeros((b, length), np.int32)
+        positions = np.zeros((b, length), np.int32)
+        segments = np.full((b, length), -1, np.int32)
+        pos, label, mask = self._score_arrays(b, 2)
+        for i, r in enumerate(rows):
+            p, c, rj = self.pairs.prompt[r], self.pairs.chosen[r], self.pairs.rejected[r]
+            lp, lc, lr = len(p), len(c), len(rj)
+            ids[i, :lp + lc + lr] = np.concatenate([p, c, rj])
+            attn[i, :lp + lc + lr] = 1
+            positions[i, :lp + lc] = np.arange(lp + lc)
+            positions[i, lp + lc:lp + lc + lr] = np.arange(lp, lp + lr)
+            segments[i, :lp], segments[i, lp:lp + lc], segments[i, lp + lc:lp + lc + lr] = 0, 1, 2
+            pos[i, 0, :lc] = np.arange(lp - 1, lp + lc - 1)
+            pos[i, 1, :lr] = np.concatenate([[lp - 1], np.arange(lp + lc, lp + lc + lr - 1)])
+            label[i, 0, :lc], label[i, 1, :lr] = c, rj
+            mask[i, 0, :lc], mask[i, 1, :lr] = 1, 1
+        return {"input_ids": ids, "attention_mask": attn, "position_ids": positions,
+                "segment_ids": segments, "score_pos": pos, "score_label": label,
+                "score_mask": mask}
 
     def padding_fraction(self) -> float:
         """Share of token positions in one epoch's batches that are padding."""
         real = total = 0
+        shared = self.layout == "prefix_sharing"
         for rows in self._plan(0):
-            length = self.buckets[int(self.bucket_of[rows].max())]
-            total += 2 * self.batch_size * length
-            real += sum(2 * len(self.pairs.prompt[r]) + len(self.pairs.chosen[r])
+            total += (1 if shared else 2) * self.batch_size * self._length(rows)
+            real += sum((1 if shared else 2) * len(self.pairs.prompt[r]) + len(self.pairs.chosen[r])
                         + len(self.pairs.rejected[r]) for r in rows)
         return 1.0 - real / max(total, 1)
 
@@ -563,12 +648,12 @@ def stack_batches(batches: list[dict]) -> dict:
     """Micro-batches stacked on a new leading axis (gradient accumulation), right-padded to the
     longest of them when length buckets gave them different lengths."""
     length = max(b["input_ids"].shape[1] for b in batches)
+    fills = {"input_ids": batches[0]["input_ids"][0, -1], "segment_ids": -1}
 
     def pad(key, a):
-        if a.ndim < 2 or a.shape[1] == length:
+        if key not in SEQUENCE_KEYS or a.shape[1] == length:
             return a
-        fill = batches[0]["input_ids"][0, -1] if key == "input_ids" else 0
-        return np.pad(a, ((0, 0), (0, length - a.shape[1])), constant_values=fill)
+        return np.pad(a, ((0, 0), (0, length - a.shape[1])), constant_values=fills.get(key, 0))
 
     return {k: np.stack([pad(k, b[k]) for b in batches]) for k in batches[0]}
 

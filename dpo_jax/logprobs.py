@@ -62,6 +62,23 @@ def sequence_logprobs_from_hidden(hidden_btc, wte_vc, input_ids, loss_mask,
     return lp.sum(-1), mask.sum(-1)
 
 
+def sequence_logprobs_at(hidden_btc, wte_vc, pos_rkw, labels_rkw, mask_rkw,
+                         chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """Summed log-probs of k completions per row, scored only at the given positions.
+
+    pos/labels/mask (R, k, W): completion token w of completion k in row r is ``labels[r, k, w]``,
+    scored by the hidden state at ``pos[r, k, w]`` of row r. The LM head runs on these R*k*W
+    gathered positions only (prompt positions never touch the vocabulary matmul), and the
+    gather stays within each row, so it does not cross devices when rows are split.
+    Returns (logps, n_tokens), each (R, k), float32.
+    """
+    r, k, w = pos_rkw.shape
+    h = jnp.take_along_axis(hidden_btc, pos_rkw.reshape(r, k * w)[..., None], axis=1)
+    lp = token_logprobs(h.reshape(r * k * w, -1), wte_vc, labels_rkw.reshape(-1), chunk_size)
+    mask = mask_rkw.astype(jnp.float32)
+    return (lp.reshape(r, k, w) * mask).sum(-1), mask.sum(-1)
+
+
 def model_sequence_logprobs(model, input_ids, attention_mask, loss_mask, *,
                             chunk_size: int = DEFAULT_CHUNK_SIZE, attn_mask=None,
                             position_ids=None):

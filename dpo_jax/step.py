@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dpo_jax.logprobs import model_sequence_logprobs
+from dpo_jax.logprobs import model_sequence_logprobs, sequence_logprobs_at
 from dpo_jax.losses import LossConfig, PairLogps, metrics, pair_losses
 from dpo_jax.optim import accumulate_gradients
 
@@ -31,12 +31,35 @@ def split_pairs(x, pair_blocks: int = 1):
     return x[:, 0].reshape(-1), x[:, 1].reshape(-1)
 
 
+def prefix_sharing_mask(attention_mask, segment_ids):
+    """(B, T, T) attention for rows of prompt (0) + chosen (1) + rejected (2) segments: causal,
+    no padding, and rejected queries never see chosen keys (so each completion sees exactly the
+    prompt and itself, as in its own sequence)."""
+    t = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))[None]
+    keys = attention_mask.astype(bool)[:, None, :]
+    crossing = (segment_ids[:, :, None] == 2) & (segment_ids[:, None, :] == 1)
+    return causal & keys & ~crossing
+
+
 def batch_logps(graphdef, params, batch, chunk_size: int, pair_blocks: int = 1):
-    """(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens), each (B,)."""
+    """(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens), each (B,), for either
+    batch layout (data.PairBatches), with or without completion-only scoring."""
     model = nnx.merge(graphdef, params)
-    logps, n = model_sequence_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                                       batch["loss_mask"], chunk_size=chunk_size)
-    return (*split_pairs(logps, pair_blocks), *split_pairs(n, pair_blocks))
+    if "score_pos" not in batch:  # the plain layout: LM head over every position, masked
+        logps, n = model_sequence_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                           batch["loss_mask"], chunk_size=chunk_size)
+        return (*split_pairs(logps, pair_blocks), *split_pairs(n, pair_blocks))
+    attn_mask = None
+    if "segment_ids" in batch:
+        attn_mask = prefix_sharing_mask(batch["attention_mask"], batch["segment_ids"])
+    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"],
+                                 batch.get("position_ids"), attn_mask=attn_mask)
+    logps, n = sequence_logprobs_at(hidden, model.wte.weight[...], batch["score_pos"],
+                                    batch["score_label"], batch["score_mask"], chunk_size)
+    if logps.shape[1] == 2:  # prefix sharing: each row holds its pair
+        return logps[:, 0], logps[:, 1], n[:, 0], n[:, 1]
+    return (*split_pairs(logps[:, 0], pair_blocks), *split_pairs(n[:, 0], pair_blocks))
 
 
 def make_loss_fn(graphdef, ref_graphdef, loss_cfg: LossConfig, chunk_size: int,

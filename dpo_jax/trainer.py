@@ -72,11 +72,21 @@ def graphdef_of(cfg: GPT2Config):
     return nnx.graphdef(nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(0))))
 
 
+def scoring_window(config) -> int:
+    """The static completion window of the completion-only head (0 = head on every position)."""
+    if config.layout == "prefix_sharing" and not config.max_completion_length:
+        raise ValueError("layout='prefix_sharing' needs max_completion_length > 0")
+    if config.layout == "prefix_sharing" or config.completion_only_head:
+        return config.max_completion_length
+    return 0
+
+
 def data_config(config, source: str, split: str) -> data.DataConfig:
     return data.DataConfig(
         source=source, split=split, prompt_column=config.prompt_column,
         chosen_column=config.chosen_column, rejected_column=config.rejected_column,
         max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+        max_completion_length=config.max_completion_length,
         add_bos=config.add_bos, on_bad_row=config.on_bad_row,
         cache_dir=config.data_cache_dir or None)
 
@@ -234,7 +244,8 @@ def _train(config, workdir: Path) -> dict:
 
     train_pairs, eval_pairs = load_data(config, tokenizer, shard=(proc, n_proc))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batch_kw = dict(max_length=config.max_length, pad_id=pad_id, buckets=config.length_buckets)
+    batch_kw = dict(max_length=config.max_length, pad_id=pad_id, buckets=config.length_buckets,
+                    layout=config.layout, completion_window=scoring_window(config))
     train_batches = data.PairBatches(train_pairs, batch_size=config.train_batch_size // n_proc,
                                      seed=config.seed, **batch_kw)
     eval_batches = (data.PairBatches(eval_pairs, batch_size=config.eval_batch_size // n_proc,

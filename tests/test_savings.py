@@ -1,0 +1,110 @@
+"""Issue 7: every saving gives the plain step's loss and gradients (1e-5) on a tiny model:
+completion-only LM head, prefix sharing, precomputed reference log-probs. Rows include chosen
+and rejected of different lengths, and left-padded rows."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dpo_jax import data, step
+from dpo_jax.losses import LossConfig
+from dpo_jax.model import GPT2, GPT2Config
+
+CFG = GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+W = 9  # max completion length
+
+
+def pairs(n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    mk = lambda lo, hi: [rng.integers(1, 96, rng.integers(lo, hi)).astype(np.int32)
+                         for _ in range(n)]
+    p, c, r = mk(1, 7), mk(1, W + 1), mk(1, W + 1)
+    c[0], r[0] = c[0][:2], rng.integers(1, 96, W).astype(np.int32)  # very different lengths
+    return data.TokenizedPairs(p, c, r, {})
+
+
+def batch(tp, layout="pair", window=0):
+    b = data.PairBatches(tp, batch_size=len(tp), max_length=20, pad_id=0, shuffle=False,
+                         layout=layout, completion_window=window)
+    return b.collate(np.arange(len(tp)))
+
+
+def left_pad(b, k=3):
+    """The same batch with k padding positions in front of every row."""
+    out = dict(b)
+    for key, fill in (("input_ids", 0), ("attention_mask", 0), ("loss_mask", 0),
+                      ("position_ids", 0), ("segment_ids", -1)):
+        if key in b:
+            out[key] = np.pad(b[key], ((0, 0), (k, 0)), constant_values=fill)
+    if "score_pos" in b:
+        out["score_pos"] = b["score_pos"] + k
+    return out
+
+
+@pytest.fixture(scope="module")
+def models():
+    graphdef, ref = nnx.split(nnx.eval_shape(lambda: GPT2(CFG, rngs=nnx.Rngs(0))))
+    ref = nnx.to_pure_dict(nnx.state(GPT2(CFG, rngs=nnx.Rngs(0)), nnx.Param))
+    # a policy that differs from the reference, so the loss is not a constant ln 2
+    noise = jax.tree.map(lambda a: 0.02 * jax.random.normal(jax.random.key(1), a.shape), ref)
+    policy = jax.tree.map(jnp.add, ref, noise)
+    return graphdef, policy, ref
+
+
+def loss_and_grads(models, b, loss_type="sigmoid"):
+    graphdef, policy, ref = models
+    fn = step.make_loss_fn(graphdef, graphdef, LossConfig(loss_type=loss_type, beta=0.3), 5)
+    (loss, m), g = jax.jit(jax.value_and_grad(fn, has_aux=True))(policy, ref, b)
+    return float(loss), m, g
+
+
+def assert_same(a, b):
+    (la, ma, ga), (lb, mb, gb) = a, b
+    np.testing.assert_allclose(lb, la, rtol=1e-5)
+    for k in ("logps/chosen", "logps/rejected", "rewards/margins"):
+        np.testing.assert_allclose(float(mb[k]), float(ma[k]), rtol=1e-5, atol=1e-6)
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5,
+                                   atol=1e-5 * np.abs(np.asarray(x)).max())
+
+
+@pytest.mark.parametrize("pad, loss_type", [(0, "sigmoid"), (3, "ipo")])  # ipo: token counts
+def test_savings_match_the_plain_step(models, pad, loss_type):
+    tp = pairs()
+    shift = (lambda b: left_pad(b, pad)) if pad else (lambda b: b)
+    plain = loss_and_grads(models, shift(batch(tp)), loss_type)
+    assert plain[0] != pytest.approx(np.log(2))
+    head_only = loss_and_grads(models, shift(batch(tp, window=W)), loss_type)
+    shared = loss_and_grads(models, shift(batch(tp, "prefix_sharing", window=W)), loss_type)
+    assert_same(plain, head_only)
+    assert_same(plain, shared)
+
+
+def test_precomputed_reference_matches(models):
+    graphdef, policy, ref = models
+    tp = pairs(seed=3)
+    plain = loss_and_grads(models, batch(tp))
+    ref_fn = step.make_ref_logps_fn(graphdef, chunk_size=0)
+    c, r = ref_fn(ref, batch(tp, "prefix_sharing", window=W))  # computed in the fast layout
+    tp.ref_chosen, tp.ref_rejected = np.asarray(c), np.asarray(r)
+    b = batch(tp, "prefix_sharing", window=W)
+    assert "ref_chosen_logps" in b
+    assert_same(plain, loss_and_grads(models, b))
+
+
+def test_prefix_sharing_attention_mask():
+    seg = np.array([[0, 0, 1, 1, 2, 2, 2, -1]])
+    attn = (seg >= 0).astype(np.int32)
+    m = np.asarray(step.prefix_sharing_mask(jnp.asarray(attn), jnp.asarray(seg)))[0]
+    assert m[5].tolist() == [1, 1, 0, 0, 1, 1, 0, 0]   # rejected: prompt + itself, causal
+    assert m[3].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]   # chosen: prompt + itself
+    assert not m[:, 7].any()                           # padding is never a key
+
+
+def test_completions_longer_than_the_window_are_refused():
+    with pytest.raises(data.DataError, match="scoring window 4"):
+        batch(pairs(), window=4)
+    with pytest.raises(data.DataError, match="prefix_sharing needs max_completion_length"):
+        batch(pairs(), "prefix_sharing")
