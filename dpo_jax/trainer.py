@@ -204,7 +204,7 @@ def evaluate(eval_step, params, ref_params, batches: data.PairBatches, mesh) -> 
 
 def train_and_evaluate(config, workdir) -> dict:
     """Trains, evaluates, checkpoints and exports; returns the final summary."""
-    workdir = Path(workdir)
+    workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     handler = _setup_file_logging(workdir)
     try:
