@@ -50,7 +50,7 @@ def main():
     from jax.sharding import NamedSharding, PartitionSpec as P
     from dpo_jax import sharding, step
     from dpo_jax.losses import LossConfig
-    from dpo_jax.model import GPT2, GPT2Config
+    from dpo_jax.model import GPT2Config, abstract_model
 
     n_layer, n_embd, n_head = PRESETS[a.model]
     mesh = sharding.make_mesh(*[int(x) for x in a.mesh.split(",")])
@@ -70,7 +70,7 @@ def main():
     rows = []
     for remat in ([False, True] if a.compare_remat else [a.remat]):
         cfg = dataclasses.replace(base, remat=remat)
-        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(0))))
+        graphdef, abstract = nnx.split(abstract_model(cfg))
         params = nnx.to_pure_dict(abstract)
         specs = sharding.param_specs(params)
         sharding.check_divisible(mesh, params, specs)

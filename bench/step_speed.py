@@ -65,16 +65,15 @@ def synthetic_pairs(vocab, seed=0):
 
 def run_jax(mode, a):
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import optax
     from flax import nnx
     from dpo_jax import data, sharding, step
     from dpo_jax.losses import LossConfig
-    from dpo_jax.model import GPT2, GPT2Config
+    from dpo_jax.model import GPT2, GPT2Config, abstract_model
 
     cfg = GPT2Config(n_layer=a.layers, remat=False)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(0))))
+    graphdef = nnx.graphdef(abstract_model(cfg))
     params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(GPT2(cfg, rngs=nnx.Rngs(0)),
                                                         nnx.Param)))()
     optimizer = optax.adamw(1e-5)

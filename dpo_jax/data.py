@@ -23,7 +23,7 @@ import logging
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 

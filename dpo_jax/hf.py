@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dpo_jax.model import GPT2, GPT2Config
+from dpo_jax.model import GPT2, GPT2Config, abstract_model
 
 log = logging.getLogger(__name__)
 
@@ -262,8 +262,7 @@ def load_pretrained_params(name_or_path: str | os.PathLike, *, dtype: str = "flo
     tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
     origin = {k.removeprefix("transformer."): v for k, v in origin.items()}
 
-    template = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(0))),
-                                          nnx.Param))
+    template = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
     ours = flatten_params(template)
     hf_names = {name: _hf_names(name, cfg.n_layer) for name in ours}
     expected = {n for names in hf_names.values() for n in names}
@@ -273,7 +272,7 @@ def load_pretrained_params(name_or_path: str | os.PathLike, *, dtype: str = "flo
                               f"{' ...' if len(missing) > 8 else ''} ({len(missing)} in all)")
     loaded = {}
     for name, spec in ours.items():
-        per_layer = len(hf_names[name]) > 1 or name.startswith("h.")
+        per_layer = name.startswith("h.")
         want = tuple(spec.shape[1:]) if per_layer else tuple(spec.shape)
         parts = []
         for hf_name in hf_names[name]:
@@ -305,7 +304,7 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32",
 
 def build(cfg: GPT2Config, params: dict) -> GPT2:
     """The module with the given params (a nested dict as ``model_params`` returns)."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    graphdef, state = nnx.split(abstract_model(cfg), nnx.Param)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 

@@ -293,6 +293,11 @@ class GPT2(nnx.Module):
                                                attn_mask=attn_mask))
 
 
+def abstract_model(config: GPT2Config) -> GPT2:
+    """The module with ShapeDtypeStructs for params: its structure, shapes and graphdef, free."""
+    return nnx.eval_shape(lambda: GPT2(config, rngs=nnx.Rngs(0)))
+
+
 def init_model(config: GPT2Config, seed: int = 0) -> GPT2:
     """A randomly initialized GPT-2 (HF's init: N(0, 0.02), residual projections scaled)."""
     return GPT2(config, rngs=nnx.Rngs(seed))

@@ -141,9 +141,10 @@ def state_shardings(mesh: Mesh, abstract_state, param_spec_tree):
         abstract_state["params"], param_spec_tree)
 
     def spec(path, leaf):
-        name = _path_name(path)
-        for pname, (shape, s) in by_name.items():
-            if (name == pname or name.endswith("." + pname)) and tuple(leaf.shape) == tuple(shape):
+        parts = _path_name(path).split(".")
+        for i in range(len(parts)):  # "1.0.mu.h.attn.c_attn.weight" ends with a param's name
+            shape, s = by_name.get(".".join(parts[i:]), (None, None))
+            if shape is not None and tuple(leaf.shape) == tuple(shape):
                 return s
         return P()
     specs = jax.tree_util.tree_map_with_path(spec, abstract_state)
@@ -167,9 +168,9 @@ def shard_batch(mesh: Mesh, batch: dict, accumulate: bool = True) -> dict:
 def place(tree, shardings):
     """Host arrays -> arrays laid out by ``shardings`` (each process fills its own shards)."""
     def put(a, s):
-        a = np.asarray(a) if not isinstance(a, jax.Array) else a
         if isinstance(a, jax.Array):
             return jax.device_put(a, s)
+        a = np.asarray(a)
         return jax.make_array_from_callback(a.shape, s, lambda idx: a[idx])
     return jax.tree.map(put, tree, shardings)
 

@@ -22,7 +22,7 @@ from flax import nnx
 
 from dpo_jax import checkpoint, data, hf, optim, sampling, sharding, step
 from dpo_jax.losses import LossConfig
-from dpo_jax.model import GPT2, GPT2Config
+from dpo_jax.model import GPT2, GPT2Config, abstract_model
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,6 @@ def build_model(config, tokenizer, mesh=None) -> tuple[GPT2Config, dict]:
         raise ValueError(f"max_length={config.max_length} exceeds the model's n_positions="
                          f"{cfg.n_positions}")
     return cfg, params
-
-
-def graphdef_of(cfg: GPT2Config):
-    return nnx.graphdef(nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(0))))
 
 
 def scoring_window(config) -> int:
@@ -240,7 +236,7 @@ def _train(config, workdir: Path) -> dict:
     model_cfg, params = build_model(config, tokenizer, mesh)
     for key in ("train_batch_size", "eval_batch_size"):
         sharding.check_model_fits(mesh, model_cfg, config[key])
-    graphdef = graphdef_of(model_cfg)
+    graphdef = nnx.graphdef(abstract_model(model_cfg))
 
     train_pairs, eval_pairs = load_data(config, tokenizer, shard=(proc, n_proc))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

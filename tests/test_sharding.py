@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from trainutil import tiny_config
 from dpo_jax import checkpoint, data, optim, sharding, step
 from dpo_jax.losses import LossConfig
-from dpo_jax.model import GPT2, GPT2Config
+from dpo_jax.model import GPT2, GPT2Config, abstract_model
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
 
@@ -51,7 +51,7 @@ def run_steps(mesh, params, batches, state=None, n_steps=1):
     # the reference is always the initial model
     ref = sharding.place(host_params(), state_sh["params"])
     sharding.check_model_fits(mesh, CFG, 8)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: GPT2(CFG, rngs=nnx.Rngs(0))))
+    graphdef = nnx.graphdef(abstract_model(CFG))
     batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batches[0].items()}
     replicated = jax.sharding.NamedSharding(mesh, P())
     train_step = step.make_train_step(graphdef, graphdef, LossConfig(beta=0.5), opt, lr,
@@ -135,7 +135,7 @@ def test_remat_gives_the_same_gradients(policy):
     params = jax.tree.map(jnp.asarray, host_params())
 
     def grads(cfg):
-        gd = nnx.graphdef(nnx.eval_shape(lambda: GPT2(cfg, rngs=nnx.Rngs(0))))
+        gd = nnx.graphdef(abstract_model(cfg))
         f = lambda p: model_sequence_logprobs(nnx.merge(gd, p), b["input_ids"],
                                               b["attention_mask"], b["loss_mask"])[0].sum()
         return jax.jit(jax.grad(f))(params)
@@ -150,7 +150,7 @@ def test_remat_gives_the_same_gradients(policy):
 def test_bfloat16_reference_params():
     """The reference may be held in bf16 (never updated): the loss stays close to float32's."""
     params = jax.tree.map(jnp.asarray, host_params())
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: GPT2(CFG, rngs=nnx.Rngs(0))))
+    graphdef = nnx.graphdef(abstract_model(CFG))
     b = {k: v[0] for k, v in pair_batch().items()}
     loss_fn = step.make_loss_fn(graphdef, graphdef, LossConfig(beta=0.5), 0)
     f32 = loss_fn(params, params, b)[1]
