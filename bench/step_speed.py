@@ -14,10 +14,20 @@ Workload: GPT-2-small shape (12 layers, 12 heads, width 768, vocab 50257), rando
 Each mode runs in its own process (peak RSS is that process's). Step time is the median of
 --steps timed steps after 2 warm-up steps. tokens/s counts the tokens of the chosen and the
 rejected sequences (prompt + completion each: 4 x 2 x 128 = 1024 per step) in every mode, so the
-numbers compare the same work. MFU = model FLOPs of the plain step (analytic: 3x the policy
-forward + the reference forward, full attention and head) / step time / the fp32 matmul peak
-measured first with XLA on this machine; the savings modes do less, so theirs is an effective
-MFU. (XLA's cost analysis is not reported: it counts the scanned block once, not n_layer times.)
+numbers compare the same work.
+
+FLOPs are analytic (matmuls only): 3x the policy forward (forward + backward) + the reference
+forward, each over the rows, positions and LM-head positions that mode really computes. MFU is a
+mode's own FLOPs / step time / the matmul peak measured first with XLA on the same machine
+(best of 10 square products at a few sizes; the torch child measures torch's own peak the same
+way). "ceiling" is the best a mode could do against the baseline if it ran at 100% of XLA's
+peak: torch step time / (mode FLOPs / peak). (XLA's cost analysis is not used: it counts the
+scanned block once, not n_layer times.)
+
+On a GPU (JAX and torch both see one), both sides run there; --dtype bfloat16 runs the compute in
+bf16 (torch: autocast), log-softmax in float32 on both sides, and the peak device memory of each
+process is reported too. float32 matmuls run in TF32 on both sides there (XLA's default on a
+GPU; torch is told to allow it).
 """
 
 import argparse
@@ -29,30 +39,72 @@ import subprocess
 import sys
 import time
 
-PAIRS, PROMPT, COMPLETION = 4, 64, 64
+PROMPT, COMPLETION = 64, 64
+PAIRS = 4  # --pairs
 
 
-def model_flops(layers, width, vocab, rows, seq):
-    """Analytic FLOPs of one forward over rows x seq tokens (matmuls only, full attention)."""
+def model_flops(layers, width, vocab, rows, seq, head_positions):
+    """Analytic FLOPs of one forward over rows x seq tokens (matmuls only, full attention), the
+    LM head over ``head_positions`` positions in all."""
     tokens = rows * seq
     per_layer = 2 * tokens * (width * 3 * width + width * width + 2 * width * 4 * width)
     attention = 2 * 2 * rows * seq * seq * width
-    head = 2 * tokens * width * vocab
+    head = 2 * head_positions * width * vocab
     return layers * (per_layer + attention) + head
 
 
-def matmul_peak(n=2048, reps=10):
-    import jax
-    import jax.numpy as jnp
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
+def mode_flops(mode, layers, width=768, vocab=50257):
+    """FLOPs of one train step in ``mode``: 3x the policy forward + the reference forward."""
+    if mode in ("plain", "torch"):  # two rows per pair, head everywhere
+        fwd = model_flops(layers, width, vocab, 2 * PAIRS, PROMPT + COMPLETION,
+                          2 * PAIRS * (PROMPT + COMPLETION))
+    elif mode == "head":  # two rows per pair, head on the completion positions
+        fwd = model_flops(layers, width, vocab, 2 * PAIRS, PROMPT + COMPLETION,
+                          2 * PAIRS * COMPLETION)
+    else:  # one row per pair: prompt + chosen + rejected
+        fwd = model_flops(layers, width, vocab, PAIRS, PROMPT + 2 * COMPLETION,
+                          2 * PAIRS * COMPLETION)
+    return (3 if mode == "precomputed" else 4) * fwd
+
+
+def _best_time(fn, sync, reps):
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        f(a).block_until_ready()
+        fn()
+        sync()
         times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times)
+    return min(times)
+
+
+def _sizes(cpu):
+    return (1024, 2048, 4096) if cpu else (4096, 8192)
+
+
+def matmul_peak(dtype="float32", reps=10):
+    """XLA's best matmul FLOP/s on the default device over a few square sizes (best of reps)."""
+    import jax
+    import jax.numpy as jnp
+    best = 0.0
+    for n in _sizes(jax.default_backend() == "cpu"):
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
+        f = jax.jit(lambda x: x @ x)
+        out = [f(a)]
+        out[-1].block_until_ready()
+        t = _best_time(lambda: out.append(f(a)), lambda: out.pop().block_until_ready(), reps)
+        best = max(best, 2 * n**3 / t)
+    return best
+
+
+def torch_matmul_peak(torch, device, dtype, reps=10):
+    sync = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
+    best = 0.0
+    for n in _sizes(device == "cpu"):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        a @ a
+        sync()
+        best = max(best, 2 * n**3 / _best_time(lambda: a @ a, sync, reps))
+    return best
 
 
 def synthetic_pairs(vocab, seed=0):
@@ -72,7 +124,7 @@ def run_jax(mode, a):
     from dpo_jax.losses import LossConfig
     from dpo_jax.model import GPT2, GPT2Config, abstract_model
 
-    cfg = GPT2Config(n_layer=a.layers, remat=False)
+    cfg = GPT2Config(n_layer=a.layers, remat=False, dtype=a.dtype)
     graphdef = nnx.graphdef(abstract_model(cfg))
     params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(GPT2(cfg, rngs=nnx.Rngs(0)),
                                                         nnx.Param)))()
@@ -118,9 +170,12 @@ def run_jax(mode, a):
         jax.block_until_ready(loss_fn(state["params"], ref, b))
         if i >= 1:
             fwd_times.append(time.perf_counter() - t)
-    return {"step_s": statistics.median(times), "fwd_s": statistics.median(fwd_times),
-            "compilations": train_step._cache_size(),
-            "loss": float(m["loss"])}
+    out = {"step_s": statistics.median(times), "fwd_s": statistics.median(fwd_times),
+           "compilations": train_step._cache_size(), "loss": float(m["loss"])}
+    stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+    if stats and "peak_bytes_in_use" in stats:
+        out["peak_device_mb"] = stats["peak_bytes_in_use"] / 2**20
+    return out
 
 
 def run_torch(a):
@@ -130,8 +185,14 @@ def run_torch(a):
     import transformers
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
+    dtype = getattr(torch, a.dtype)
+    if device == "cuda":  # float32 matmuls in TF32, as XLA runs them on a GPU by default
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    peak = torch_matmul_peak(torch, device, dtype)
     cfg = transformers.GPT2Config(n_layer=a.layers, attn_implementation="sdpa")
-    policy = transformers.GPT2LMHeadModel(cfg).train()
+    policy = transformers.GPT2LMHeadModel(cfg).to(device).train()
     for mod in policy.modules():  # DPO trains without dropout
         if isinstance(mod, torch.nn.Dropout):
             mod.p = 0.0
@@ -144,13 +205,15 @@ def run_torch(a):
     def make_batch():
         ids = np.stack([np.concatenate([p, c]) for p, c in zip(pairs_.prompt, pairs_.chosen)]
                        + [np.concatenate([p, r]) for p, r in zip(pairs_.prompt, pairs_.rejected)])
-        ids = torch.tensor(ids, dtype=torch.long)
+        ids = torch.tensor(ids, dtype=torch.long, device=device)
         mask = torch.zeros_like(ids, dtype=torch.float32)
         mask[:, PROMPT:] = 1.0
         return ids, mask
 
     def seq_logps(model, ids, mask):
-        logits = model(ids).logits[:, :-1].float()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=a.dtype == "bfloat16"):
+            logits = model(ids).logits
+        logits = logits[:, :-1].float()
         lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
         return (lp * mask[:, 1:]).sum(-1)
 
@@ -171,6 +234,7 @@ def run_torch(a):
         ids, mask = make_batch()
         t = time.perf_counter()
         loss = train_step(ids, mask)
+        sync()
         if i >= 2:
             times.append(time.perf_counter() - t)
     with torch.no_grad():
@@ -178,10 +242,14 @@ def run_torch(a):
             ids, mask = make_batch()
             t = time.perf_counter()
             seq_logps(policy, ids, mask), seq_logps(ref, ids, mask)
+            sync()
             if i >= 1:
                 fwd_times.append(time.perf_counter() - t)
-    return {"step_s": statistics.median(times), "fwd_s": statistics.median(fwd_times),
-            "compilations": None, "loss": float(loss)}
+    out = {"step_s": statistics.median(times), "fwd_s": statistics.median(fwd_times),
+           "compilations": None, "loss": float(loss), "torch_peak": peak}
+    if device == "cuda":
+        out["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 def child(a):
@@ -191,29 +259,34 @@ def child(a):
 
 
 def main():
+    global PAIRS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--modes", default="plain,head,shared,precomputed,torch")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--pairs", type=int, default=PAIRS)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--chunk", type=int, default=0, help="LM-head chunk; 0 = off")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    PAIRS = a.pairs
+    # several processes share one GPU in turn: none may hold 75% of its memory up front
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if a.child:
         return child(a)
     import platform
-    peak = matmul_peak()
-    width, vocab = 768, 50257
-    rows, seq = 2 * PAIRS, PROMPT + COMPLETION
-    fwd = model_flops(a.layers, width, vocab, rows, seq)
-    plain_flops = 3 * fwd + fwd  # policy forward + backward (2x), reference forward
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"XLA fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; model FLOPs of the plain step "
-          f"{plain_flops / 1e9:.0f} GFLOP")
+    import jax
+    peak = matmul_peak(a.dtype)
+    device = jax.devices()[0].device_kind if jax.default_backend() != "cpu" else (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    print(f"machine: {device}; XLA {a.dtype} matmul peak {peak / 1e12:.3f} TFLOP/s; "
+          f"model FLOPs of the plain step {mode_flops('plain', a.layers) / 1e9:.0f} GFLOP")
     results = {}
     for mode in a.modes.split(","):
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
         r = subprocess.run([sys.executable, __file__, "--child", mode, "--steps", str(a.steps),
-                            "--layers", str(a.layers), "--chunk", str(a.chunk)],
+                            "--layers", str(a.layers), "--chunk", str(a.chunk),
+                            "--pairs", str(a.pairs), "--dtype", a.dtype],
                            capture_output=True, text=True, env=env)
         line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
         if r.returncode or not line:
@@ -221,18 +294,25 @@ def main():
             continue
         results[mode] = json.loads(line[0][7:])
         print(f"  {mode}: done", file=sys.stderr)
-    tokens = rows * seq
+    if "torch" in results:
+        print(f"torch {a.dtype} matmul peak, same machine: "
+              f"{results['torch']['torch_peak'] / 1e12:.3f} TFLOP/s")
+    tokens = 2 * PAIRS * (PROMPT + COMPLETION)
     base = results.get("torch", {}).get("step_s")
-    print("\n| mode | step (median) | tokens/s | vs torch | MFU | step/forward | compilations "
-          "| peak RSS |")
-    print("|---|---|---|---|---|---|---|---|")
+    gpu = any("peak_device_mb" in r for r in results.values())
+    print("\n| mode | step (median) | tokens/s | vs torch | GFLOP | MFU | ceiling vs torch "
+          "| step/forward | compilations | peak RSS |" + (" peak device mem |" if gpu else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     for mode, r in results.items():
+        flops = mode_flops(mode, a.layers)
         vs = f"{base / r['step_s']:.2f}x" if base else "-"
-        mfu = plain_flops / r["step_s"] / peak
+        ceiling = f"{base / (flops / peak):.2f}x" if base else "-"
         comp = r["compilations"] if r["compilations"] is not None else "-"
-        print(f"| {mode} | {1000 * r['step_s']:.0f} ms | {tokens / r['step_s']:.0f} | {vs} | "
-              f"{100 * mfu:.0f}% | {r['step_s'] / r['fwd_s']:.2f} | {comp} | "
-              f"{r['peak_rss_mb']:.0f} MB |")
+        mem = f" {r['peak_device_mb']:.0f} MiB |" if "peak_device_mb" in r else (
+            " - |" if gpu else "")
+        print(f"| {mode} | {1000 * r['step_s']:.1f} ms | {tokens / r['step_s']:.0f} | {vs} | "
+              f"{flops / 1e9:.0f} | {100 * flops / r['step_s'] / peak:.0f}% | {ceiling} | "
+              f"{r['step_s'] / r['fwd_s']:.2f} | {comp} | {r['peak_rss_mb']:.0f} MB |" + mem)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def run(args, **kw):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """The README's main command, as a newcomer runs it."""
+    """The README's trainer smoke run (configs/tiny.py), as a newcomer runs it."""
     wd = tmp_path_factory.mktemp("tiny") / "wd"
     r = run(["train.py", "--config", "configs/tiny.py", "--workdir", str(wd),
              f"--config.data_cache_dir={wd.parent / 'cache'}"])

@@ -339,8 +339,9 @@ def write_report(c, work: Path, rows: list[dict], samples: list[dict]) -> dict:
     table = "\n".join(lines)
     (work / "results.md").write_text(table + "\n")
 
-    md = ["# pi_ref | pi_theta on held-out prompts (one sample each, temperature "
-          f"{c.temperature:g})", ""]
+    md = ["# pi_ref | pi_theta on held-out prompts", "",
+          f"One sample per model at temperature {c.temperature:g}. Every model draws with the same "
+          "random numbers, so where the texts differ, the policy moved.", ""]
     for s in samples:
         md += [f"**{s['prompt']}**", "", f"- pi_ref: {s['pi_ref']}"]
         md += [f"- pi_theta (beta={b:g}): {t}" for b, t in s["policies"]]
@@ -522,8 +523,9 @@ def main(argv):
     from absl import flags
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {argv[1:]}")
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)  # progress is the stage lines and bars
+    logging.getLogger().setLevel(logging.WARNING)
     import jax
     # Runs of one beta differ only in their data order, so the second one compiles nothing; set
     # before the first compilation (JAX reads it once).
