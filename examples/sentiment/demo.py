@@ -1,6 +1,6 @@
 """The DPO paper's controlled-sentiment experiment (Section 6.1, Figure 2 left), in miniature.
 
-    python examples/sentiment/demo.py --workdir runs/sentiment        # offline, ~6 min on 2 CPUs
+    python examples/sentiment/demo.py --workdir runs/sentiment        # offline, ~5 min on 2 CPUs
 
 Stages, each reported as it runs (a stage whose output is already in the workdir is not redone):
   1. corpus: seeded synthetic movie reviews (corpus.py) and a byte-level BPE tokenizer on them
@@ -31,8 +31,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-
-log = logging.getLogger("sentiment")
 
 STAGES = 6
 
@@ -353,7 +351,10 @@ def write_report(c, work: Path, rows: list[dict], samples: list[dict]) -> dict:
 
 def plot(rows: list[dict], path: Path, reward_name: str):
     """Reward against KL, a point per beta (error bars: sd over seeds) and the reference."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("the plot needs matplotlib: pip install -e '.[demo]' (or matplotlib)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
