@@ -172,9 +172,9 @@ def trainer_config(c, *, stage: str, tokenizer, dataset: Path, eval_dataset: Pat
     t.eval_steps = 0
     t.save_steps = 100_000  # at the end only
     t.save_total_limit = 1
+    t.max_prompt_length = c.prompt_tokens[1]
     if stage == "sft":
         t.loss_type = "sft"
-        t.max_prompt_length = c.prompt_tokens[1]
         t.max_completion_length = c.max_review_tokens
         t.learning_rate = c.sft_learning_rate
         t.train_batch_size = t.eval_batch_size = c.sft_batch_size
@@ -182,7 +182,6 @@ def trainer_config(c, *, stage: str, tokenizer, dataset: Path, eval_dataset: Pat
     else:
         t.loss_type = c.loss_type
         t.beta = beta
-        t.max_prompt_length = c.prompt_tokens[1]
         t.max_completion_length = c.max_new_tokens + 1  # + EOS
         t.precompute_ref_log_probs = True
         t.learning_rate = c.dpo_learning_rate
