@@ -26,31 +26,28 @@ flags.DEFINE_bool("from_export", False, "Take the policy from workdir/hf, not th
 flags.mark_flag_as_required("workdir")
 
 
-def load_policy_params(config, workdir: Path, model, tokenizer):
-    """The latest checkpoint's params (or the HF export's)."""
-    import jax
-    from flax import nnx
-    from dpo_jax import checkpoint, hf, optim
+def load_policy_params(config, workdir: Path, reference):
+    """The latest checkpoint's params (or the HF export's), restored without an optimizer."""
+    from dpo_jax import checkpoint, hf
+    from dpo_jax.models import common
     if FLAGS.from_export:
-        return nnx.to_pure_dict(nnx.state(hf.load_pretrained(workdir / "hf"), nnx.Param))
+        return common.params_of(hf.load_pretrained(workdir / "hf"))
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", async_save=False)
     s = ckpt.latest_step()
     if s is None:
         raise SystemExit(f"{workdir}: no complete checkpoint (train first, or --from_export)")
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    optimizer, _ = optim.build(config, config.warmup_steps + 1)  # only its state's structure
-    abstract = checkpoint.abstract_like({"params": params, "opt_state": optimizer.init(params),
-                                         "step": jax.numpy.int32(0)})
-    state, _ = ckpt.restore(s, abstract, model_config=checkpoint.model_config_record(model.config))
+    abstract = checkpoint.abstract_like(common.params_of(reference))
+    params = ckpt.restore_params(s, abstract,
+                                 model_config=checkpoint.model_config_record(reference.config))
     print(f"policy: {workdir / 'checkpoints' / str(s)}", file=sys.stderr)
-    return state["params"]
+    return params
 
 
 def main(argv):
     del argv
     import ml_collections
     from flax import nnx
-    from dpo_jax import hf, sampling, trainer
+    from dpo_jax import hf, hub, sampling, trainer
     workdir = Path(FLAGS.workdir)
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     prompts = list(FLAGS.prompt)
@@ -59,11 +56,10 @@ def main(argv):
                     if l.strip()]
     if not prompts:
         raise app.UsageError("give --prompt or --prompts_file")
-    tokenizer = hf.load_tokenizer(workdir / "tokenizer")
+    tokenizer = hub.load_tokenizer(workdir / "tokenizer")
     model_cfg, ref_params = trainer.build_model(config, tokenizer)
     reference = hf.build(model_cfg, ref_params)
-    graphdef = nnx.graphdef(reference)
-    policy = nnx.merge(graphdef, load_policy_params(config, workdir, reference, tokenizer))
+    policy = nnx.merge(nnx.graphdef(reference), load_policy_params(config, workdir, reference))
     cfg = sampling.SamplingConfig(max_new_tokens=FLAGS.max_new_tokens,
                                   temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                                   top_p=FLAGS.top_p, eos_id=tokenizer.eos_token_id)

@@ -16,7 +16,7 @@ def table() -> str:
             rows.append(f"| **{m.group(1)}** | | |")
         elif "c.model = ml_collections" in line:
             rows.append("| `model` | | architecture for random init (when `model_name_or_path` is `\"\"`) |")
-        elif m := re.match(r"\s*(\w+)=(\d+),\s*#\s*(.*)", line):
+        elif m := re.match(r"\s*(\w+)=(\d+|\"\w+\"),\s*#\s*(.*)", line):
             rows.append(f"| `model.{m.group(1)}` | `{m.group(2)}` | {m.group(3)} |")
         elif m := re.match(r"\s*c\.(\w+) = (.*?)\s*#\s*(.*)$", line):
             rows.append(f"| `{m.group(1)}` | `{m.group(2)}` | {m.group(3).replace('|', '/')} |")

@@ -48,9 +48,10 @@ def main():
     import optax
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from dpo_jax import sharding, step
+    from dpo_jax import layouts, sharding, steps
     from dpo_jax.losses import LossConfig
-    from dpo_jax.model import GPT2Config, abstract_model
+    from dpo_jax.models import common, gpt2
+    from dpo_jax.models.gpt2 import GPT2, GPT2Config
 
     n_layer, n_embd, n_head = PRESETS[a.model]
     mesh = sharding.make_mesh(*[int(x) for x in a.mesh.split(",")])
@@ -70,13 +71,12 @@ def main():
     rows = []
     for remat in ([False, True] if a.compare_remat else [a.remat]):
         cfg = dataclasses.replace(base, remat=remat)
-        graphdef, abstract = nnx.split(abstract_model(cfg))
+        graphdef, abstract = nnx.split(common.abstract(GPT2, cfg))
         params = nnx.to_pure_dict(abstract)
-        specs = sharding.param_specs(params)
+        specs = sharding.param_specs(params, gpt2.FAMILY.rules)
         sharding.check_divisible(mesh, params, specs)
         named = sharding.named(mesh, specs)
-        make = lambda p: {"params": p, "opt_state": optimizer.init(p),
-                          "step": jnp.zeros((), jnp.int32)}
+        make = lambda p: steps.init_state(p, optimizer)
         state_abs = jax.eval_shape(make, params)
         state_sh = sharding.state_shardings(mesh, state_abs, specs)
         with_sh = lambda t, s: jax.tree.map(
@@ -92,11 +92,12 @@ def main():
         batch["valid"] = jax.ShapeDtypeStruct((1, a.pairs), jnp.float32,
                                               sharding=sharding.batch_sharding(mesh, 2))
         replicated = NamedSharding(mesh, P())
-        train_step = step.make_train_step(graphdef, graphdef, LossConfig(), optimizer,
-                                          lambda s: 1e-6, chunk_size=a.chunk,
-                                          in_shardings=(state_sh, named, {k: v.sharding for k, v
-                                                                           in batch.items()}),
-                                          out_shardings=(state_sh, replicated))
+        train_step = steps.make_train_step(steps.FullTuning(graphdef), layouts.make("pair"),
+                                           LossConfig(), optimizer, lambda s: 1e-6,
+                                           chunk_size=a.chunk,
+                                           in_shardings=(state_sh, named, {k: v.sharding for k, v
+                                                                            in batch.items()}),
+                                           out_shardings=(state_sh, replicated))
         compiled = train_step.lower(state_in, ref_in, batch).compile()
         ma = compiled.memory_analysis()
         rows.append((remat, per_device(state_in["params"]), per_device(state_in["opt_state"]),

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dpo_jax.logprobs import model_sequence_logprobs
-from dpo_jax.model import GPT2Config, abstract_model
+from dpo_jax.models import common
+from dpo_jax.models.gpt2 import GPT2, GPT2Config
 
 
 def main():
@@ -26,7 +27,7 @@ def main():
     ap.add_argument("--chunks", default="0,4096,1024,256")
     a = ap.parse_args()
     cfg = GPT2Config(n_layer=a.layers, dtype=a.dtype)  # GPT-2 small: 768 wide, 12 heads, V=50257
-    graphdef, params = nnx.split(abstract_model(cfg))
+    graphdef, params = nnx.split(common.abstract(GPT2, cfg))
     ids = jax.ShapeDtypeStruct((a.batch, a.seq), jnp.int32)
 
     def logps(p, ids, chunk):

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 
 from dpo_jax.logprobs import sequence_logprobs_at, sequence_logprobs_from_hidden
-from dpo_jax.model import GPT2, GPT2Config
+from dpo_jax.models.gpt2 import GPT2, GPT2Config
 
 ROWS, SEQ, PROMPT = 8, 128, 64
 

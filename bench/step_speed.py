@@ -120,41 +120,44 @@ def run_jax(mode, a):
     import numpy as np
     import optax
     from flax import nnx
-    from dpo_jax import data, sharding, step
+    from dpo_jax import data, layouts, sharding, steps
     from dpo_jax.losses import LossConfig
-    from dpo_jax.model import GPT2, GPT2Config, abstract_model
+    from dpo_jax.models import common, gpt2
+    from dpo_jax.models.gpt2 import GPT2, GPT2Config
 
     cfg = GPT2Config(n_layer=a.layers, remat=False, dtype=a.dtype)
-    graphdef = nnx.graphdef(abstract_model(cfg))
+    graphdef = nnx.graphdef(common.abstract(GPT2, cfg))
     params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(GPT2(cfg, rngs=nnx.Rngs(0)),
                                                         nnx.Param)))()
     optimizer = optax.adamw(1e-5)
     mesh = sharding.make_mesh(1, 1, 1)
-    state, state_sh = sharding.init_state(mesh, params, optimizer)
+    state, state_sh = sharding.init_state(mesh, params, optimizer, gpt2.FAMILY.rules)
     ref = jax.tree.map(lambda x, sh: jax.device_put(x, sh, may_alias=False), params,
                        state_sh["params"])
     del params
-    layout = "prefix_sharing" if mode in ("shared", "precomputed") else "pair"
-    window = 0 if mode == "plain" else COMPLETION
+    layout = layouts.make("prefix_sharing" if mode in ("shared", "precomputed") else "pair",
+                          0 if mode == "plain" else COMPLETION)
+    tuning = steps.FullTuning(graphdef)
     pairs_ = synthetic_pairs(cfg.vocab_size)
     max_length = PROMPT + COMPLETION
     batches = data.PairBatches(pairs_, batch_size=PAIRS, max_length=max_length, pad_id=0,
-                               layout=layout, completion_window=window, seed=0)
+                               layout=layout, seed=0)
     loss_cfg = LossConfig(beta=0.1)
     if mode == "precomputed":
-        ref_fn = step.make_ref_logps_fn(graphdef, chunk_size=a.chunk)
-        c, r = ref_fn(ref, batches.collate(np.arange(PAIRS)))
+        ref_fn = steps.make_ref_logps_fn(tuning, layout, chunk_size=a.chunk)
+        c, r = ref_fn(None, ref, batches.collate(np.arange(PAIRS)))
         pairs_.ref_chosen, pairs_.ref_rejected = np.asarray(c), np.asarray(r)
-        ref = None
+        ref = {}
     first = data.stack_batches([next(batches)])
     # as the trainer does: layouts pinned, so the state a step returns is the state it takes
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    ref_sh = None if ref is None else state_sh["params"]
+    ref_sh = {} if not ref else state_sh["params"]
     batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in first.items()}
-    train_step = step.make_train_step(graphdef, graphdef, loss_cfg, optimizer, lambda s: 1e-5,
-                                      chunk_size=a.chunk, in_shardings=(state_sh, ref_sh, batch_sh),
-                                      out_shardings=(state_sh, replicated))
-    loss_fn = jax.jit(step.make_loss_fn(graphdef, graphdef, loss_cfg, a.chunk))
+    train_step = steps.make_train_step(tuning, layout, loss_cfg, optimizer, lambda s: 1e-5,
+                                       chunk_size=a.chunk,
+                                       in_shardings=(state_sh, ref_sh, batch_sh),
+                                       out_shardings=(state_sh, replicated))
+    loss_fn = jax.jit(steps.make_loss_fn(tuning, layout, loss_cfg, a.chunk))
 
     times, fwd_times = [], []
     for i in range(a.steps + 2):

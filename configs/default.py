@@ -12,7 +12,11 @@ def get_config():
 
     # ---- model
     c.model_name_or_path = "gpt2"  # HF hub id or local HF folder; "" = random init from c.model
-    c.model = ml_collections.ConfigDict(dict(  # architecture for random init (ignored otherwise)
+    # Architecture for random init (ignored otherwise): an HF config.json in miniature, its
+    # model_type naming the family (gpt2 | llama | mistral | qwen2 | qwen3) and the other keys
+    # that family's config.json fields (see configs/tiny_llama.py for a Llama-family one).
+    c.model = ml_collections.ConfigDict(dict(
+        model_type="gpt2",  # HF model_type: which family (dpo_jax/models/)
         vocab_size=50257,   # tokens; set to the tokenizer's size
         n_positions=1024,   # max sequence length the position table holds
         n_embd=768,         # width

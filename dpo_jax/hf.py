@@ -1,354 +1,134 @@
-"""Hugging Face GPT-2 checkpoints <-> our Flax module.
+"""Hugging Face checkpoints <-> our Flax modules, for every registered model family.
 
-Our parameter names are HF's own (``model.py``), so the import table is the identity on names,
-with one twist: our blocks are stacked, so HF key ``transformer.h.3.attn.c_attn.weight`` (or
-``h.3.attn.c_attn.weight`` in the original ``gpt2`` repository, which stores a bare
-``GPT2Model``) is slice 3 of our ``h.attn.c_attn.weight`` (n_layer, C, 3C).
-
-Layout: HF GPT-2 uses ``Conv1D``, whose weight is (in, out), not ``nn.Linear``'s (out, in). Our
-``Conv1D`` stores (in, out) too, so no tensor is transposed on import or export. Every tensor's
-shape is checked against the shape config.json implies; a mismatch names the file and the key.
+``load_pretrained("path/or/hub-id")`` reads ``config.json``, finds the family by ``model_type``
+(``dpo_jax.models``), reads the tensors (``hub.read_weights``) and places each one by the family's
+name table: per-layer HF tensors are stacked into our scanned layers, ``nn.Linear``'s (out, in)
+tensors transposed to our (in, out). Every tensor's shape is checked against ``config.json``; a
+mismatch names the file and the key, a missing tensor is an error, an unexpected one a warning.
+``save_pretrained`` is the same table backwards: a folder transformers loads with no missing or
+unexpected keys.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from dpo_jax.model import GPT2, GPT2Config, abstract_model
+from dpo_jax import hub, models
+from dpo_jax.hub import CheckpointError, hub_reachable, load_tokenizer  # noqa: F401 (API)
+from dpo_jax.models import common
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
-SAFETENSORS_FILE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-TORCH_FILE = "pytorch_model.bin"
-TORCH_INDEX = "pytorch_model.bin.index.json"
-WEIGHT_FILES = (SAFETENSORS_FILE, SAFETENSORS_INDEX, TORCH_FILE, TORCH_INDEX)
 
-# Non-persistent buffers that older transformers versions saved with the weights.
-_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-# The fields of HF's GPT2Config that we read; the rest (dropouts, summary_*, task params) do not
-# change the forward pass at inference and training-without-dropout.
-_ARCH_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
-                "activation_function", "layer_norm_epsilon", "scale_attn_weights",
-                "scale_attn_by_inverse_layer_idx", "bos_token_id", "eos_token_id")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be turned into a GPT-2: the message names file and key."""
-
-
-# --------------------------------------------------------------------------- config
-
-def config_from_hf(hf_config: dict, *, source: str = "config.json", **overrides) -> GPT2Config:
-    model_type = hf_config.get("model_type")
-    if model_type != "gpt2":
-        raise CheckpointError(f"{source}: model_type is {model_type!r}; only 'gpt2' is supported")
-    if hf_config.get("add_cross_attention"):
-        raise CheckpointError(f"{source}: add_cross_attention=True is not supported")
-    if hf_config.get("tie_word_embeddings") is False:
-        raise CheckpointError(
-            f"{source}: tie_word_embeddings=False is not supported (GPT-2's LM head is wte)")
-    kwargs = {k: hf_config[k] for k in _ARCH_FIELDS if hf_config.get(k) is not None}
-    kwargs.update(overrides)
+def config_from_hf(hf_config: dict, *, source: str = "config.json", **compute):
+    """The family config of a ``config.json`` dict; ``compute`` are compute options (dtype, ...)."""
     try:
-        return GPT2Config(**kwargs)
-    except ValueError as e:
+        family = models.family_for(hf_config.get("model_type"))
+        return family.config_from_hf(hf_config, **compute)
+    except (ValueError, TypeError) as e:
         raise CheckpointError(f"{source}: {e}") from None
 
 
-def config_to_hf(cfg: GPT2Config) -> dict:
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        **{k: getattr(cfg, k) for k in _ARCH_FIELDS},
-        "n_ctx": cfg.n_positions,
-        "tie_word_embeddings": True,
-        "dtype": "float32",
-    }
+def config_to_hf(cfg) -> dict:
+    return {**models.family_of(cfg).config_to_hf(cfg), "dtype": "float32"}
 
 
-# --------------------------------------------------------------------------- param trees
-
-def flatten_params(tree: dict, prefix: str = "") -> dict[str, object]:
-    """{'h': {0: {'ln_1': {'weight': x}}}} -> {'h.0.ln_1.weight': x} (HF's key spelling)."""
-    flat = {}
-    for k, v in tree.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, dict):
-            flat.update(flatten_params(v, name + "."))
-        else:
-            flat[name] = v
-    return flat
+def model_params(model) -> dict:
+    """The model's parameters as a plain nested dict of arrays."""
+    return common.params_of(model)
 
 
-def _hf_names(name: str, n_layer: int) -> list[str]:
-    """HF's keys for one of our params: the stacked blocks ``h.X`` are HF's ``h.{i}.X``."""
-    if name.startswith("h."):
-        return [f"h.{i}.{name[2:]}" for i in range(n_layer)]
-    return [name]
+def build(cfg, params: dict):
+    """The family's module with the given params (a nested dict as ``model_params`` returns)."""
+    return common.build(models.family_of(cfg).model_cls, cfg, params)
 
 
-def _natural(key: str):
-    return [int(p) if p.isdigit() else p for p in key.split(".")]
-
-
-def hf_state_dict(params: dict, n_layer: int) -> dict[str, np.ndarray]:
-    """Our params as HF GPT2Model tensors (float32 numpy), the stacked blocks split per layer."""
+def hf_state_dict(cfg, params: dict) -> dict[str, np.ndarray]:
+    """Our params as HF tensors (float32 numpy), by the family's name table."""
+    flat = models.flatten(params)
     out = {}
-    for name, value in flatten_params(params).items():
-        value = np.asarray(value, dtype=np.float32)
-        for i, hf_name in enumerate(_hf_names(name, n_layer)):
-            out[hf_name] = np.ascontiguousarray(value[i] if name.startswith("h.") else value)
+    for t in models.family_of(cfg).hf_tensors(cfg):
+        value = np.asarray(flat[t.ours], dtype=np.float32)
+        for i, part in enumerate(value if t.stacked else [value]):
+            out[t.hf.format(i=i)] = np.ascontiguousarray(part.T if t.transpose else part)
     return out
 
 
-def _unflatten_into(template: dict, flat: dict, prefix: str = "") -> dict:
-    return {k: (_unflatten_into(v, flat, f"{prefix}{k}.") if isinstance(v, dict)
-                else flat[f"{prefix}{k}"]) for k, v in template.items()}
-
-
-def model_params(model: GPT2) -> dict:
-    """The model's parameters as a plain nested dict of arrays."""
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-# --------------------------------------------------------------------------- reading
-
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="np") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # the library's errors name neither the file nor what to do
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError(
-            f"{path}: a PyTorch pickle checkpoint needs torch installed to read it safely "
-            "(torch.load(weights_only=True)); install torch or convert it to safetensors") from None
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True): {e}") from None
-    return {k: v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
-            for k, v in sd.items()}
-
-
-def _read_weights(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """All tensors in the folder, and for each key the file it came from (for error messages)."""
-    if (folder / SAFETENSORS_FILE).exists():
-        files, reader = [folder / SAFETENSORS_FILE], _read_safetensors
-    elif (folder / SAFETENSORS_INDEX).exists() or (folder / TORCH_INDEX).exists():
-        index = folder / (SAFETENSORS_INDEX if (folder / SAFETENSORS_INDEX).exists() else TORCH_INDEX)
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid shard index ({e!r})") from None
-        files = [folder / f for f in sorted(set(weight_map.values()))]
-        for f in files:
-            if not f.exists():
-                raise CheckpointError(f"{index} lists shard {f.name}, which is not in {folder}")
-        reader = _read_safetensors if index.name == SAFETENSORS_INDEX else _read_torch_bin
-    elif (folder / TORCH_FILE).exists():
-        files, reader = [folder / TORCH_FILE], _read_torch_bin
-    else:
-        raise CheckpointError(
-            f"no weight file in {folder}: expected one of {', '.join(WEIGHT_FILES)}")
-    tensors, origin = {}, {}
-    for f in files:
-        for k, v in reader(f).items():
-            tensors[k], origin[k] = v, f.name
-    return tensors, origin
-
-
-def _resolve(name_or_path: str | os.PathLike) -> Path:
-    """A local folder as is; otherwise a hub id, downloaded (or found in the HF cache)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    name = str(name_or_path)
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise CheckpointError(f"{name}: no such checkpoint folder")
-    return _download(name)
-
-
-def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
-    """One quick TCP connect to the hub: huggingface_hub itself retries a dead network with
-    backoff for ~25 s before giving up, which is no way to learn that a machine is offline."""
-    import socket
-    from urllib.parse import urlparse
-    url = urlparse(endpoint)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _download(repo_id: str) -> Path:
-    try:
-        import huggingface_hub as hub
-        from huggingface_hub import constants
-    except ImportError:
-        raise CheckpointError(f"{repo_id!r} is not a local folder and huggingface_hub is not "
-                              "installed to fetch it from the hub") from None
-    hint = ("Pass a local folder that holds config.json and model.safetensors (e.g. one written "
-            "by transformers' save_pretrained) instead")
-
-    def fetch(fname, local_only):
-        return Path(hub.hf_hub_download(repo_id, fname, local_files_only=local_only))
-
-    def fetch_all(local_only):
-        folder = fetch(CONFIG_FILE, local_only).parent
-        for fname in WEIGHT_FILES:
-            try:
-                fetch(fname, local_only)
-            except (hub.errors.EntryNotFoundError, hub.errors.LocalEntryNotFoundError):
-                continue
-            if fname.endswith(".index.json"):
-                for shard in sorted(set(json.loads((folder / fname).read_text())["weight_map"].values())):
-                    fetch(shard, local_only)
-            return folder
-        raise CheckpointError(f"hub repository {repo_id!r} has no weight file "
-                              f"({', '.join(WEIGHT_FILES)})")
-
-    try:  # the HF cache first: works offline once a model has been downloaded
-        return fetch_all(local_only=True)
-    except (CheckpointError, hub.errors.LocalEntryNotFoundError, OSError):
-        pass
-    if constants.HF_HUB_OFFLINE or not _hub_reachable(constants.ENDPOINT):
-        raise CheckpointError(f"{repo_id!r} is not a local folder, is not in the Hugging Face "
-                              f"cache, and the hub ({constants.ENDPOINT}) cannot be reached "
-                              f"(offline). {hint}")
-    try:
-        return fetch_all(local_only=False)
-    except CheckpointError:
-        raise
-    except Exception as e:  # 401/404 and friends: one clear message
-        raise CheckpointError(f"could not fetch {repo_id!r} from the Hugging Face Hub "
-                              f"[{type(e).__name__}: {e}]. {hint}") from None
-
-
 def load_pretrained_params(name_or_path: str | os.PathLike, *, dtype: str = "float32",
-                           **compute_options) -> tuple[GPT2Config, dict]:
-    """(config, params as a nested dict of float32 numpy arrays) of an HF GPT-2 checkpoint.
+                           **compute_options) -> tuple[object, dict]:
+    """(config, params as a nested dict of float32 numpy arrays) of an HF checkpoint.
 
     Host memory only: callers place the arrays (e.g. sharded over a mesh, see sharding.place).
     """
-    folder = _resolve(name_or_path)
-    cfg_path = folder / CONFIG_FILE
-    if not cfg_path.exists():
-        raise CheckpointError(f"no {CONFIG_FILE} in {folder}")
-    try:
-        hf_config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
-    cfg = config_from_hf(hf_config, source=str(cfg_path), dtype=dtype, **compute_options)
+    folder = hub.resolve(name_or_path)
+    hf_config = hub.read_config(folder)
+    cfg = config_from_hf(hf_config, source=str(folder / hub.CONFIG_FILE), dtype=dtype,
+                         **compute_options)
+    family = models.family_of(cfg)
+    tensors, origin = hub.read_weights(folder)
+    tensors = {family.hf_key(k): v for k, v in tensors.items()}
+    origin = {family.hf_key(k): v for k, v in origin.items()}
 
-    tensors, origin = _read_weights(folder)
-    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
-    origin = {k.removeprefix("transformer."): v for k, v in origin.items()}
-
-    template = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
-    ours = flatten_params(template)
-    hf_names = {name: _hf_names(name, cfg.n_layer) for name in ours}
-    expected = {n for names in hf_names.values() for n in names}
+    template = common.params_of(common.abstract(family.model_cls, cfg))
+    shapes = {k: tuple(v.shape) for k, v in models.flatten(template).items()}
+    table = family.hf_tensors(cfg)
+    expected = {t.hf.format(i=i) for t in table for i in range(cfg.n_layers if t.stacked else 1)}
     missing = sorted(expected - set(tensors), key=_natural)
     if missing:
         raise CheckpointError(f"{folder}: missing tensors {missing[:8]}"
                               f"{' ...' if len(missing) > 8 else ''} ({len(missing)} in all)")
     loaded = {}
-    for name, spec in ours.items():
-        per_layer = name.startswith("h.")
-        want = tuple(spec.shape[1:]) if per_layer else tuple(spec.shape)
+    for t in table:
+        shape = shapes[t.ours][1:] if t.stacked else shapes[t.ours]
+        want = shape[::-1] if t.transpose else shape
         parts = []
-        for hf_name in hf_names[name]:
-            t = tensors[hf_name]
-            if tuple(t.shape) != want:
+        for i in range(cfg.n_layers if t.stacked else 1):
+            key = t.hf.format(i=i)
+            a = tensors[key]
+            if tuple(a.shape) != want:
                 raise CheckpointError(
-                    f"{folder / origin[hf_name]}: tensor {hf_name!r} has shape {tuple(t.shape)}, "
-                    f"but {CONFIG_FILE} implies {want}")
-            parts.append(np.asarray(t, dtype=np.float32))
-        loaded[name] = np.stack(parts) if per_layer else parts[0]
+                    f"{folder / origin[key]}: tensor {key!r} has shape {tuple(a.shape)}, "
+                    f"but {hub.CONFIG_FILE} implies {want}")
+            a = np.asarray(a, dtype=np.float32)
+            parts.append(a.T if t.transpose else a)
+        loaded[t.ours] = np.stack(parts) if t.stacked else parts[0]
     unexpected = sorted(k for k in set(tensors) - expected
-                        if not k.endswith(_IGNORED_SUFFIXES) and k != "lm_head.weight")
+                        if not any(re.fullmatch(p, k) for p in family.hf_ignored))
     if unexpected:
         log.warning("%s: ignoring unexpected tensors %s", folder, unexpected)
-    return cfg, _unflatten_into(template, loaded)
+    return cfg, models.unflatten_like(template, loaded)
+
+
+def _natural(key: str):
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in key.split(".")]
 
 
 def load_pretrained(name_or_path: str | os.PathLike, *, dtype: str = "float32",
-                    **compute_options) -> GPT2:
-    """GPT-2 with weights from a local HF folder or a hub id (gpt2, gpt2-medium, distilgpt2, ...).
+                    **compute_options):
+    """A model with weights from a local HF folder or a hub id ("gpt2", "Qwen/Qwen3-0.6B", ...).
 
-    dtype is the compute dtype; parameters are always float32. compute_options are the other
-    GPT2Config compute fields (remat, remat_policy). Missing tensors or tensors whose shape
-    disagrees with config.json are errors naming the key; unexpected keys are logged.
+    dtype is the compute dtype; parameters are always float32 (bfloat16 checkpoints are widened).
+    compute_options are the other compute fields (remat, remat_policy, attention).
     """
     cfg, params = load_pretrained_params(name_or_path, dtype=dtype, **compute_options)
     return build(cfg, jax.tree.map(jnp.asarray, params))
 
 
-def build(cfg: GPT2Config, params: dict) -> GPT2:
-    """The module with the given params (a nested dict as ``model_params`` returns)."""
-    graphdef, state = nnx.split(abstract_model(cfg), nnx.Param)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+def save_pretrained(model, path: str | os.PathLike, *, max_shard_bytes: int = 5 << 30) -> Path:
+    """Writes config.json + safetensors (float32, sharded with an index above max_shard_bytes)
+    that transformers loads as the family's HF class with no missing or unexpected keys."""
+    return save_params(model.config, model_params(model), path, max_shard_bytes=max_shard_bytes)
 
 
-def load_tokenizer(name_or_path: str | os.PathLike):
-    """A transformers tokenizer from a local folder, the HF cache, or the hub (fast offline error)."""
-    from transformers import AutoTokenizer
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return AutoTokenizer.from_pretrained(str(path))
-    name = str(name_or_path)
-    if path.exists() or name.startswith((".", "/", "~")) or not name:
-        raise CheckpointError(f"{name!r}: no such tokenizer folder")
-    try:
-        return AutoTokenizer.from_pretrained(name, local_files_only=True)
-    except (OSError, ValueError):
-        pass
-    from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE or not _hub_reachable(constants.ENDPOINT):
-        raise CheckpointError(f"tokenizer {name!r} is not a local folder, is not in the Hugging "
-                              f"Face cache, and the hub cannot be reached (offline). Pass a local "
-                              "tokenizer folder (config key tokenizer_name_or_path) instead")
-    return AutoTokenizer.from_pretrained(name)
-
-
-# --------------------------------------------------------------------------- writing
-
-def save_pretrained(model: GPT2, path: str | os.PathLike) -> Path:
-    """Writes config.json + model.safetensors that transformers' GPT2LMHeadModel loads as is.
-
-    Tensors are saved float32 under GPT2LMHeadModel's names (``transformer.`` prefix); the LM head
-    is tied to wte, so it is not stored (transformers re-ties it on load).
-    """
-    from safetensors.numpy import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {f"transformer.{k}": v
-               for k, v in hf_state_dict(model_params(model), model.config.n_layer).items()}
-    # Write to temporary names, then rename, so a kill mid-write never leaves a half file that
-    # looks complete.
-    tmp_w, tmp_c = path / (SAFETENSORS_FILE + ".tmp"), path / (CONFIG_FILE + ".tmp")
-    save_file(tensors, str(tmp_w), metadata={"format": "pt"})
-    tmp_c.write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
-    os.replace(tmp_w, path / SAFETENSORS_FILE)
-    os.replace(tmp_c, path / CONFIG_FILE)
-    return path
+def save_params(cfg, params: dict, path: str | os.PathLike, *,
+                max_shard_bytes: int = 5 << 30) -> Path:
+    """``save_pretrained`` from a config and a params dict (host or device arrays)."""
+    return hub.write_weights(Path(path), hf_state_dict(cfg, params), config_to_hf(cfg),
+                             max_shard_bytes=max_shard_bytes)

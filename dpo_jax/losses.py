@@ -27,6 +27,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dpo_jax import defaults
+
 log_sigmoid = jax.nn.log_sigmoid
 sigmoid = jax.nn.sigmoid
 
@@ -79,21 +81,46 @@ def register(name: str, *, check=None, reference_free: bool = False):
     return wrap
 
 
+_D = defaults.config()
+
+
+def _split_names(value) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(t.strip() for t in value.split(",") if t.strip())
+    return tuple(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Validated loss options (hashable, so a jitted step can take it as a static argument)."""
+    """Validated loss options (hashable, so a jitted step can take it as a static argument).
+    Defaults are configs/default.py's; the meanings are in its comments and the README."""
 
-    loss_type: tuple[str, ...] = ("sigmoid",)
+    loss_type: tuple[str, ...] = _split_names(_D.loss_type)
     loss_weights: tuple[float, ...] | None = None  # one weight per loss_type; None = all 1.0
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    reference_free: bool = False       # take the reference log-ratios as 0
-    rpo_alpha: float | None = None     # add alpha * per-token NLL of the chosen completions (RPO)
-    simpo_gamma: float = 0.5           # SimPO's target reward margin
-    discopop_tau: float = 0.05         # DiscoPOP's temperature
+    beta: float = _D.beta
+    label_smoothing: float = _D.label_smoothing
+    reference_free: bool = _D.reference_free  # take the reference log-ratios as 0
+    rpo_alpha: float = _D.rpo_alpha           # > 0: add alpha * per-token NLL of chosen (RPO)
+    simpo_gamma: float = _D.simpo_gamma       # SimPO's target reward margin
+    discopop_tau: float = _D.discopop_tau     # DiscoPOP's temperature
+
+    @classmethod
+    def from_config(cls, config) -> "LossConfig":
+        """The loss options of a run config; a bad value is an error naming its key."""
+        weights = None
+        if str(config.loss_weights).strip():
+            try:
+                weights = tuple(float(w) for w in str(config.loss_weights).split(","))
+            except ValueError:
+                raise ValueError(f"config key loss_weights={config.loss_weights!r}: expected "
+                                 "comma-separated numbers, one per loss_type") from None
+        return cls(loss_type=_split_names(config.loss_type), loss_weights=weights,
+                   beta=config.beta, label_smoothing=config.label_smoothing,
+                   reference_free=config.reference_free, rpo_alpha=config.rpo_alpha,
+                   simpo_gamma=config.simpo_gamma, discopop_tau=config.discopop_tau)
 
     def __post_init__(self):
-        lt = (self.loss_type,) if isinstance(self.loss_type, str) else tuple(self.loss_type)
+        lt = _split_names(self.loss_type)
         object.__setattr__(self, "loss_type", lt)
         if self.loss_weights is not None:
             object.__setattr__(self, "loss_weights", tuple(float(w) for w in self.loss_weights))
@@ -109,7 +136,9 @@ class LossConfig:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing <= 0.5:
             raise ValueError(f"label_smoothing must lie in [0, 0.5], got {self.label_smoothing}")
-        if self.rpo_alpha is not None and self.rpo_alpha < 0:
+        if self.rpo_alpha is None:
+            object.__setattr__(self, "rpo_alpha", 0.0)
+        if self.rpo_alpha < 0:
             raise ValueError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
         for name in lt:
             msg = LOSSES[name].check and LOSSES[name].check(self)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dpo_jax.model import positions_from_mask
+from dpo_jax.models.common import positions_from_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,10 +109,10 @@ def _generate_jit(graphdef, state, prompt_ids, prompt_mask, rng, cfg, use_cache)
 def generate(model, prompt_ids, prompt_mask, cfg: SamplingConfig, *, seed: int = 0,
              use_cache: bool = True) -> np.ndarray:
     """New tokens (B, max_new_tokens), int32; rows that stopped are EOS-padded after their EOS."""
-    room = model.config.n_positions
+    room = model.config.max_positions
     if prompt_ids.shape[1] + cfg.max_new_tokens > room:
         raise ValueError(f"prompt length {prompt_ids.shape[1]} + max_new_tokens "
-                         f"{cfg.max_new_tokens} exceeds the model's n_positions={room}")
+                         f"{cfg.max_new_tokens} exceeds the model's {room} positions")
     graphdef, state = nnx.split(model)
     return np.asarray(_generate_jit(graphdef, state, jnp.asarray(prompt_ids, jnp.int32),
                                     jnp.asarray(prompt_mask, jnp.int32),

@@ -5,10 +5,11 @@ The mesh has three axes:
   fsdp    data parallelism with params (and optimizer state) split too, gathered per use
   tensor  Megatron tensor parallelism: attention heads and the MLP's hidden units split
 
-Parameters are placed by one ordered table of (regex on the parameter path, PartitionSpec); the
-first match wins and must match the whole path. Layers carry no annotations. The table ends with
-the vectors that stay replicated, by name, rather than a ``.*``: a parameter that no rule matches
-is an error, so a new matrix in a research fork is given a rule, not silently replicated.
+Parameters are placed by one ordered table of (regex on the parameter path, PartitionSpec) that
+each model family provides (``models/*/params.py``, ``Family.rules``); the first match wins and
+must match the whole path. Layers carry no annotations. The tables end with the vectors that stay
+replicated, by name, rather than a ``.*``: a parameter that no rule matches is an error, so a new
+matrix in a research fork is given a rule, not silently replicated.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import logging
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -25,25 +25,6 @@ log = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # the batch axis is split over both data-parallel axes
-
-# GPT-2, Megatron style: c_attn / c_fc split their outputs over `tensor` (column parallel),
-# the c_proj's split their inputs (row parallel), so each block needs one all-reduce per
-# sub-layer; the other matrix dimension is split over `fsdp`. GPT-2's vocabulary (50257) divides
-# by nothing useful, so the embeddings are split along the width only.
-GPT2_RULES = (
-    (r"wte\.weight", P(None, "fsdp")),
-    (r"wpe\.weight", P(None, "fsdp")),
-    # the blocks are stacked: a leading layer axis, never split
-    (r"h\.attn\.c_attn\.weight", P(None, "fsdp", "tensor")),
-    (r"h\.attn\.c_attn\.bias", P(None, "tensor")),
-    (r"h\.attn\.c_proj\.weight", P(None, "tensor", "fsdp")),
-    (r"h\.mlp\.c_fc\.weight", P(None, "fsdp", "tensor")),
-    (r"h\.mlp\.c_fc\.bias", P(None, "tensor")),
-    (r"h\.mlp\.c_proj\.weight", P(None, "tensor", "fsdp")),
-    # the remaining vectors, replicated: layer norms and the row-parallel layers' biases
-    (r"(h\.)?ln_(1|2|f)\.(weight|bias)|h\.(attn|mlp)\.c_proj\.bias", P()),
-)
-
 
 class ShardingError(ValueError):
     """A mesh or rule that does not fit the model or the batch (raised before compiling)."""
@@ -78,7 +59,7 @@ def _path_name(path) -> str:
     return ".".join(parts)
 
 
-def param_specs(params, rules=GPT2_RULES):
+def param_specs(params, rules):
     """PartitionSpec of every leaf of a params pytree (arrays or ShapeDtypeStructs)."""
     def spec(path, leaf):
         name = _path_name(path)
@@ -115,12 +96,10 @@ def check_divisible(mesh: Mesh, tree, specs, what: str = "parameter"):
 def check_model_fits(mesh: Mesh, model_config, pairs_per_batch: int):
     """The head and batch constraints of a mesh, in the terms a user sets."""
     t = mesh.shape["tensor"]
-    if model_config.n_head % t:
-        raise ShardingError(f"n_head={model_config.n_head} does not divide over the tensor axis "
-                            f"of size {t} (config key mesh_tensor)")
-    if (model_config.d_ff % t) or (model_config.n_embd % t):
-        raise ShardingError(f"the MLP width {model_config.d_ff} / n_embd {model_config.n_embd} "
-                            f"does not divide over the tensor axis of size {t}")
+    for field, size in model_config.tensor_parallel_dims().items():
+        if size % t:
+            raise ShardingError(f"{field}={size} does not divide over the tensor axis of size "
+                                f"{t} (config key mesh_tensor)")
     n = _axis_size(mesh, BATCH)
     if pairs_per_batch % n:
         raise ShardingError(f"a batch of {pairs_per_batch} pairs does not divide over the "
@@ -133,7 +112,7 @@ def named(mesh: Mesh, specs):
 
 
 def state_shardings(mesh: Mesh, abstract_state, param_spec_tree):
-    """Shardings of {"params", "opt_state", "step"}: optimizer moments follow their parameter
+    """Shardings of a train state: optimizer moments follow their parameter
     (a leaf whose path ends with a parameter's path and has its shape); the rest is replicated."""
     by_name = {}
     jax.tree_util.tree_map_with_path(
@@ -175,7 +154,7 @@ def place(tree, shardings):
     return jax.tree.map(put, tree, shardings)
 
 
-def init_params(mesh: Mesh, init_fn, rules=GPT2_RULES):
+def init_params(mesh: Mesh, init_fn, rules):
     """Params created already sharded: the rules are applied to ``jax.eval_shape(init_fn)``, then
     ``init_fn`` runs under jit with those output shardings (no device ever holds them all)."""
     abstract = jax.eval_shape(init_fn)
@@ -184,15 +163,16 @@ def init_params(mesh: Mesh, init_fn, rules=GPT2_RULES):
     return jax.jit(init_fn, out_shardings=named(mesh, specs))()
 
 
-def init_state(mesh: Mesh, params, optimizer, rules=GPT2_RULES):
-    """(state, state_shardings): {"params", "opt_state", "step"} laid out over the mesh, the
-    optimizer state created in place with the sharding of its parameters."""
+def init_state(mesh: Mesh, params, optimizer, rules):
+    """(state, state_shardings): ``steps.init_state`` laid out over the mesh, the optimizer state
+    created in place with the sharding of its parameters."""
+    from dpo_jax.steps import init_state as make_state
     specs = param_specs(params, rules)
     check_divisible(mesh, params, specs)
     params = place(params, named(mesh, specs))
 
     def make(p):
-        return {"params": p, "opt_state": optimizer.init(p), "step": jnp.zeros((), jnp.int32)}
+        return make_state(p, optimizer)
 
     shardings = state_shardings(mesh, jax.eval_shape(make, params), specs)
     return jax.jit(make, out_shardings=shardings)(params), shardings

@@ -1,6 +1,8 @@
-"""Shared fixtures: tiny random GPT-2s written by transformers (PyTorch), the numerical reference.
+"""Shared setup: simulated devices, and tiny random GPT-2s written by transformers (PyTorch), the
+numerical reference. No hub here or in CI: every model is built from a config and saved.
 
-No hub here or in CI: every model is built from a config and saved to a temp folder.
+Nothing here needs torch at import: the fixtures that do skip their test where it is absent
+(parity modules also skip themselves at the top), so the rest of the suite runs without it.
 """
 
 import os
@@ -9,33 +11,15 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="torch is the numerical reference for parity tests")
-transformers = pytest.importorskip("transformers")
-
-TINY = dict(vocab_size=1000, n_positions=64, n_embd=64, n_layer=2, n_head=4)
-# GPT-2's real vocabulary and context with a tiny trunk: exercises the big head and positions.
-WIDE_VOCAB = dict(vocab_size=50257, n_positions=1024, n_embd=64, n_layer=2, n_head=4)
-
-
-def make_torch_gpt2(seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(bos_token_id=kw["vocab_size"] - 1,
-                                  eos_token_id=kw["vocab_size"] - 1, **kw)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
-    # HF inits biases and LN params to 0/1; randomize them so the parity test checks every tensor.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or ".ln_" in name:
-                p.add_(0.02 * torch.randn_like(p))
-    return model
+from parity import TINY, WIDE_VOCAB, make_torch_gpt2
 
 
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory):
     """(torch model, folder) of a tiny random GPT-2 saved with save_pretrained."""
+    pytest.importorskip("torch", reason="torch is the numerical reference for parity tests")
     model = make_torch_gpt2(**TINY)
     path = tmp_path_factory.mktemp("tiny_gpt2")
     model.save_pretrained(path)
@@ -44,38 +28,8 @@ def tiny_hf(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def wide_hf(tmp_path_factory):
+    pytest.importorskip("torch", reason="torch is the numerical reference for parity tests")
     model = make_torch_gpt2(seed=1, **WIDE_VOCAB)
     path = tmp_path_factory.mktemp("wide_gpt2")
     model.save_pretrained(path)
     return model, path
-
-
-def torch_logits(model, ids, mask):
-    """HF logits with position ids from the mask (what `generate` does for left padding)."""
-    pos = np.maximum(mask.cumsum(-1) - 1, 0)
-    with torch.no_grad():
-        return model(torch.tensor(ids), attention_mask=torch.tensor(mask),
-                     position_ids=torch.tensor(pos)).logits.double().numpy()
-
-
-def torch_sequence_logprobs(model, ids, mask, loss_mask):
-    """Reference: torch log_softmax + gather, summed where loss_mask is 1 (token t scored at t-1)."""
-    logits = torch.tensor(torch_logits(model, ids, mask))
-    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, torch.tensor(ids)[:, 1:, None])[..., 0]
-    m = torch.tensor(loss_mask[:, 1:], dtype=torch.float64)
-    return (lp * m).sum(-1).numpy(), m.sum(-1).numpy()
-
-
-def padded_batch(rng, vocab, b=4, t=24):
-    """Random ids with a right-padded row, a left-padded row and a full row, plus a loss mask
-    that covers a completion-like span of each row's real tokens."""
-    ids = rng.integers(0, vocab, (b, t))
-    mask = np.ones((b, t), np.int64)
-    mask[1, t - 7:] = 0          # right padding
-    mask[2, :6] = 0              # left padding
-    if b > 3:
-        mask[3, :3] = 0
-        mask[3, t - 2:] = 0
-    loss_mask = mask.copy()
-    loss_mask[:, : t // 3] = 0   # "prompt" positions are not scored
-    return ids, mask, loss_mask

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dpo_jax import data, step
+from dpo_jax import data, layouts, steps
 from dpo_jax.losses import LossConfig
-from dpo_jax.model import GPT2, GPT2Config, abstract_model
+from dpo_jax.models import common
+from dpo_jax.models.gpt2 import GPT2, GPT2Config
 
 CFG = GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4)
 W = 9  # max completion length
@@ -26,9 +27,10 @@ def pairs(n=6, seed=0):
 
 
 def batch(tp, layout="pair", window=0):
+    """(layout object, the batch of every pair in tp)."""
     b = data.PairBatches(tp, batch_size=len(tp), max_length=20, pad_id=0, shuffle=False,
                          layout=layout, completion_window=window)
-    return b.collate(np.arange(len(tp)))
+    return b.layout, b.collate(np.arange(len(tp)))
 
 
 def left_pad(b, k=3):
@@ -45,7 +47,7 @@ def left_pad(b, k=3):
 
 @pytest.fixture(scope="module")
 def models():
-    graphdef = nnx.graphdef(abstract_model(CFG))
+    graphdef = nnx.graphdef(common.abstract(GPT2, CFG))
     ref = nnx.to_pure_dict(nnx.state(GPT2(CFG, rngs=nnx.Rngs(0)), nnx.Param))
     # a policy that differs from the reference, so the loss is not a constant ln 2
     noise = jax.tree.map(lambda a: 0.02 * jax.random.normal(jax.random.key(1), a.shape), ref)
@@ -53,9 +55,11 @@ def models():
     return graphdef, policy, ref
 
 
-def loss_and_grads(models, b, loss_type="sigmoid"):
+def loss_and_grads(models, layout_batch, loss_type="sigmoid"):
     graphdef, policy, ref = models
-    fn = step.make_loss_fn(graphdef, graphdef, LossConfig(loss_type=loss_type, beta=0.3), 5)
+    layout, b = layout_batch
+    fn = steps.make_loss_fn(steps.FullTuning(graphdef), layout,
+                            LossConfig(loss_type=loss_type, beta=0.3), 5)
     (loss, m), g = jax.jit(jax.value_and_grad(fn, has_aux=True))(policy, ref, b)
     return float(loss), m, g
 
@@ -73,7 +77,7 @@ def assert_same(a, b):
 @pytest.mark.parametrize("pad, loss_type", [(0, "sigmoid"), (3, "ipo")])  # ipo: token counts
 def test_savings_match_the_plain_step(models, pad, loss_type):
     tp = pairs()
-    shift = (lambda b: left_pad(b, pad)) if pad else (lambda b: b)
+    shift = (lambda lb: (lb[0], left_pad(lb[1], pad))) if pad else (lambda lb: lb)
     plain = loss_and_grads(models, shift(batch(tp)), loss_type)
     assert plain[0] != pytest.approx(np.log(2))
     head_only = loss_and_grads(models, shift(batch(tp, window=W)), loss_type)
@@ -86,18 +90,19 @@ def test_precomputed_reference_matches(models):
     graphdef, policy, ref = models
     tp = pairs(seed=3)
     plain = loss_and_grads(models, batch(tp))
-    ref_fn = step.make_ref_logps_fn(graphdef, chunk_size=0)
-    c, r = ref_fn(ref, batch(tp, "prefix_sharing", window=W))  # computed in the fast layout
+    layout, b = batch(tp, "prefix_sharing", window=W)  # computed in the fast layout
+    ref_fn = steps.make_ref_logps_fn(steps.FullTuning(graphdef), layout, chunk_size=0)
+    c, r = ref_fn(None, ref, b)
     tp.ref_chosen, tp.ref_rejected = np.asarray(c), np.asarray(r)
     b = batch(tp, "prefix_sharing", window=W)
-    assert "ref_chosen_logps" in b
+    assert "ref_chosen_logps" in b[1]
     assert_same(plain, loss_and_grads(models, b))
 
 
 def test_prefix_sharing_attention_mask():
     seg = np.array([[0, 0, 1, 1, 2, 2, 2, -1]])
     attn = (seg >= 0).astype(np.int32)
-    m = np.asarray(step.prefix_sharing_mask(jnp.asarray(attn), jnp.asarray(seg)))[0]
+    m = np.asarray(layouts.prefix_sharing_mask(jnp.asarray(attn), jnp.asarray(seg)))[0]
     assert m[5].tolist() == [1, 1, 0, 0, 1, 1, 0, 0]   # rejected: prompt + itself, causal
     assert m[3].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]   # chosen: prompt + itself
     assert not m[:, 7].any()                           # padding is never a key
@@ -106,5 +111,5 @@ def test_prefix_sharing_attention_mask():
 def test_completions_longer_than_the_window_are_refused():
     with pytest.raises(data.DataError, match="scoring window 4"):
         batch(pairs(), window=4)
-    with pytest.raises(data.DataError, match="prefix_sharing needs max_completion_length"):
+    with pytest.raises(layouts.LayoutError, match="prefix_sharing' needs max_completion_length"):
         batch(pairs(), "prefix_sharing")

@@ -9,13 +9,15 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from trainutil import tiny_config
-from dpo_jax import checkpoint, data, optim, sharding, step
+from dpo_jax import checkpoint, data, layouts, optim, sharding, steps
 from dpo_jax.losses import LossConfig
-from dpo_jax.model import GPT2, GPT2Config, abstract_model
+from dpo_jax.models import common, gpt2
+from dpo_jax.models.gpt2 import GPT2, GPT2Config
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
 
 CFG = GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4)
+RULES = gpt2.FAMILY.rules
 MESHES = [(8, 1, 1), (2, 4, 1), (1, 4, 2), (2, 2, 2)]
 
 
@@ -45,19 +47,19 @@ def optimizer():
 def run_steps(mesh, params, batches, state=None, n_steps=1):
     opt, lr = optimizer()
     if state is None:
-        state, state_sh = sharding.init_state(mesh, params, opt)
+        state, state_sh = sharding.init_state(mesh, params, opt, RULES)
     else:
         state_sh = jax.tree.map(lambda a: a.sharding, state)
     # the reference is always the initial model
     ref = sharding.place(host_params(), state_sh["params"])
     sharding.check_model_fits(mesh, CFG, 8)
-    graphdef = nnx.graphdef(abstract_model(CFG))
+    graphdef = nnx.graphdef(common.abstract(GPT2, CFG))
     batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batches[0].items()}
     replicated = jax.sharding.NamedSharding(mesh, P())
-    train_step = step.make_train_step(graphdef, graphdef, LossConfig(beta=0.5), opt, lr,
-                                      chunk_size=16, in_shardings=(state_sh, state_sh["params"],
-                                                                   batch_sh),
-                                      out_shardings=(state_sh, replicated))
+    train_step = steps.make_train_step(steps.FullTuning(graphdef), layouts.make("pair"),
+                                       LossConfig(beta=0.5), opt, lr, chunk_size=16,
+                                       in_shardings=(state_sh, state_sh["params"], batch_sh),
+                                       out_shardings=(state_sh, replicated))
     ms = []
     for b in batches[:n_steps]:
         state, m = train_step(state, ref, sharding.shard_batch(mesh, b))
@@ -115,7 +117,7 @@ def test_resume_on_another_mesh_continues_with_the_same_numbers(tmp_path, single
     # restore onto (2, 2, 2): build the target layout there, then continue one step
     mesh = sharding.make_mesh(2, 2, 2)
     opt, _ = optimizer()
-    target, _ = sharding.init_state(mesh, host_params(seed=9), opt)
+    target, _ = sharding.init_state(mesh, host_params(seed=9), opt, RULES)
     restored, _ = ck.restore(1, checkpoint.abstract_like(target))
     w = restored["params"]["h"]["mlp"]["c_fc"]["weight"]
     assert {s.data.shape for s in w.addressable_shards} == {(2, 32, 128)}
@@ -135,7 +137,7 @@ def test_remat_gives_the_same_gradients(policy):
     params = jax.tree.map(jnp.asarray, host_params())
 
     def grads(cfg):
-        gd = nnx.graphdef(abstract_model(cfg))
+        gd = nnx.graphdef(common.abstract(GPT2, cfg))
         f = lambda p: model_sequence_logprobs(nnx.merge(gd, p), b["input_ids"],
                                               b["attention_mask"], b["loss_mask"])[0].sum()
         return jax.jit(jax.grad(f))(params)
@@ -150,9 +152,10 @@ def test_remat_gives_the_same_gradients(policy):
 def test_bfloat16_reference_params():
     """The reference may be held in bf16 (never updated): the loss stays close to float32's."""
     params = jax.tree.map(jnp.asarray, host_params())
-    graphdef = nnx.graphdef(abstract_model(CFG))
+    graphdef = nnx.graphdef(common.abstract(GPT2, CFG))
     b = {k: v[0] for k, v in pair_batch().items()}
-    loss_fn = step.make_loss_fn(graphdef, graphdef, LossConfig(beta=0.5), 0)
+    loss_fn = steps.make_loss_fn(steps.FullTuning(graphdef), layouts.make("pair"),
+                                 LossConfig(beta=0.5), 0)
     f32 = loss_fn(params, params, b)[1]
     bf16 = loss_fn(params, jax.tree.map(lambda a: a.astype(jnp.bfloat16), params), b)[1]
     np.testing.assert_allclose(float(bf16["loss"]), float(f32["loss"]), atol=5e-3)
@@ -175,14 +178,14 @@ def test_meshes_that_do_not_fit_fail_before_compiling():
                                                      r"\(1, 36, 108\): dimension 1 \(36\) does "
                                                      r"not divide over mesh axis fsdp of size 8"):
         sharding.init_params(sharding.make_mesh(1, 8, 1), lambda: nnx.to_pure_dict(
-            nnx.state(GPT2(odd, rngs=nnx.Rngs(0)), nnx.Param)))
+            nnx.state(GPT2(odd, rngs=nnx.Rngs(0)), nnx.Param)), RULES)
 
 
 def test_a_parameter_no_rule_matches_is_an_error():
-    rules = sharding.GPT2_RULES[:-1]  # without the last rule, for the replicated vectors
+    rules = RULES[:-1]  # without the last rule, for the replicated vectors
     with pytest.raises(sharding.ShardingError, match=r"no sharding rule matches parameter "
                                                      r"'h\.attn\.c_proj\.bias'"):
         sharding.param_specs(host_params(), rules)
     extra = dict(host_params(), lora={"weight": np.zeros((64, 4))})  # a fork's new matrix
     with pytest.raises(sharding.ShardingError, match="'lora.weight'"):
-        sharding.param_specs(extra)
+        sharding.param_specs(extra, RULES)

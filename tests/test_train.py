@@ -13,9 +13,9 @@ import pytest
 from flax import nnx
 
 from trainutil import REPO, SEED_ROW, seed_experiment_config, tiny_config
-from dpo_jax import checkpoint, data, optim, sampling, step
+from dpo_jax import checkpoint, data, layouts, optim, sampling, steps
 from dpo_jax.losses import LossConfig
-from dpo_jax.model import GPT2Config, init_model
+from dpo_jax.models.gpt2 import GPT2, GPT2Config
 from dpo_jax.trainer import train_and_evaluate
 
 # The CLI as a newcomer runs it: one CPU device (not the 8 simulated ones of the sharding tests).
@@ -89,10 +89,10 @@ def test_seed_controlled_experiment(tmp_path):
 
 KILL_DRIVER = textwrap.dedent("""
     import os, signal, sys
-    from dpo_jax import step, trainer
+    from dpo_jax import steps, trainer
     from ml_collections import config_flags
     kill_at = int(sys.argv[1])
-    make = step.make_train_step
+    make = steps.make_train_step
     def make_and_kill(*a, **k):
         fn = make(*a, **k)
         def wrapped(state, *rest):
@@ -100,7 +100,7 @@ KILL_DRIVER = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGKILL)
             return fn(state, *rest)
         return wrapped
-    step.make_train_step = make_and_kill
+    steps.make_train_step = make_and_kill
     sys.argv = [sys.argv[0]] + sys.argv[2:]
     import train
     train.check_overrides(sys.argv)
@@ -135,7 +135,7 @@ def test_exact_resume_after_sigkill(tmp_path):
 
 def test_interrupted_save_is_never_picked_up(tmp_path):
     ck = checkpoint.Checkpointer(tmp_path / "ckpt", async_save=False)
-    state = {"w": jnp.arange(4.0)}
+    state = {"params": {"w": jnp.arange(4.0)}, "step": jnp.int32(5)}
     ck.save(5, state, {"step": 5})
     ck.wait()
     (tmp_path / "ckpt" / "10").mkdir()  # a step folder whose save never finished
@@ -144,7 +144,7 @@ def test_interrupted_save_is_never_picked_up(tmp_path):
     ck2 = checkpoint.Checkpointer(tmp_path / "ckpt", async_save=False)
     assert ck2.latest_step() == 5
     restored, record = ck2.restore(5, checkpoint.abstract_like(state))
-    np.testing.assert_array_equal(restored["w"], np.arange(4.0))
+    np.testing.assert_array_equal(restored["params"]["w"], np.arange(4.0))
     assert record == {"step": 5}
 
 
@@ -153,6 +153,10 @@ def _tiny_batches():
     mk = lambda n: [rng.integers(1, 90, rng.integers(2, n)).astype(np.int32) for _ in range(8)]
     pairs = data.TokenizedPairs(mk(6), mk(8), mk(8), {})
     return data.PairBatches(pairs, batch_size=8, max_length=24, pad_id=0, shuffle=False)
+
+
+def init_model(cfg, seed=0):
+    return GPT2(cfg, rngs=nnx.Rngs(seed))
 
 
 def test_accumulation_equals_one_big_batch():
@@ -174,10 +178,9 @@ def test_accumulation_equals_one_big_batch():
     assert micro["input_ids"].shape == (4, 4, 24)
     results = []
     for batch in (whole, micro):
-        st = {"params": jax.tree.map(jnp.copy, params), "opt_state": optimizer.init(params),
-              "step": jnp.int32(0)}
-        train_step = step.make_train_step(graphdef, graphdef, loss_cfg, optimizer, lr,
-                                          chunk_size=0)
+        st = steps.init_state(jax.tree.map(jnp.copy, params), optimizer)
+        train_step = steps.make_train_step(steps.FullTuning(graphdef), layouts.make("pair"),
+                                           loss_cfg, optimizer, lr, chunk_size=0)
         st, m = train_step(st, params, batch)
         results.append((st["params"], m))
     (p1, m1), (p2, m2) = results

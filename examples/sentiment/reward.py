@@ -53,12 +53,12 @@ def hf_classifier(model: str = "lvwerra/distilbert-imdb", positive_label: str = 
     DPO paper's IMDb experiment. Needs the hub (or the model in the local HF cache) and torch."""
     from pathlib import Path
 
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
     from transformers import pipeline  # torch-backed; loaded only when asked for
 
-    from dpo_jax.hf import _hub_reachable
+    from dpo_jax.hub import hub_reachable
     local = Path(model).is_dir() or isinstance(try_to_load_from_cache(model, "config.json"), str)
-    if not (local or constants.HF_HUB_OFFLINE or _hub_reachable(constants.ENDPOINT)):
+    if not (local or hub_reachable()):
         raise RuntimeError(f"reward classifier {model!r} is not a local folder, is not in the HF "
                            "cache, and the hub cannot be reached (offline). Pass a local folder "
                            "('hf:/path/to/classifier') or another reward (config key reward)")

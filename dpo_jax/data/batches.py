@@ -1,0 +1,159 @@
+"""Fixed-shape batches of preference pairs in a deterministic, resumable order.
+
+The layout (``dpo_jax.layouts``) decides how a batch's pairs become rows; this module decides
+which pairs go together and in what order: epoch e is a permutation drawn from (seed, e),
+training iterates epochs forever and drops each epoch's incomplete batches, and the cursor
+(epoch, batch index within the epoch) is ``state()``: ``PairBatches(..., state=s)`` resumes
+exactly there. Rows are padded to ``max_length`` or, with length buckets, to the smallest bucket
+that fits every pair of the batch (pairs are grouped by bucket, so there are at most
+len(buckets) shapes and compilations).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from dpo_jax import layouts
+from dpo_jax.data.sources import DataError
+from dpo_jax.data.tokenize import TokenizedPairs
+
+
+def bucket_lengths(max_length: int, buckets=()) -> tuple[int, ...]:
+    """The padded lengths batches may have: the given buckets (each <= max_length) + max_length."""
+    bs = sorted({int(b) for b in buckets} | {max_length})
+    if bs[0] <= 1 or bs[-1] > max_length:
+        raise DataError(f"length_buckets {tuple(buckets)} must lie in (1, max_length={max_length}]")
+    return tuple(bs)
+
+
+class PairBatches:
+    """Batches of ``batch_size`` pairs as dicts of numpy arrays laid out by ``layout`` (a
+    ``layouts.Layout``, or its name with ``completion_window``). ``valid`` (B,) is 1 for real
+    pairs and 0 for the empty slots that fill an eval batch's tail; precomputed reference
+    log-probs ride along as ``ref_chosen_logps`` / ``ref_rejected_logps`` (B,)."""
+
+    def __init__(self, pairs: TokenizedPairs, *, batch_size: int, max_length: int, pad_id: int,
+                 seed: int = 0, shuffle: bool = True, buckets=(), state: dict | None = None,
+                 layout: str | layouts.Layout = "pair", completion_window: int = 0):
+        if isinstance(layout, str):
+            layout = layouts.make(layout, completion_window)
+        self.pairs, self.batch_size, self.pad_id = pairs, batch_size, pad_id
+        self.seed, self.shuffle, self.layout = seed, shuffle, layout
+        window = layout.window
+        longest = max(max(len(c), len(r)) for c, r in zip(pairs.chosen, pairs.rejected))
+        if window and longest > window:
+            raise DataError(f"a completion has {longest} tokens > the scoring window "
+                            f"{window} (max_completion_length)")
+        max_length = layout.row_length(max_length)
+        self.lengths = np.array([layout.pair_tokens(len(p), len(c), len(r)) for p, c, r in
+                                 zip(pairs.prompt, pairs.chosen, pairs.rejected)], np.int64)
+        self.buckets = bucket_lengths(max_length, buckets)
+        if self.lengths.max() > max_length:
+            raise DataError(f"a pair needs {self.lengths.max()} tokens > max_length={max_length}")
+        self.bucket_of = np.searchsorted(self.buckets, self.lengths)
+        self.epoch, self.index = 0, 0
+        self._plan_epoch = None
+        if state is not None:
+            self.restore(state)
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{len(pairs)} pairs make no full batch of {batch_size}")
+
+    # ---- order
+    def _plan(self, epoch: int, *, drop_remainder: bool = True,
+              shuffle: bool | None = None) -> list[np.ndarray]:
+        """The batches (arrays of pair indices) of one epoch, in order."""
+        shuffle = self.shuffle if shuffle is None else shuffle
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.lengths)) if shuffle else np.arange(len(self.lengths))
+        batches = []
+        for b in range(len(self.buckets)):
+            rows = order[self.bucket_of[order] == b]
+            n_full = len(rows) // self.batch_size
+            batches += [rows[i * self.batch_size:(i + 1) * self.batch_size] for i in range(n_full)]
+            if not drop_remainder and len(rows) % self.batch_size:
+                batches.append(rows[n_full * self.batch_size:])
+        if shuffle and len(self.buckets) > 1:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self._plan(0))
+
+    def state(self) -> dict:
+        return {"epoch": int(self.epoch), "index": int(self.index), "seed": int(self.seed)}
+
+    def restore(self, state: dict):
+        if int(state["seed"]) != self.seed:
+            raise DataError(f"data cursor was saved with seed {state['seed']}, this run has "
+                            f"seed {self.seed}")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._plan_epoch = None
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        if self._plan_epoch is None or self._plan_epoch[0] != self.epoch:
+            self._plan_epoch = (self.epoch, self._plan(self.epoch))
+        plan = self._plan_epoch[1]
+        rows = plan[self.index]
+        self.index += 1
+        if self.index == len(plan):
+            self.epoch, self.index = self.epoch + 1, 0
+        return self.collate(rows)
+
+    def eval_batches(self) -> Iterator[dict]:
+        """Every pair once, in order; the last batch of each bucket padded with invalid pairs."""
+        for _, batch in self.eval_batches_with_rows():
+            yield batch
+
+    def eval_batches_with_rows(self) -> Iterator[tuple[np.ndarray, dict]]:
+        """As ``eval_batches``, with the pair indices of each batch's valid rows."""
+        for rows in self._plan(0, drop_remainder=False, shuffle=False):
+            yield rows, self.collate(rows)
+
+    # ---- shapes
+    def collate(self, rows: np.ndarray) -> dict:
+        p = self.pairs
+        length = self.buckets[int(self.bucket_of[rows].max())]
+        batch = self.layout.collate([p.prompt[r] for r in rows], [p.chosen[r] for r in rows],
+                                    [p.rejected[r] for r in rows], self.batch_size, length,
+                                    self.pad_id)
+        b = self.batch_size
+        valid = np.zeros((b,), np.float32)
+        valid[:len(rows)] = 1
+        batch["valid"] = valid
+        if p.ref_chosen is not None:
+            for key, values in (("ref_chosen_logps", p.ref_chosen),
+                                ("ref_rejected_logps", p.ref_rejected)):
+                batch[key] = np.zeros((b,), np.float32)
+                batch[key][:len(rows)] = values[rows]
+        return batch
+
+    def padding_fraction(self) -> float:
+        """Share of token positions in one epoch's batches that are padding."""
+        real = total = 0
+        p = self.pairs
+        for rows in self._plan(0):
+            total += self.layout.rows_per_pair * self.batch_size * \
+                self.buckets[int(self.bucket_of[rows].max())]
+            real += sum(self.layout.real_tokens(len(p.prompt[r]), len(p.chosen[r]),
+                                                len(p.rejected[r])) for r in rows)
+        return 1.0 - real / max(total, 1)
+
+
+def stack_batches(batches: list[dict]) -> dict:
+    """Micro-batches stacked on a new leading axis (gradient accumulation), right-padded to the
+    longest of them when length buckets gave them different lengths."""
+    length = max(b["input_ids"].shape[1] for b in batches)
+    fills = dict(layouts.SEQUENCE_FILL, input_ids=batches[0]["input_ids"][0, -1])
+
+    def pad(key, a):
+        if key not in fills or a.shape[1] == length:
+            return a
+        return np.pad(a, ((0, 0), (0, length - a.shape[1])), constant_values=fills[key])
+
+    return {k: np.stack([pad(k, b[k]) for b in batches]) for k in batches[0]}

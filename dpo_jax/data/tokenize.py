@@ -1,0 +1,181 @@
+"""Rows -> token ids: validated, normalized, tokenized and truncated, batched and cached.
+
+Tokenization follows the reference DPO implementation (Rafailov et al.'s code): prompt and
+completions are tokenized separately without special tokens, EOS is appended to each completion,
+and BOS is prepended to the prompt only when the tokenizer has one and ``add_bos`` asks. See the
+README for the truncation rule.
+
+The work runs in ``datasets.map`` (batched) and is cached next to the data, keyed by the data's
+fingerprint, the tokenizer and every setting that changes the tokens (``cache_key``), so a rerun
+reads the cache instead of tokenizing again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from dpo_jax.data import formats
+from dpo_jax.data.sources import DataError
+
+# The DataConfig fields that change what tokenization produces (the cache key holds them by name).
+TOKEN_FIELDS = ("split", "prompt_column", "chosen_column", "rejected_column", "max_length",
+                "max_prompt_length", "max_completion_length", "add_bos", "on_bad_row")
+CACHE_VERSION = 3  # bump when the rules below change what a setting produces
+
+
+@dataclasses.dataclass
+class TokenizedPairs:
+    """Token ids of the kept pairs (one int32 array per pair and part) and the summary counts."""
+
+    prompt: list[np.ndarray]
+    chosen: list[np.ndarray]
+    rejected: list[np.ndarray]
+    stats: dict
+    # Reference log-probs, (N,) each, once precomputed; batches then carry them.
+    ref_chosen: np.ndarray | None = None
+    ref_rejected: np.ndarray | None = None
+
+    def __len__(self):
+        return len(self.prompt)
+
+    def pair_lengths(self) -> np.ndarray:
+        """Tokens each pair needs in the two-sequence layout: prompt + the longer completion."""
+        return np.array([len(p) + max(len(c), len(r))
+                         for p, c, r in zip(self.prompt, self.chosen, self.rejected)], np.int64)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
+    h.update(repr((tokenizer.bos_token_id, tokenizer.eos_token_id,
+                   getattr(tokenizer, "chat_template", None))).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_key(data_fingerprint: str, tokenizer, cfg) -> str:
+    fields = {"data": data_fingerprint, "tokenizer": tokenizer_fingerprint(tokenizer),
+              "version": CACHE_VERSION, **{f: getattr(cfg, f) for f in TOKEN_FIELDS}}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def truncate(p: list, c: list, r: list, cfg) -> tuple[list, list, list, bool]:
+    """The reference code's rule: over max_length, the prompt keeps its last max_prompt_length
+    tokens, then both completions their first tokens that still fit; completions are capped at
+    max_completion_length when set."""
+    cut = False
+    if len(p) + max(len(c), len(r)) > cfg.max_length:
+        cut = True
+        p = p[-cfg.max_prompt_length:]
+        room = cfg.max_length - len(p)
+        c, r = c[:room], r[:room]
+    if cfg.max_completion_length and max(len(c), len(r)) > cfg.max_completion_length:
+        cut = True
+        c, r = c[:cfg.max_completion_length], r[:cfg.max_completion_length]
+    return p, c, r, cut
+
+
+def tokenize_batch(batch, indices, *, cfg, tokenizer, where: str):
+    """datasets.map function: one batch of rows -> token ids, a drop reason per row."""
+    names = (cfg.prompt_column, cfg.chosen_column, cfg.rejected_column)
+    has_prompt = cfg.prompt_column in batch
+    examples, drop = [], []
+    for j, row in enumerate(indices):
+        p = batch[cfg.prompt_column][j] if has_prompt else None
+        try:
+            ex = formats.normalize(p, batch[names[1]][j], batch[names[2]][j], names=names,
+                                   has_prompt=has_prompt, tokenizer=tokenizer)
+            reason = ""
+        except formats.BadRow as e:
+            if cfg.on_bad_row == "error" or e.fatal:
+                raise DataError(f"{where}, row {row}: {e}") from None
+            ex, reason = None, "bad_row"
+        except formats.Dropped as e:
+            ex, reason = None, e.reason
+        examples.append(ex or formats.Example("", "", ""))
+        drop.append(reason)
+
+    enc = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
+    p_ids = enc([e.prompt for e in examples])
+    c_ids = enc([e.chosen for e in examples])
+    r_ids = enc([e.rejected for e in examples])
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token; completions must end with one")
+    truncated = []
+    for j in range(len(examples)):
+        p, c, r = p_ids[j], c_ids[j] + [eos], r_ids[j] + [eos]
+        if cfg.add_bos and bos is not None:
+            p = [bos] + p
+        p_ids[j], c_ids[j], r_ids[j], cut = truncate(p, c, r, cfg)
+        truncated.append(cut and not drop[j])
+    return {"prompt_ids": p_ids, "chosen_ids": c_ids, "rejected_ids": r_ids,
+            "drop": drop, "truncated": truncated}
+
+
+def tokenize_pairs(ds, tokenizer, cfg, *, where: str | None = None,
+                   unparsable_lines: int = 0) -> TokenizedPairs:
+    """Validate, normalize, tokenize and truncate every row (batched, cached), then summarize."""
+    import datasets
+    where = where or cfg.source
+    cols = set(ds.column_names)
+    for name in (cfg.chosen_column, cfg.rejected_column):
+        if name not in cols:
+            raise DataError(f"{where}: no column {name!r}; the data has {sorted(cols)} "
+                            f"(set chosen_column / rejected_column / prompt_column)")
+    cache_dir = Path(cfg.cache_dir or (os.path.dirname(ds.cache_files[0]["filename"])
+                                       if ds.cache_files else
+                                       Path.home() / ".cache" / "dpo_jax"))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = cache_key(ds._fingerprint, tokenizer, cfg)
+    cache_file = cache_dir / f"dpo_jax-tokenized-{key}.arrow"
+    from_cache = cache_file.exists()
+    datasets.disable_progress_bars()
+    out = ds.map(tokenize_batch, batched=True, batch_size=1000, with_indices=True,
+                 fn_kwargs=dict(cfg=cfg, tokenizer=tokenizer, where=where),
+                 remove_columns=ds.column_names, load_from_cache_file=True,
+                 cache_file_name=str(cache_file), new_fingerprint=key)
+    drop = out["drop"]
+    keep = np.array([d == "" for d in drop], bool)
+    reasons = Counter(d for d in drop if d)
+    if unparsable_lines:  # lines skipped before the dataset could even be formed
+        reasons["bad_row"] += unparsable_lines
+
+    def ragged(col):
+        arr = out.data.column(col).combine_chunks()
+        values = np.asarray(arr.values, np.int32)
+        offsets = np.asarray(arr.offsets)
+        return [values[offsets[i]:offsets[i + 1]] for i in np.flatnonzero(keep)]
+
+    pairs = TokenizedPairs(ragged("prompt_ids"), ragged("chosen_ids"), ragged("rejected_ids"), {})
+    n_tokens = np.array([len(p) + len(c) + len(r)
+                         for p, c, r in zip(pairs.prompt, pairs.chosen, pairs.rejected)])
+    pairs.stats = {
+        "rows_read": len(ds) + unparsable_lines,
+        "rows_kept": int(keep.sum()),
+        "rows_dropped": dict(sorted(reasons.items())),
+        "rows_truncated": int(np.asarray(out["truncated"], bool).sum()),
+        "mean_tokens": float(n_tokens.mean()) if len(n_tokens) else 0.0,
+        "max_tokens": int(n_tokens.max()) if len(n_tokens) else 0,
+        "from_cache": from_cache,
+    }
+    if not len(pairs):
+        raise DataError(f"{where}: no usable preference pairs (dropped: {dict(reasons)})")
+    return pairs
+
+
+def summary_line(stats: dict, padding_fraction: float | None = None) -> str:
+    dropped = ", ".join(f"{k}={v}" for k, v in stats["rows_dropped"].items()) or "none"
+    s = (f"rows read {stats['rows_read']}, kept {stats['rows_kept']}, dropped: {dropped}; "
+         f"truncated {stats['rows_truncated']}; tokens/pair mean {stats['mean_tokens']:.1f} "
+         f"max {stats['max_tokens']}")
+    if padding_fraction is not None:
+        s += f"; padding {100 * padding_fraction:.1f}%"
+    return s

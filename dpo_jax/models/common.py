@@ -1,0 +1,227 @@
+"""What every model family shares: compute options, the layers, the scanned stack, attention.
+
+Parameters are float32 whatever the compute dtype; norms, the attention softmax, logits and
+log-softmax run in float32. Every matrix is stored (in, out) so that ``y = x @ W``: GPT-2's
+``Conv1D`` checkpoints load as they are, ``nn.Linear``'s (out, in) tensors are transposed by the
+family's name table (``params.py``), never in the layers.
+
+LoRA adapters (``dpo_jax.lora``) attach to ``Linear`` modules as ``nnx.LoRAParam`` variables
+``lora_a`` (in, r) and ``lora_b`` (r, out); a layer with them computes
+``x @ W + scale * (x @ A) @ B`` and one without is plain. The model code never asks which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# What a rematerialized block keeps for the backward pass (jax.checkpoint_policies):
+REMAT = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,  # recompute all: least memory
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,        # keep matmul outputs
+    "dots_with_no_batch_dims_saveable":
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
+}
+ATTENTION = ("xla", "cudnn")  # implementations of dot-product attention (see ``attention``)
+# Fields of a family config that are compute options, not architecture: they are not written to
+# config.json and do not fix parameter shapes (a checkpoint restores under any of them).
+COMPUTE_FIELDS = ("dtype", "remat", "remat_policy", "attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeOptions:
+    """Compute options every family config carries after its architecture fields."""
+
+    dtype: str = "float32"  # compute dtype of matmuls and activations; params stay float32
+    remat: bool = False     # recompute each block's activations in the backward pass
+    remat_policy: str = "nothing_saveable"  # what a rematerialized block keeps (see REMAT)
+    attention: str = "xla"  # attention implementation (see ATTENTION); "xla" runs everywhere
+
+    def check_compute(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not supported; valid: {sorted(DTYPES)}")
+        if self.remat_policy not in REMAT:
+            raise ValueError(f"remat_policy={self.remat_policy!r} is not supported; valid: "
+                             f"{sorted(REMAT)}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention={self.attention!r} is not supported; valid: "
+                             f"{', '.join(ATTENTION)}")
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+
+def architecture(cfg) -> dict:
+    """The fields of a family config that fix parameter shapes and the math (no compute options)."""
+    d = dataclasses.asdict(cfg)
+    for name in COMPUTE_FIELDS:
+        d.pop(name, None)
+    return d
+
+
+# =========================================================================== layers
+
+def normal(rngs: nnx.Rngs, shape, std: float) -> jax.Array:
+    return std * jax.random.normal(rngs.params(), shape, jnp.float32)
+
+
+class Linear(nnx.Module):
+    """``y = x @ weight (+ bias)`` with ``weight`` stored (in, out), optional LoRA adapters."""
+
+    def __init__(self, n_in: int, n_out: int, *, std: float, dtype, rngs: nnx.Rngs,
+                 bias: bool = True):
+        self.weight = nnx.Param(normal(rngs, (n_in, n_out), std))
+        self.bias = nnx.Param(jnp.zeros((n_out,), jnp.float32)) if bias else None
+        self.dtype = dtype
+        # LoRA (dpo_jax.lora sets these on the layers it adapts)
+        self.lora_a = self.lora_b = None
+        self.lora_scale = 0.0
+
+    def __call__(self, x):
+        # Flatten (B, T) so the matmul and its weight gradient are plain 2-D GEMMs: XLA runs the
+        # weight gradient of a 3-D dot noticeably slower on CPU.
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        y = jnp.dot(x2, self.weight[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:
+            a = jnp.dot(x2, self.lora_a[...].astype(self.dtype))
+            y = y + self.lora_scale * jnp.dot(a, self.lora_b[...].astype(self.dtype))
+        return y.reshape(*lead, y.shape[-1])
+
+
+class LayerNorm(nnx.Module):
+    """Layer norm computed in float32 (bfloat16 statistics lose too much), cast back after."""
+
+    def __init__(self, n: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((n,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((n,), jnp.float32))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x):
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...] + self.bias[...]).astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMS norm in float32, as HF's LlamaRMSNorm: normalize in float32, cast to the input dtype,
+    then scale (the cast comes before the scale there, so it does here)."""
+
+    def __init__(self, n: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((n,), jnp.float32))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * y.astype(self.dtype)
+
+
+class Embedding(nnx.Module):
+    def __init__(self, n: int, d: int, *, rngs: nnx.Rngs, std: float = 0.02):
+        self.weight = nnx.Param(normal(rngs, (n, d), std))
+
+    def __call__(self, ids):
+        return jnp.take(self.weight[...], ids, axis=0)
+
+
+def positions_from_mask(attention_mask_bt):
+    """Position ids that count only real tokens, so left padding does not shift positions.
+
+    Padding positions get 0 (their outputs are never read).
+    """
+    return jnp.maximum(jnp.cumsum(attention_mask_bt, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def causal_padding_mask(attention_mask_bt):
+    """(B, T, T): query t may attend to key s <= t that is a real token."""
+    t = attention_mask_bt.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    return causal[None] & attention_mask_bt.astype(bool)[:, None, :]
+
+
+def decode_mask(key_mask_bs, t: int, index):
+    """(B, T, S) for T new tokens written at cache positions [index, index + T)."""
+    s = key_mask_bs.shape[1]
+    causal = jnp.arange(s)[None, :] <= (index + jnp.arange(t))[:, None]  # (T, S)
+    return causal[None] & key_mask_bs.astype(bool)[:, None, :]
+
+
+def attention(q, k, v, mask_bts, *, scale: float, implementation: str = "xla", causal=False):
+    """Dot-product attention of (B, T, H, D) queries over (B, S, K, D) keys and values (K divides
+    H: grouped-query attention), masked by (B, T, S) booleans.
+
+    The one place attention runs, so the implementation is chosen here for every family and
+    layout. ``xla`` computes the logits and softmax in float32 for bfloat16 inputs. ``cudnn`` is
+    the fused flash-attention kernel (a GPU, bfloat16 or float16, head dim a multiple of 8): the
+    mask goes in as an additive bias, and ``causal`` (the mask is known to lie within the causal
+    triangle) lets it skip the blocks above the diagonal.
+    """
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask_bts[:, None], scale=scale,
+                                            is_causal=causal, implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask_bts[:, None], scale=scale)
+
+
+def stacked(make, n: int, rngs: nnx.Rngs):
+    """n copies of ``make(rngs)`` as one module whose params carry a leading layer axis."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def build(rngs):
+        return make(rngs)
+
+    return build(rngs)
+
+
+def scan_stack(stack, x, layer_fn, xs=(), *, remat: bool = False,
+               remat_policy: str = "nothing_saveable"):
+    """Runs the stacked layers in order: ``x, y_i = layer_fn(layer_i, x, *xs_i)``.
+
+    A ``lax.scan`` over the leading layer axis of ``stack``'s variables (params and any LoRA
+    adapters) and of ``xs``: one layer is compiled instead of n, and rematerialization really
+    bounds memory (under a scan the backward pass recomputes one layer at a time whatever the
+    backend's scheduler does). Returns (x, stacked ys).
+    """
+    graphdef, state = nnx.split(stack)
+
+    def body(x, layer):
+        variables, *rest = layer
+        return layer_fn(nnx.merge(graphdef, variables), x, *rest)
+
+    if remat:
+        body = jax.checkpoint(body, policy=REMAT[remat_policy])
+    return jax.lax.scan(body, x, (state, *xs))
+
+
+# =========================================================================== params <-> modules
+
+def abstract(model_cls, cfg):
+    """The module with ShapeDtypeStructs for params: its structure, shapes and graphdef, free."""
+    return nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
+
+
+def params_of(model) -> dict:
+    """A module's parameters (``nnx.Param``) as a plain nested dict of arrays."""
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def build(model_cls, cfg, params: dict):
+    """The module with the given params (a nested dict as ``params_of`` returns)."""
+    graphdef, state = nnx.split(abstract(model_cls, cfg), nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)

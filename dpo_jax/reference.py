@@ -1,0 +1,61 @@
+"""Reference log-probs precomputed once over the data (``precompute_ref_log_probs``).
+
+The reference never changes, so its log-probs of every pair can be computed before training
+(batched, jitted, sharded like training), cached in the workdir under a fingerprint of the model
+and the data, reused by later runs and on resume; the batches then carry them and the reference's
+params are freed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from dpo_jax import data, sharding
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(*parts) -> str:
+    """A short hash of settings and token arrays (the cache file's name)."""
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, (list, tuple)) and p and isinstance(p[0], np.ndarray):
+            for a in p:
+                h.update(np.ascontiguousarray(a).tobytes())
+                h.update(b"|")
+        else:
+            h.update(repr(p).encode())
+    return h.hexdigest()[:20]
+
+
+def precompute(pairs, ref_fn, params, frozen, batches: data.PairBatches, cache: Path, mesh):
+    """Reference log-probs of every pair, computed once (and cached on disk), stored in ``pairs``
+    so that every later batch carries them."""
+    if cache.exists():
+        z = np.load(cache)
+        pairs.ref_chosen, pairs.ref_rejected = z["chosen"], z["rejected"]
+        log.info("reference log-probs read from %s", cache)
+        return
+    chosen = np.zeros(len(pairs), np.float32)
+    rejected = np.zeros(len(pairs), np.float32)
+    for rows, batch in batches.eval_batches_with_rows():
+        c, r = jax.device_get(ref_fn(params, frozen, sharding.shard_batch(mesh, batch, False)))
+        c, r = _local_block(c), _local_block(r)
+        chosen[rows], rejected[rows] = c[:len(rows)], r[:len(rows)]
+    pairs.ref_chosen, pairs.ref_rejected = chosen, rejected
+    tmp = cache.with_suffix(f".tmp{jax.process_index()}.npz")
+    np.savez(tmp, chosen=chosen, rejected=rejected)
+    os.replace(tmp, cache)
+    log.info("reference log-probs of %d pairs written to %s", len(pairs), cache)
+
+
+def _local_block(x):
+    """This process's block of a replicated per-pair result (blocks are in process order)."""
+    n = len(x) // jax.process_count()
+    return x[jax.process_index() * n:(jax.process_index() + 1) * n]
