@@ -4,10 +4,13 @@
     python generate.py --workdir runs/tiny --prompts_file prompts.txt --temperature 0.7 --top_p 0.9
 
 The reference is rebuilt from the run's config (the same checkpoint or random init); the policy is
-the run's latest checkpoint (or its HF export with --from_export).
+the run's latest checkpoint (or its HF export with --from_export). An empty prompt starts from
+the tokenizer's BOS token: an unconditional sample. Expected errors print as one line (--verbose
+or DPO_JAX_TRACEBACK=1 for the traceback).
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,19 +26,21 @@ flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 = off.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 = off.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_bool("from_export", False, "Take the policy from workdir/hf, not the checkpoint.")
+flags.DEFINE_bool("verbose", False, "Print the traceback of expected errors too.")
 flags.mark_flag_as_required("workdir")
 
 
 def load_policy_params(config, workdir: Path, reference):
     """The latest checkpoint's params (or the HF export's), restored without an optimizer."""
     from dpo_jax import checkpoint, hf
+    from dpo_jax.errors import DpoError
     from dpo_jax.models import common
     if FLAGS.from_export:
         return common.params_of(hf.load_pretrained(workdir / "hf"))
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", async_save=False)
     s = ckpt.latest_step()
     if s is None:
-        raise SystemExit(f"{workdir}: no complete checkpoint (train first, or --from_export)")
+        raise DpoError(f"{workdir}: no complete checkpoint (train first, or --from_export)")
     abstract = checkpoint.abstract_like(common.params_of(reference))
     params = ckpt.restore_params(s, abstract,
                                  model_config=checkpoint.model_config_record(reference.config))
@@ -43,30 +48,49 @@ def load_policy_params(config, workdir: Path, reference):
     return params
 
 
-def main(argv):
-    del argv
+def run():
     import ml_collections
     from flax import nnx
-    from dpo_jax import hf, hub, sampling, trainer
+    from dpo_jax import hf, hub, sampling
+    from dpo_jax.errors import ConfigError, DpoError
     workdir = Path(FLAGS.workdir)
+    if not (workdir / "config.json").is_file():
+        raise DpoError(f"{workdir} is not the workdir of a training run (it has no config.json)")
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     prompts = list(FLAGS.prompt)
     if FLAGS.prompts_file:
-        prompts += [l.rstrip("\n") for l in Path(FLAGS.prompts_file).read_text().splitlines()
-                    if l.strip()]
+        prompts += [line.rstrip("\n") for line in Path(FLAGS.prompts_file).read_text()
+                    .splitlines() if line.strip()]
     if not prompts:
-        raise app.UsageError("give --prompt or --prompts_file")
+        raise ConfigError("give --prompt (repeatable) or --prompts_file")
+    try:
+        cfg = sampling.SamplingConfig(max_new_tokens=FLAGS.max_new_tokens,
+                                      temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                                      top_p=FLAGS.top_p)
+    except ValueError as e:
+        raise ConfigError(f"generate.py flags: {e}") from None
     tokenizer = hub.load_tokenizer(workdir / "tokenizer")
-    model_cfg, ref_params = trainer.build_model(config, tokenizer)
+    cfg = sampling.SamplingConfig(**{**cfg.__dict__, "eos_id": tokenizer.eos_token_id})
+    model_cfg, ref_params = hf.initial_model(config, tokenizer)
     reference = hf.build(model_cfg, ref_params)
     policy = nnx.merge(nnx.graphdef(reference), load_policy_params(config, workdir, reference))
-    cfg = sampling.SamplingConfig(max_new_tokens=FLAGS.max_new_tokens,
-                                  temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-                                  top_p=FLAGS.top_p, eos_id=tokenizer.eos_token_id)
     ref = sampling.complete(reference, tokenizer, prompts, cfg, seed=FLAGS.seed)
     theta = sampling.complete(policy, tokenizer, prompts, cfg, seed=FLAGS.seed)
     for i, (p, r, t) in enumerate(zip(prompts, ref, theta), 1):
         print(f"=== {i}: {p!r}\n  pi_ref   | {p}{r}\n  pi_theta | {p}{t}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from dpo_jax.errors import DpoError
+    try:
+        run()
+    except (DpoError, OSError) as e:
+        if FLAGS.verbose or os.environ.get("DPO_JAX_TRACEBACK"):
+            raise
+        print(f"generate.py: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

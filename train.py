@@ -3,9 +3,14 @@
 Intentionally thin: flags in, ``dpo_jax.trainer.train_and_evaluate`` does the work. Override any
 config key on the command line (``--config.beta=0.2``); a misspelled key fails with the valid ones.
 Running the same command again on the same workdir resumes from its last checkpoint.
+
+Expected errors (a bad config, data or checkpoint, a mismatch, an OS error) print as one line
+and exit 1; SIGTERM saves the current step and exits 143, Ctrl-C exits 130. ``--verbose`` (or
+DPO_JAX_TRACEBACK=1) prints their traceback too; unexpected errors always keep theirs.
 """
 
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -15,6 +20,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the HF export go.")
+flags.DEFINE_bool("verbose", False, "Print the traceback of expected errors too.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -25,34 +31,67 @@ def main(argv):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax", "datasets", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from dpo_jax.errors import DpoError, Stopped
     from dpo_jax.trainer import train_and_evaluate
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    # A Ctrl-C that lands in a garbage-collection callback is printed and swallowed by CPython;
+    # the trainer's SIGINT flag stops the run anyway, so that print is only noise.
+    default_hook = sys.unraisablehook
+    sys.unraisablehook = lambda u: None if isinstance(u.exc_value, KeyboardInterrupt) \
+        else default_hook(u)
+    try:
+        train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (DpoError, OSError) as e:
+        if FLAGS.verbose or os.environ.get("DPO_JAX_TRACEBACK"):
+            raise
+        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Everything is safe by now (saves finished or abandoned, files closed, lock released).
+        # Leave without the interpreter's teardown, where a checkpoint writer's background
+        # threads that are still failing would print their traces after this line.
+        os._exit(e.exit_code if isinstance(e, Stopped) else 1)
+
+
+def config_path(argv) -> str | None:
+    """The --config value on the command line (path[:argument]), if any."""
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
 
 
 def check_overrides(argv):
-    """A misspelled ``--config.KEY`` exits with the valid keys (ml_collections would raise a
-    traceback from inside flag parsing)."""
+    """One clear line for what ml_collections would report with a traceback from inside flag
+    parsing: a missing config file, a bad argument to its get_config, a misspelled
+    ``--config.KEY`` (with the valid keys)."""
     import importlib.util
-    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if path is None and "--config" in argv[:-1]:
-        path = argv[argv.index("--config") + 1]
-    if path is None or not path.endswith(".py"):
+    spec_arg = config_path(argv)
+    if spec_arg is None:
         return
-    spec = importlib.util.spec_from_file_location("_config", path.split(":")[0])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    path, _, arg = spec_arg.partition(":")
+    if not os.path.isfile(path):
+        sys.exit(f"train.py: error: config file {path} does not exist")
+    try:
+        spec = importlib.util.spec_from_file_location("_config", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        cfg = module.get_config(arg) if arg else module.get_config()
+    except Exception as e:  # the user's own Python: say where, in one line
+        sys.exit(f"train.py: error: {spec_arg}: get_config{'(' + repr(arg) + ')' if arg else '()'}"
+                 f" failed: {type(e).__name__}: {e}")
 
-    def keys(cfg, prefix=""):
-        for k, v in cfg.items():
+    def keys(c, prefix=""):
+        for k, v in c.items():
             yield from keys(v, f"{prefix}{k}.") if hasattr(v, "items") else [f"{prefix}{k}"]
 
-    valid = sorted(keys(module.get_config()))
+    valid = sorted(keys(cfg))
     for a in argv:
         if a.startswith("--config."):
             key = a[len("--config."):].split("=", 1)[0]
             if key not in valid:
-                sys.exit(f"train.py: unknown config key {key!r} (in {a!r}).\n"
-                         f"Valid keys: {', '.join(valid)}")
+                sys.exit(f"train.py: error: unknown config key {key!r} (in {a!r}); valid keys: "
+                         f"{', '.join(valid)}")
 
 
 if __name__ == "__main__":

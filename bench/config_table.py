@@ -1,9 +1,11 @@
 """Prints the README's table of config keys from configs/default.py's comments.
 
-    python bench/config_table.py   # paste into README.md between the config-keys markers
+    python bench/config_table.py           # print it
+    python bench/config_table.py --write   # replace it in README.md, between the markers
 """
 
 import re
+import sys
 from pathlib import Path
 
 DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "default.py"
@@ -24,4 +26,10 @@ def table() -> str:
 
 
 if __name__ == "__main__":
-    print(table(), end="")
+    if "--write" in sys.argv:
+        readme = DEFAULT.parents[1] / "README.md"
+        text = re.sub(r"(<!-- config-keys -->\n).*?(<!-- /config-keys -->)",
+                      lambda m: m.group(1) + table() + m.group(2), readme.read_text(), flags=re.S)
+        readme.write_text(text)
+    else:
+        print(table(), end="")

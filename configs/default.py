@@ -95,4 +95,5 @@ def get_config():
     c.progress_bar = True          # tqdm bar on stderr
     c.sample_prompts = 2           # eval prompts whose pi_ref / pi_theta completions end the run
     c.sample_max_new_tokens = 32   # tokens per such completion (greedy)
+    c.allow_resume_changes = ""    # keys a resume may change (comma-separated, or "all")
     return c

@@ -10,18 +10,24 @@ are read too.
 
 Orbax writes each step into a temporary folder and renames it when complete, so a save cut short
 by a kill is never taken for a checkpoint; a step folder without orbax's commit files is skipped
-with a warning.
+with a warning. Each record also holds a checksum of the params and of the rest of the state,
+computed on the device as they are saved: ``restore`` checks it and that every float is finite,
+so flipped bytes or a truncated file are found (``DamagedCheckpoint``) rather than trained on or
+exported; ``restore_latest_good`` then moves the damaged step aside and takes the one before.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
+from dpo_jax.errors import DpoError
 from dpo_jax.models import common
 
 log = logging.getLogger(__name__)
@@ -30,8 +36,55 @@ _COMMIT_FILES = ("_CHECKPOINT_METADATA",)
 _OLD_STATE = "state"  # the single item of the previous format
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(DpoError, ValueError):
     """The workdir's checkpoint was written for another model or run."""
+
+
+class DamagedCheckpoint(DpoError):
+    """A checkpoint that cannot be read back as it was written."""
+
+
+class CheckpointWriteError(DpoError, OSError):
+    """A checkpoint that could not be written (a full disk, a file-size limit, permissions)."""
+
+
+def _first_line(e: Exception) -> str:
+    """An orbax / tensorstore error in one line: for a failed write, the file and the OS's
+    reason (tensorstore buries them in a long message); else the first line, shortened."""
+    import re
+    text = str(e).strip()
+    m = re.search(r'Failed writing: "([^"]+)": (?:Failed to write[^:]*: )?([^\[]+?)\s*'
+                  r'\[os_error_code', text)
+    if m:
+        return f"{m.group(2)}: {m.group(1)}"
+    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
+
+
+@jax.jit
+def checksum(tree):
+    """(leaves, 2) uint32: per leaf, the sum of its 32-bit words and their position-weighted sum
+    (mod 2^32). Any flipped bit changes the first; swapped words change the second."""
+    out = []
+    for leaf in jax.tree.leaves(tree):
+        x = leaf.reshape(-1)
+        size = x.dtype.itemsize
+        if size == 8:
+            x = jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+        elif size == 4:
+            x = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        else:
+            x = jax.lax.bitcast_convert_type(x, {2: jnp.uint16, 1: jnp.uint8}[size])
+            x = x.astype(jnp.uint32)
+        pos = jnp.arange(1, x.size + 1, dtype=jnp.uint32)
+        out.append(jnp.stack([jnp.sum(x, dtype=jnp.uint32), jnp.sum(x * pos, dtype=jnp.uint32)]))
+    return jnp.stack(out) if out else jnp.zeros((0, 2), jnp.uint32)
+
+
+def all_finite(tree) -> bool:
+    """Whether every float in the tree is finite (one device round trip)."""
+    floats = [a for a in jax.tree.leaves(tree) if jnp.issubdtype(a.dtype, jnp.floating)]
+    return bool(jax.jit(lambda t: jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in t])))(
+        floats)) if floats else True
 
 
 class Checkpointer:
@@ -46,7 +99,9 @@ class Checkpointer:
         return all((d / f).exists() for f in _COMMIT_FILES)
 
     def latest_step(self) -> int | None:
-        steps = sorted(self.manager.all_steps(), reverse=True)
+        """The newest complete step (read from the folder, so it also answers after close)."""
+        steps = sorted((int(p.name) for p in self.directory.iterdir() if p.name.isdigit()),
+                       reverse=True) if self.directory.is_dir() else []
         for s in steps:
             if self._complete(s):
                 return s
@@ -55,14 +110,30 @@ class Checkpointer:
 
     def save(self, step: int, state: dict, record: dict):
         """Asynchronous: returns once the arrays are copied off the device."""
+        self._check_space(state)
         rest = {k: v for k, v in state.items() if k != "params"}
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state["params"]), opt=ocp.args.StandardSave(rest),
-            record=ocp.args.JsonSave(record)), force=True)
+        record = dict(record, checksum={"params": np.asarray(checksum(state["params"])).tolist(),
+                                        "opt": np.asarray(checksum(rest)).tolist()})
+        try:  # also raises the failure of the previous (asynchronous) save
+            self.manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state["params"]), opt=ocp.args.StandardSave(rest),
+                record=ocp.args.JsonSave(record)), force=True)
+        except Exception as e:
+            raise CheckpointWriteError(f"a checkpoint could not be written in {self.directory} "
+                                       f"({_first_line(e)})") from None
+
+    def _check_space(self, state):
+        """A full disk found before orbax starts writing (its failure comes from background
+        threads, long after the cause): the new step needs room while the old ones remain."""
+        need = sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(state))
+        free = shutil.disk_usage(self.directory).free
+        if free < 1.1 * need + (16 << 20):
+            raise CheckpointWriteError(
+                f"{self.directory}: {free / 2**20:.0f} MiB free, but a checkpoint needs about "
+                f"{need / 2**20:.0f} MiB; free some space (the last complete checkpoint is kept)")
 
     def record(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(
-            record=ocp.args.JsonRestore()))["record"]
+        return self._read(step, record=ocp.args.JsonRestore())["record"]
 
     def check_model(self, step: int, record: dict, model_config: dict | None):
         if model_config is None or record.get("model_config") == model_config:
@@ -85,15 +156,52 @@ class Checkpointer:
         self.check_model(step, record, model_config)
         if self._old_format(step):
             target = {k: v for k, v in abstract_state.items() if k != "bad_step"}
-            state = self.manager.restore(step, args=ocp.args.Composite(
-                **{_OLD_STATE: ocp.args.StandardRestore(target)}))[_OLD_STATE]
+            state = self._read(step, **{_OLD_STATE: ocp.args.StandardRestore(target)})[_OLD_STATE]
+            self._verify(step, record, state=state)
             state["bad_step"] = jnp.zeros((), jnp.int32)
             return state, record
         rest = {k: v for k, v in abstract_state.items() if k != "params"}
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_state["params"]),
-            opt=ocp.args.StandardRestore(rest)))
+        out = self._read(step, params=ocp.args.StandardRestore(abstract_state["params"]),
+                         opt=ocp.args.StandardRestore(rest))
+        self._verify(step, record, params=out["params"], opt=out["opt"])
         return {"params": out["params"], **out["opt"]}, record
+
+    def _read(self, step: int, **items):
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # tensorstore / orbax errors on truncated or mangled files
+            raise DamagedCheckpoint(f"{self.directory / str(step)} cannot be read "
+                                    f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+
+    def _verify(self, step: int, record: dict, **parts):
+        sums = record.get("checksum") or {}
+        for name, tree in parts.items():
+            if name in sums and np.asarray(checksum(tree)).tolist() != sums[name]:
+                raise DamagedCheckpoint(f"{self.directory / str(step)}: the {name} do not match "
+                                        "the checksum written with them (a damaged file)")
+            if not all_finite(tree):
+                raise DamagedCheckpoint(f"{self.directory / str(step)}: the {name} hold "
+                                        "non-finite values")
+
+    def restore_latest_good(self, abstract_state: dict, *, model_config: dict | None = None):
+        """(step, state, record) of the newest checkpoint that reads back intact, or None.
+
+        A damaged step is reported, moved aside (``<step>.damaged``, kept for inspection) and
+        the one before it tried. A checkpoint of another model is an error, not damage.
+        """
+        self._set_aside_incomplete()
+        while (step := self.latest_step()) is not None:
+            try:
+                state, record = self.restore(step, abstract_state, model_config=model_config)
+                return step, state, record
+            except DamagedCheckpoint as e:
+                aside = self.directory / f"{step}.damaged"
+                log.warning("%s; moving it to %s and resuming from the checkpoint before it",
+                            e, aside)
+                if jax.process_index() == 0:
+                    (self.directory / str(step)).rename(aside)
+                self.manager.reload()
+        return None
 
     def restore_params(self, step: int, abstract_params, *, model_config: dict | None = None):
         """The trainable params of ``step`` alone (no optimizer state is read or built)."""
@@ -101,20 +209,48 @@ class Checkpointer:
         self.check_model(step, record, model_config)
         if self._old_format(step):
             # the old single item holds the optimizer state too: read it as saved, keep the params
-            old = self.manager.restore(step, args=ocp.args.Composite(
-                **{_OLD_STATE: ocp.args.StandardRestore()}))[_OLD_STATE]
-            return jax.tree.map(lambda a, t: jax.device_put(jnp.asarray(a, t.dtype), t.sharding)
-                                if getattr(t, "sharding", None) is not None
-                                else jnp.asarray(a, t.dtype), old["params"], abstract_params)
-        return self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params)))["params"]
+            old = self._read(step, **{_OLD_STATE: ocp.args.StandardRestore()})[_OLD_STATE]
+            params = jax.tree.map(lambda a, t: jax.device_put(jnp.asarray(a, t.dtype), t.sharding)
+                                  if getattr(t, "sharding", None) is not None
+                                  else jnp.asarray(a, t.dtype), old["params"], abstract_params)
+        else:
+            params = self._read(step, params=ocp.args.StandardRestore(abstract_params))["params"]
+        self._verify(step, record, params=params)
+        return params
+
+    def _set_aside_incomplete(self):
+        """Step folders a kill left without orbax's commit files would block a later save of
+        that step: renamed ``<step>.incomplete`` (kept for inspection)."""
+        if jax.process_index() != 0 or not self.directory.is_dir():
+            return
+        for p in self.directory.iterdir():
+            if p.name.isdigit() and not self._complete(int(p.name)):
+                log.warning("%s has no commit files (a save cut short); moving it to %s", p,
+                            p.with_name(f"{p.name}.incomplete"))
+                p.rename(p.with_name(f"{p.name}.incomplete"))
+        self.manager.reload()
 
     def wait(self):
-        self.manager.wait_until_finished()
+        """Waits for a save in flight; its failure is a CheckpointWriteError naming the folder."""
+        if self.manager is not None:
+            try:
+                self.manager.wait_until_finished()
+            except Exception as e:
+                raise CheckpointWriteError(f"a checkpoint could not be written in "
+                                           f"{self.directory} ({_first_line(e)})") from None
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for a save in flight and closes; a second call does nothing."""
+        if self.manager is None:
+            return
+        try:
+            self.wait()
+        finally:
+            manager, self.manager = self.manager, None
+            try:
+                manager.close()
+            except Exception as e:  # already reported by wait()
+                log.debug("closing the checkpoint manager: %s", e)
 
 
 def abstract_like(tree):

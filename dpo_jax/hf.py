@@ -20,7 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpo_jax import hub, models
+from flax import nnx
+
+from dpo_jax import hub, models, sharding
+from dpo_jax.errors import ConfigError
 from dpo_jax.hub import CheckpointError, hub_reachable, load_tokenizer  # noqa: F401 (API)
 from dpo_jax.models import common
 
@@ -132,3 +135,30 @@ def save_params(cfg, params: dict, path: str | os.PathLike, *,
     """``save_pretrained`` from a config and a params dict (host or device arrays)."""
     return hub.write_weights(Path(path), hf_state_dict(cfg, params), config_to_hf(cfg),
                              max_shard_bytes=max_shard_bytes)
+
+
+def initial_model(config, tokenizer, mesh=None) -> tuple[object, dict]:
+    """(model config, params) of the policy a run starts from (= its reference): an HF checkpoint or
+    random from ``config.model`` (an HF config.json in miniature: ``model_type`` and the family's
+    fields). With a mesh, random params are created already sharded; checkpoint params stay host
+    numpy arrays for ``sharding.init_state`` to place."""
+    compute = dict(dtype=config.dtype, remat=config.remat, remat_policy=config.remat_policy)
+    if config.model_name_or_path:
+        cfg, params = load_pretrained_params(config.model_name_or_path, **compute)
+    else:
+        spec = dict(config.model)
+        spec.setdefault("model_type", "gpt2")  # workdirs written before families had no key
+        spec.setdefault("bos_token_id", tokenizer.bos_token_id
+                        if tokenizer.bos_token_id is not None else 0)
+        spec.setdefault("eos_token_id", tokenizer.eos_token_id)
+        cfg = config_from_hf(spec, source="config key model", **compute)
+        family = models.family_of(cfg)
+
+        def init_fn():
+            return common.params_of(family.model_cls(cfg, rngs=nnx.Rngs(config.seed)))
+        params = (sharding.init_params(mesh, init_fn, family.rules) if mesh is not None
+                  else jax.jit(init_fn)())
+    if len(tokenizer) > cfg.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{cfg.vocab_size} (config key model.vocab_size, or another tokenizer)")
+    return cfg, params

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dpo_jax.errors import DpoError
+
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -31,7 +33,7 @@ TORCH_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_FILES = (SAFETENSORS_FILE, SAFETENSORS_INDEX, TORCH_FILE, TORCH_INDEX)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DpoError, ValueError):
     """A checkpoint folder that cannot be read as a model: the message names file and key."""
 
 

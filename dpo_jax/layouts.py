@@ -24,6 +24,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from dpo_jax.errors import DpoError
 from dpo_jax.logprobs import model_sequence_logprobs, sequence_logprobs_at
 
 # batch keys whose second axis is the sequence (padded when micro-batches differ in length),
@@ -32,7 +33,7 @@ SEQUENCE_FILL = {"input_ids": None, "attention_mask": 0, "loss_mask": 0, "positi
                  "segment_ids": -1}
 
 
-class LayoutError(ValueError):
+class LayoutError(DpoError, ValueError):
     """A layout that cannot hold the data or does not exist (names the config key)."""
 
 

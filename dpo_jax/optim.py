@@ -6,24 +6,21 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dpo_jax.errors import ConfigError, at_least, choice
+
 OPTIMIZERS = ("adamw", "rmsprop", "adafactor", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
 
 
 def validate(config):
-    """The optimizer keys that can be checked before the run's length is known."""
-    if config.optim not in OPTIMIZERS:
-        raise ValueError(f"optim={config.optim!r}: valid values are {', '.join(OPTIMIZERS)}")
-    if config.lr_scheduler_type not in SCHEDULES:
-        raise ValueError(f"lr_scheduler_type={config.lr_scheduler_type!r}: valid values are "
-                         f"{', '.join(SCHEDULES)}")
+    """The optimizer keys (dpo_jax.validate checks every key of a run; this is for ``build``
+    called on its own)."""
+    choice("optim", config.optim, OPTIMIZERS)
+    choice("lr_scheduler_type", config.lr_scheduler_type, SCHEDULES)
     if not config.learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0, got {config.learning_rate}")
-    if config.warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {config.warmup_steps}")
-    if config.gradient_accumulation_steps < 1:
-        raise ValueError(f"gradient_accumulation_steps must be >= 1, got "
-                         f"{config.gradient_accumulation_steps}")
+        raise ConfigError(f"config key learning_rate={config.learning_rate!r}: must be > 0")
+    at_least("warmup_steps", config.warmup_steps, 0)
+    at_least("gradient_accumulation_steps", config.gradient_accumulation_steps, 1)
 
 
 def schedule(config, total_steps: int) -> optax.Schedule:
@@ -33,7 +30,8 @@ def schedule(config, total_steps: int) -> optax.Schedule:
     lr, warm = config.learning_rate, config.warmup_steps
     kind = config.lr_scheduler_type
     if kind != "constant" and warm > total_steps:
-        raise ValueError(f"warmup_steps={warm} exceeds the run's {total_steps} steps")
+        raise ConfigError(f"config key warmup_steps={warm} exceeds the run's {total_steps} steps "
+                          "(lower it, or use lr_scheduler_type='constant')")
     end = lr * config.min_lr_ratio
     decay_steps = max(total_steps - warm, 1)
     after = {

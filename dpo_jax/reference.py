@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from dpo_jax import data, sharding
+from dpo_jax import checkpoint, data, sharding, steps
 
 log = logging.getLogger(__name__)
 
@@ -59,3 +59,22 @@ def _local_block(x):
     """This process's block of a replicated per-pair result (blocks are in process order)."""
     n = len(x) // jax.process_count()
     return x[jax.process_index() * n:(jax.process_index() + 1) * n]
+
+
+def precompute_for_run(run):
+    """Scores a run's train and eval pairs with its reference (cached in the workdir, keyed by
+    the model and the tokens), then frees the reference: every batch carries the log-probs."""
+    config = run.config
+    replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
+    ref_fn = steps.make_ref_logps_fn(run.tuning, run.layout, out_shardings=replicated,
+                                     **run.step_kw())
+    key = fingerprint(checkpoint.model_config_record(run.model_cfg), config.model_name_or_path,
+                      config.seed, config.ref_dtype, config.dtype, config.logprob_chunk_size,
+                      run.n_proc)
+    for pairs, batches in ((run.train_pairs, run.train_batches),
+                           (run.eval_pairs, run.eval_batches)):
+        if pairs is not None:
+            fp = fingerprint(key, jax.process_index(), pairs.prompt, pairs.chosen, pairs.rejected)
+            precompute(pairs, ref_fn, run.state["params"], run.frozen, batches,
+                       run.workdir / f"ref_logps-{fp}.npz", run.mesh)
+    run.frozen = {}  # never needed again: free its memory

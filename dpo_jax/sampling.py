@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dpo_jax.errors import ConfigError
 from dpo_jax.models.common import positions_from_mask
 
 
@@ -28,9 +29,11 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1: {self}")
+            raise ConfigError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got "
+                              f"temperature={self.temperature}, top_k={self.top_k}, "
+                              f"top_p={self.top_p}")
 
 
 def sample_token(logits, rng, cfg: SamplingConfig):
@@ -111,8 +114,8 @@ def generate(model, prompt_ids, prompt_mask, cfg: SamplingConfig, *, seed: int =
     """New tokens (B, max_new_tokens), int32; rows that stopped are EOS-padded after their EOS."""
     room = model.config.max_positions
     if prompt_ids.shape[1] + cfg.max_new_tokens > room:
-        raise ValueError(f"prompt length {prompt_ids.shape[1]} + max_new_tokens "
-                         f"{cfg.max_new_tokens} exceeds the model's {room} positions")
+        raise ConfigError(f"a prompt of {prompt_ids.shape[1]} tokens + max_new_tokens "
+                          f"{cfg.max_new_tokens} exceeds the model's {room} positions")
     graphdef, state = nnx.split(model)
     return np.asarray(_generate_jit(graphdef, state, jnp.asarray(prompt_ids, jnp.int32),
                                     jnp.asarray(prompt_mask, jnp.int32),
@@ -133,8 +136,11 @@ def left_pad(token_lists, pad_id: int, length: int | None = None):
 
 
 def complete(model, tokenizer, prompts, cfg: SamplingConfig, *, seed: int = 0) -> list[str]:
-    """Text completions of text prompts (tokenized without special tokens, as in training)."""
-    toks = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    """Text completions of text prompts (tokenized without special tokens, as in training). An
+    empty prompt starts from the tokenizer's BOS (else EOS) token: an unconditional sample."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else \
+        tokenizer.eos_token_id
+    toks = [tokenizer(p, add_special_tokens=False)["input_ids"] or [start] for p in prompts]
     ids, mask = left_pad(toks, tokenizer.eos_token_id or 0)
     out = generate(model, ids, mask, cfg, seed=seed)
     texts = []

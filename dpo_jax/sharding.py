@@ -21,12 +21,14 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dpo_jax.errors import DpoError
+
 log = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # the batch axis is split over both data-parallel axes
 
-class ShardingError(ValueError):
+class ShardingError(DpoError, ValueError):
     """A mesh or rule that does not fit the model or the batch (raised before compiling)."""
 
 
@@ -176,3 +178,11 @@ def init_state(mesh: Mesh, params, optimizer, rules):
 
     shardings = state_shardings(mesh, jax.eval_shape(make, params), specs)
     return jax.jit(make, out_shardings=shardings)(params), shardings
+
+
+def to_host(tree):
+    """numpy copies of (possibly sharded, possibly multi-host) arrays, on every process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree.map(lambda a: np.asarray(a, np.float32), tree)

@@ -25,42 +25,16 @@ import numpy as np
 from flax import nnx
 
 from dpo_jax import (checkpoint, data, evaluation, hf, hub, layouts, models, optim, reference,
-                     sharding, steps)
+                     sharding, steps, tracking, validate, workdir as workdirs)
+from dpo_jax.errors import ConfigError, DpoError, NonFiniteError, Stopped
+from dpo_jax.interrupts import Interrupts
 from dpo_jax.losses import LossConfig
 from dpo_jax.models import common
-from dpo_jax.tracking import MetricsLog, file_logging
 
 log = logging.getLogger(__name__)
 
 
-# =========================================================================== building blocks
-
-def build_model(config, tokenizer, mesh=None) -> tuple[object, dict]:
-    """(model config, params) of the initial policy (= the reference): from an HF checkpoint or
-    random from ``config.model`` (an HF config.json in miniature: ``model_type`` and the family's
-    fields). With a mesh, random params are created already sharded; checkpoint params stay host
-    numpy arrays for ``sharding.init_state`` to place."""
-    compute = dict(dtype=config.dtype, remat=config.remat, remat_policy=config.remat_policy)
-    if config.model_name_or_path:
-        cfg, params = hf.load_pretrained_params(config.model_name_or_path, **compute)
-    else:
-        spec = dict(config.model)
-        spec.setdefault("model_type", "gpt2")  # workdirs written before families had no key
-        spec.setdefault("bos_token_id", tokenizer.bos_token_id
-                        if tokenizer.bos_token_id is not None else 0)
-        spec.setdefault("eos_token_id", tokenizer.eos_token_id)
-        cfg = hf.config_from_hf(spec, source="config key model", **compute)
-        family = models.family_of(cfg)
-
-        def init_fn():
-            return common.params_of(family.model_cls(cfg, rngs=nnx.Rngs(config.seed)))
-        params = (sharding.init_params(mesh, init_fn, family.rules) if mesh is not None
-                  else jax.jit(init_fn)())
-    if len(tokenizer) > cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-                         f"{cfg.vocab_size} (config key model.vocab_size, or another tokenizer)")
-    return cfg, params
-
+# =========================================================================== setup
 
 def scoring_window(config) -> int:
     """The static completion window of the completion-only head (0 = head on every position)."""
@@ -68,8 +42,6 @@ def scoring_window(config) -> int:
         return config.max_completion_length
     return 0
 
-
-# =========================================================================== setup
 
 @dataclasses.dataclass
 class Run:
@@ -94,6 +66,8 @@ class Run:
     ckpt: checkpoint.Checkpointer
     start: int                  # the step resumed from (0 for a fresh run)
     rng: jax.Array
+    settings: dict = dataclasses.field(default_factory=dict)  # workdir.RUN_KEYS of this run
+    interrupts: Interrupts | None = None
     train_step: object = None
     eval_step: object = None
     batch: dict | None = None   # the next update's micro-batches, drawn ahead
@@ -114,50 +88,66 @@ class Run:
     def record(self, cursor: dict) -> dict:
         return {"data": cursor, "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),
                 "model_config": checkpoint.model_config_record(self.model_cfg),
-                "step": int(self.state["step"])}
+                "step": int(self.state["step"]), "run": self.settings}
+
+    def last_checkpoint(self) -> str:
+        """The newest complete checkpoint, in words (after any save in flight has finished)."""
+        try:
+            self.ckpt.wait()
+        except DpoError as e:  # that save failed; say so, and name the one before it
+            log.error("%s", e)
+        step = self.ckpt.latest_step()
+        return (f"step {step} in {self.ckpt.directory}" if step is not None
+                else f"none yet (no checkpoint was saved in {self.ckpt.directory})")
 
 
-def setup(config, workdir: Path) -> Run:
+def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
+    """Builds the run (config already checked, JAX's processes already joined). With
+    ``interrupts``, a SIGTERM or Ctrl-C stops it between phases."""
+
+    def phase_done():
+        if interrupts is not None:
+            interrupts.check_interrupt()
+            if interrupts.terminate:
+                raise Stopped("stopped by SIGTERM during setup (nothing trained, nothing lost); "
+                              "rerun the same command to start again", 143)
+
     loss_cfg = LossConfig.from_config(config)
-    optim.validate(config)  # fail on bad keys before anything heavy is built
-    if config.distributed:  # multi-host: before any other JAX call touches the devices
-        jax.distributed.initialize(
-            coordinator_address=config.coordinator_address or None,
-            num_processes=config.num_processes or None,
-            process_id=config.process_id if config.process_id >= 0 else None)
     mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
     n_proc, proc = jax.process_count(), jax.process_index()
     lead = proc == 0
     if n_proc > 1 and config.length_buckets:
-        raise ValueError("length_buckets need one process: hosts would pick different shapes "
-                         "for the same step")
+        raise ConfigError("config key length_buckets needs one process: hosts would pick "
+                          "different shapes for the same step")
     for key in ("train_batch_size", "eval_batch_size"):
         if config[key] % n_proc:
-            raise ValueError(f"{key}={config[key]} does not divide over {n_proc} processes")
-    if lead:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+            raise ConfigError(f"config key {key}={config[key]} does not divide over {n_proc} "
+                              "processes")
 
     tokenizer = hub.load_tokenizer(config.tokenizer_name_or_path or config.model_name_or_path)
-    if lead:
-        tokenizer.save_pretrained(str(workdir / "tokenizer"))
-    model_cfg, params = build_model(config, tokenizer, mesh)
+    model_cfg, params = hf.initial_model(config, tokenizer, mesh)
+    phase_done()
     family = models.family_of(model_cfg)
     if config.max_length > model_cfg.max_positions:
-        raise ValueError(f"max_length={config.max_length} exceeds the model's "
-                         f"{model_cfg.max_positions} positions")
+        raise ConfigError(f"config key max_length={config.max_length} exceeds the model's "
+                          f"{model_cfg.max_positions} positions")
     for key in ("train_batch_size", "eval_batch_size"):
         sharding.check_model_fits(mesh, model_cfg, config[key])
     tuning = steps.FullTuning(nnx.graphdef(common.abstract(family.model_cls, model_cfg)))
     layout = layouts.make(config.layout, scoring_window(config))
 
     train_pairs, eval_pairs = data.load_splits(config, tokenizer, shard=(proc, n_proc))
+    phase_done()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch_kw = dict(max_length=config.max_length, pad_id=pad_id, buckets=config.length_buckets,
                     layout=layout)
     train_batches = data.PairBatches(train_pairs, batch_size=config.train_batch_size // n_proc,
-                                     seed=config.seed, **batch_kw)
+                                     seed=config.seed, source=config.dataset_name,
+                                     batch_key="train_batch_size", **batch_kw)
     eval_batches = (data.PairBatches(eval_pairs, batch_size=config.eval_batch_size // n_proc,
-                                     shuffle=False, **batch_kw) if eval_pairs else None)
+                                     shuffle=False, source=config.eval_dataset_name or
+                                     config.dataset_name, batch_key="eval_batch_size", **batch_kw)
+                    if eval_pairs else None)
     log.info("train data: %s; padding %.1f%%", data.summary_line(train_pairs.stats),
              100 * train_batches.padding_fraction())
 
@@ -168,8 +158,9 @@ def setup(config, workdir: Path) -> Run:
         micro_per_epoch = int(multihost_utils.process_allgather(np.int32(micro_per_epoch)).min())
     updates_per_epoch = micro_per_epoch // accum
     if updates_per_epoch == 0:
-        raise ValueError(f"{micro_per_epoch} micro-batches per epoch make no update of "
-                         f"gradient_accumulation_steps={accum}")
+        raise ConfigError(f"{config.dataset_name}: {micro_per_epoch} micro-batches of "
+                          f"train_batch_size={config.train_batch_size} per epoch make no update of "
+                          f"gradient_accumulation_steps={accum} (lower one of these config keys)")
     total_steps = config.max_steps if config.max_steps > 0 else \
         config.num_train_epochs * updates_per_epoch
     optimizer, lr_schedule = optim.build(config, total_steps)
@@ -189,46 +180,38 @@ def setup(config, workdir: Path) -> Run:
               model_cfg=model_cfg, tuning=tuning, layout=layout, loss_cfg=loss_cfg,
               train_pairs=train_pairs, eval_pairs=eval_pairs, train_batches=train_batches,
               eval_batches=eval_batches, total_steps=total_steps, state=state, frozen=frozen,
-              ckpt=ckpt, start=0, rng=jax.random.key(config.seed))
+              ckpt=ckpt, start=0, rng=jax.random.key(config.seed),
+              settings=workdirs.run_settings(config, workdirs.data_fingerprint(train_pairs)))
     _resume(run)
+    phase_done()
+    run.interrupts = interrupts
+    if lead:  # only now that the resume checks passed
+        workdirs.write_run_files(workdir, config, tokenizer)
     if config.precompute_ref_log_probs and loss_cfg.needs_reference:
-        _precompute(run)
+        reference.precompute_for_run(run)
     _compile(run, optimizer, lr_schedule, state_sh)
     return run
 
 
 def _resume(run: Run):
-    """Restores the latest complete checkpoint over the freshly built run."""
-    start = run.ckpt.latest_step()
-    if start is None:
+    """Restores the newest intact checkpoint over the freshly built run, after checking that it
+    was written by a run of the same model and settings."""
+    found = run.ckpt.restore_latest_good(checkpoint.abstract_like(run.state),
+                                         model_config=checkpoint.model_config_record(run.model_cfg))
+    if found is None:
         return
-    state, record = run.ckpt.restore(start, checkpoint.abstract_like(run.state),
-                                     model_config=checkpoint.model_config_record(run.model_cfg))
+    start, state, record = found
+    workdirs.check_resume(record, run.settings, run.config.allow_resume_changes,
+                          run.ckpt.directory / str(start))
+    if start > run.total_steps:
+        raise ConfigError(f"{run.ckpt.directory / str(start)} is past this run's "
+                          f"{run.total_steps} steps (config keys max_steps / num_train_epochs): "
+                          "raise max_steps to continue it, or use a fresh --workdir")
     run.state = state
     run.train_batches.restore(record["data"])
     run.rng = jax.random.wrap_key_data(jnp.asarray(record["rng"], jnp.uint32))
     run.start = start
     log.info("resumed from %s at step %d", run.ckpt.directory / str(start), start)
-
-
-def _precompute(run: Run):
-    """Scores the data with the reference once (cached in the workdir), then frees it."""
-    config = run.config
-    replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
-    ref_fn = steps.make_ref_logps_fn(run.tuning, run.layout, out_shardings=replicated,
-                                     **run.step_kw())
-    key = reference.fingerprint(checkpoint.model_config_record(run.model_cfg),
-                                config.model_name_or_path,
-                                config.seed, config.ref_dtype, config.dtype,
-                                config.logprob_chunk_size, run.n_proc)
-    for pairs, batches in ((run.train_pairs, run.train_batches),
-                           (run.eval_pairs, run.eval_batches)):
-        if pairs is not None:
-            fp = reference.fingerprint(key, jax.process_index(), pairs.prompt, pairs.chosen,
-                                       pairs.rejected)
-            reference.precompute(pairs, ref_fn, run.state["params"], run.frozen, batches,
-                                 run.workdir / f"ref_logps-{fp}.npz", run.mesh)
-    run.frozen = {}  # never needed again: free its memory
 
 
 def _compile(run: Run, optimizer, lr_schedule, state_sh):
@@ -246,14 +229,14 @@ def _compile(run: Run, optimizer, lr_schedule, state_sh):
 
 # =========================================================================== loop
 
-def loop(run: Run, metrics_log: MetricsLog | None):
+def loop(run: Run, metrics_log: tracking.MetricsLog | None):
     config, n_proc = run.config, run.n_proc
     progress = None
     if config.progress_bar and run.lead:
         from tqdm import tqdm
         progress = tqdm(total=run.total_steps, initial=run.start, desc="train", unit="step",
                         dynamic_ncols=True)
-    saved_at, t_last, s_last, tokens = run.start, time.perf_counter(), run.start, 0
+    t_last, s_last, tokens = time.perf_counter(), run.start, 0
     for s in range(run.start + 1, run.total_steps + 1):
         tokens += int(run.batch["attention_mask"].sum()) * n_proc
         run.state, m = run.train_step(run.state, run.frozen,
@@ -263,10 +246,13 @@ def loop(run: Run, metrics_log: MetricsLog | None):
         cursor = run.train_batches.state()
         run.batch = run.next_update() if s < run.total_steps else None
         last = s == run.total_steps
+        if run.interrupts is not None:
+            run.interrupts.check_interrupt()
+        stop = run.interrupts is not None and run.interrupts.terminate
         log_now = s % config.logging_steps == 0 or last
         eval_now = run.eval_batches is not None and (
             (config.eval_steps and s % config.eval_steps == 0) or last)
-        save_now = s % config.save_steps == 0 or last
+        save_now = s % config.save_steps == 0 or last or stop
         if progress is not None:
             progress.update(1)
         if not (log_now or eval_now or save_now):
@@ -274,8 +260,9 @@ def loop(run: Run, metrics_log: MetricsLog | None):
         bad = int(run.state["bad_step"])  # waits for step s
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         if bad:
-            raise FloatingPointError(f"non-finite loss or gradient at step {bad}; the last good "
-                                     f"checkpoint is step {saved_at} in {run.ckpt.directory}")
+            raise NonFiniteError(f"non-finite loss or gradient at step {bad} (loss={m['loss']}, "
+                                 f"grad_norm={m['grad_norm']}); the last good checkpoint is "
+                                 f"{run.last_checkpoint()}")
         now = time.perf_counter()
         m["step_time"] = (now - t_last) / (s - s_last)
         m["tokens_per_sec"] = tokens / (now - t_last)
@@ -286,7 +273,7 @@ def loop(run: Run, metrics_log: MetricsLog | None):
             run.last_eval = evaluation.evaluate(run.eval_step, run.state["params"], run.frozen,
                                                 run.eval_batches, run.mesh)
             scalars.update({f"eval/{k}": v for k, v in run.last_eval.items()})
-            log.info("step %d eval: %s", s, _fmt(run.last_eval))
+            log.info("step %d eval: %s", s, tracking.fmt(run.last_eval))
         if scalars and metrics_log is not None:
             metrics_log.write(s, scalars)
         if progress is not None:
@@ -294,7 +281,9 @@ def loop(run: Run, metrics_log: MetricsLog | None):
                                  refresh=False)
         if save_now:
             run.ckpt.save(s, run.state, run.record(cursor))
-            saved_at = s
+        if stop:
+            raise Stopped(f"stopped by SIGTERM at step {s}; the last complete checkpoint is "
+                          f"{run.last_checkpoint()}; rerun the same command to resume", 143)
         t_last = time.perf_counter()  # eval and save are not step time
     if progress is not None:
         progress.close()
@@ -303,8 +292,22 @@ def loop(run: Run, metrics_log: MetricsLog | None):
 # =========================================================================== finish
 
 def finish(run: Run) -> dict:
+    """Exports, summarizes and compares samples. A rerun of a finished run reports it, redoing
+    only what a kill cut short (summary.json is written last)."""
     config = run.config
-    host_params = _to_host(run.state["params"])
+    summary_path = run.workdir / "summary.json"
+    if run.start == run.total_steps and summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        if run.lead:
+            print(f"{run.workdir} holds a finished run of {run.total_steps} steps", flush=True)
+            tracking.print_summary(summary)
+        return summary
+    if run.start == run.total_steps:  # finished, but a kill cut the export or summary short
+        run.last_train, run.last_eval = workdirs.last_metrics(run.workdir / "metrics.jsonl")
+    host_params = sharding.to_host(run.state["params"])
+    if not checkpoint.all_finite(host_params):
+        raise NonFiniteError(f"the params at step {run.total_steps} are not finite: nothing is "
+                             f"exported; the last complete checkpoint is {run.last_checkpoint()}")
     hf_dir = None
     if config.export_hf and run.lead:
         hf_dir = hf.save_params(run.model_cfg, host_params, run.workdir / "hf")
@@ -331,55 +334,61 @@ def finish(run: Run) -> dict:
                      "were precomputed, or the loss needs none); python generate.py --workdir "
                      "%s compares pi_ref and pi_theta", run.workdir)
     if run.lead:
-        _print_summary(summary)
-        (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        tracking.print_summary(summary)
+        tmp = summary_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.replace(summary_path)
     return summary
-
-
-def _to_host(tree):
-    """numpy copies of (possibly sharded, possibly multi-host) arrays, on every process."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.tree.map(lambda a: np.asarray(a, np.float32), tree)
-
-
-def _fmt(m: dict) -> str:
-    return ", ".join(f"{k}={v:.4g}" for k, v in m.items())
-
-
-def _print_summary(s: dict):
-    lines = [f"done: {s['steps']} steps; final train loss {s['train/loss']:.4f}"]
-    if s["eval/rewards/accuracies"] is not None:
-        lines.append(f"eval: loss {s['eval/loss']:.4f}, reward accuracy "
-                     f"{s['eval/rewards/accuracies']:.3f}, reward margin "
-                     f"{s['eval/rewards/margins']:.4f}")
-    lines.append(f"checkpoint: {s['checkpoint']}")
-    if s["hf_export"]:
-        lines.append(f"HF export: {s['hf_export']}")
-    for sample in s.get("samples", []):
-        lines.append(f"prompt:   {sample['prompt']!r}\n  pi_ref:   {sample['pi_ref']!r}\n"
-                     f"  pi_theta: {sample['pi_theta']!r}")
-    print("\n".join(lines), flush=True)
 
 
 # =========================================================================== entry point
 
 def train_and_evaluate(config, workdir) -> dict:
-    """Trains, evaluates, checkpoints and exports; returns the final summary."""
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    handler = file_logging(workdir)
+    """Trains, evaluates, checkpoints and exports; returns the final summary.
+
+    Whatever stops a run, the save in flight is finished first: SIGTERM saves the current step
+    and stops (``Stopped``, exit code 143); Ctrl-C stops (130); an error names the last
+    complete checkpoint. A rerun of the same command resumes from it.
+    """
+    validate.check_config(config)
+    if config.distributed:  # multi-host: before any other JAX call touches the devices
+        jax.distributed.initialize(
+            coordinator_address=config.coordinator_address or None,
+            num_processes=config.num_processes or None,
+            process_id=config.process_id if config.process_id >= 0 else None)
+    validate.check_backend(config)
+    workdir = workdirs.make(workdir)
+    lock = workdirs.Lock(workdir, jax.process_index(), jax.process_count())
+    handler, interrupts, run = tracking.file_logging(workdir), Interrupts(), None
     try:
-        run = setup(config, workdir)
-        metrics_log = MetricsLog(workdir, run.start) if run.lead else None
-        try:
-            loop(run, metrics_log)
-        finally:
-            run.ckpt.close()
-            if metrics_log is not None:
-                metrics_log.close()
+        run = setup(config, workdir, interrupts)
+        if run.start < run.total_steps:
+            metrics_log = tracking.MetricsLog(workdir, run.start) if run.lead else None
+            try:
+                loop(run, metrics_log)
+            finally:
+                if metrics_log is not None:
+                    metrics_log.close()
+        run.ckpt.close()
         return finish(run)
+    except KeyboardInterrupt:
+        where = run.last_checkpoint() if run is not None else "none (stopped during setup)"
+        raise Stopped(f"interrupted (Ctrl-C); the last complete checkpoint is {where}; rerun "
+                      "the same command to resume", 130) from None
+    except DpoError:
+        raise
+    except Exception as e:  # a bug or an OS error: keep its traceback, say what is safe
+        if run is not None:
+            log.error("the run stopped (%s: %s); the last complete checkpoint is %s",
+                      type(e).__name__, e, run.last_checkpoint())
+        raise
     finally:
+        if run is not None:
+            try:
+                run.ckpt.close()  # a save in flight completes (or, killed, is never picked up)
+            except DpoError as e:
+                log.error("%s", e)
+        interrupts.restore()
         logging.getLogger("dpo_jax").removeHandler(handler)
         handler.close()
+        lock.release()

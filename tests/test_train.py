@@ -12,15 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from trainutil import REPO, SEED_ROW, seed_experiment_config, tiny_config
+from trainutil import CLI_ENV, REPO, SEED_ROW, seed_experiment_config, tiny_config
 from dpo_jax import checkpoint, data, layouts, optim, sampling, steps
 from dpo_jax.losses import LossConfig
 from dpo_jax.models.gpt2 import GPT2, GPT2Config
 from dpo_jax.trainer import train_and_evaluate
 
-# The CLI as a newcomer runs it: one CPU device (not the 8 simulated ones of the sharding tests).
-ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu",
-       "PYTHONPATH": str(REPO)}
+ENV = CLI_ENV  # the CLI as a newcomer runs it
 
 
 def run(args, **kw):
@@ -145,7 +143,8 @@ def test_interrupted_save_is_never_picked_up(tmp_path):
     assert ck2.latest_step() == 5
     restored, record = ck2.restore(5, checkpoint.abstract_like(state))
     np.testing.assert_array_equal(restored["params"]["w"], np.arange(4.0))
-    assert record == {"step": 5}
+    assert {k: v for k, v in record.items() if k != "checksum"} == {"step": 5}
+    assert set(record["checksum"]) == {"params", "opt"}  # written with every save
 
 
 def _tiny_batches():

@@ -1,12 +1,23 @@
 """Helpers for the trainer tests: tiny configs and the seed's one-pair experiment."""
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from configs import tiny
 from dpo_jax.bpe import train_byte_level_bpe
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The environment of CLI subprocesses: one CPU device (as a newcomer runs it, not the 8 simulated
+# ones of the sharding tests), and one persistent compilation cache for the whole session, so a
+# program compiled by one subprocess is not compiled again by the next (the same executable:
+# the numbers are bitwise the same).
+CLI_ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(REPO),
+           "JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="dpo_jax_test_xla_cache_"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 SEED_ROW = {
     "prompt": "Without wishing to be a killjoy, Brad Sykes is responsible for at least two of the "
               "most dull and clich films i've ever seen - this being one of them, and Camp Blood "

@@ -71,10 +71,13 @@ def load_pairs(cfg: DataConfig, tokenizer, shard: tuple[int, int] = (0, 1)) -> T
     process of a multi-host run takes its own).
     """
     rows = read_source(cfg)
-    ds = rows.dataset
+    ds, offset = rows.dataset, 0
     if shard[1] > 1:
-        ds = ds.shard(num_shards=shard[1], index=shard[0], contiguous=True)
-    pairs = tokenize_pairs(ds, tokenizer, cfg, unparsable_lines=rows.unparsable_lines)
+        n, (index, count) = len(ds), shard
+        offset = index * (n // count) + min(index, n % count)  # datasets' contiguous split
+        ds = ds.shard(num_shards=count, index=index, contiguous=True)
+    pairs = tokenize_pairs(ds, tokenizer, cfg, unparsable_lines=rows.unparsable_lines,
+                           row_offset=offset)
     log.info("%s: %s", cfg.source, summary_line(pairs.stats))
     return pairs
 

@@ -36,7 +36,9 @@ class PairBatches:
 
     def __init__(self, pairs: TokenizedPairs, *, batch_size: int, max_length: int, pad_id: int,
                  seed: int = 0, shuffle: bool = True, buckets=(), state: dict | None = None,
-                 layout: str | layouts.Layout = "pair", completion_window: int = 0):
+                 layout: str | layouts.Layout = "pair", completion_window: int = 0,
+                 source: str = "the data", batch_key: str = "batch_size"):
+        """``source`` and ``batch_key`` only name the data and the config key in errors."""
         if isinstance(layout, str):
             layout = layouts.make(layout, completion_window)
         self.pairs, self.batch_size, self.pad_id = pairs, batch_size, pad_id
@@ -44,21 +46,23 @@ class PairBatches:
         window = layout.window
         longest = max(max(len(c), len(r)) for c, r in zip(pairs.chosen, pairs.rejected))
         if window and longest > window:
-            raise DataError(f"a completion has {longest} tokens > the scoring window "
-                            f"{window} (max_completion_length)")
+            raise DataError(f"{source}: a completion has {longest} tokens > the scoring window "
+                            f"{window} (config key max_completion_length)")
         max_length = layout.row_length(max_length)
         self.lengths = np.array([layout.pair_tokens(len(p), len(c), len(r)) for p, c, r in
                                  zip(pairs.prompt, pairs.chosen, pairs.rejected)], np.int64)
         self.buckets = bucket_lengths(max_length, buckets)
         if self.lengths.max() > max_length:
-            raise DataError(f"a pair needs {self.lengths.max()} tokens > max_length={max_length}")
+            raise DataError(f"{source}: a pair needs {self.lengths.max()} tokens > the row length "
+                            f"{max_length} (config key max_length)")
         self.bucket_of = np.searchsorted(self.buckets, self.lengths)
         self.epoch, self.index = 0, 0
         self._plan_epoch = None
         if state is not None:
             self.restore(state)
         if self.steps_per_epoch == 0:
-            raise DataError(f"{len(pairs)} pairs make no full batch of {batch_size}")
+            raise DataError(f"{source}: {len(pairs)} usable pairs make no full batch of "
+                            f"{batch_key}={batch_size} (lower that config key, or add data)")
 
     # ---- order
     def _plan(self, epoch: int, *, drop_remainder: bool = True,

@@ -136,8 +136,8 @@ def normalize(prompt, chosen, rejected, *, names: tuple[str, str, str], has_prom
         ex = explicit(prompt, chosen, rejected)
     else:
         ex = implicit(chosen, rejected)
-    if not ex.chosen or not ex.rejected:
-        raise Dropped("empty_completion")
+    if not ex.chosen.strip() or not ex.rejected.strip():
+        raise Dropped("empty_completion")  # nothing, or whitespace only
     if ex.chosen == ex.rejected:
         raise Dropped("identical_completions")
     return ex

@@ -1,7 +1,9 @@
 """Where preference rows come from: a hub dataset, a data file or a ``save_to_disk`` folder.
 
-Errors name the file and, where known, the line (1-based, as an editor shows it): datasets'
-own errors come from deep inside arrow, so a file it cannot read is diagnosed here.
+Errors name the file and the row or line. Both count from 1: "row 7" is the 7th row of the
+data, "line 9" the 9th line of the file as an editor shows it (they differ where a JSONL file
+has blank lines, or for a CSV file's header). datasets' own errors come from deep inside arrow,
+so a file it cannot read is diagnosed here.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ import dataclasses
 import json
 from pathlib import Path
 
+from dpo_jax.errors import DpoError
+
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-class DataError(ValueError):
+class DataError(DpoError, ValueError):
     """Bad preference data: the message names the file (or dataset) and the row."""
 
 
@@ -85,9 +89,30 @@ def _first_non_utf8(path: Path) -> str | None:
     return None
 
 
+def describe_row(source: str, index: int) -> str:
+    """"row N" (1-based) of the data, with the file's line where a text file has one."""
+    row = f"row {index + 1}"
+    path = Path(source).expanduser()
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".csv") or not path.is_file():
+        return row
+    if suffix == ".csv":
+        return f"{row} (line {index + 2}, after the header)"
+    seen = 0
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if raw.strip():
+                if seen == index:
+                    return row if line_no == index + 1 else f"{row} (line {line_no})"
+                seen += 1
+    return row
+
+
 def _load_file(path: Path, fmt: str, cfg) -> Rows:
     import datasets
     is_jsonl = fmt == "json" and path.suffix.lower() == ".jsonl"
+    if fmt in ("json", "csv") and _blank(path):
+        raise DataError(f"{path}: the file is empty (no rows)")
     if fmt in ("json", "csv") and (problem := _first_non_utf8(path)):
         if cfg.on_bad_row == "skip" and is_jsonl:
             return _load_jsonl_skipping(path)
@@ -95,6 +120,8 @@ def _load_file(path: Path, fmt: str, cfg) -> Rows:
     try:
         return Rows(datasets.load_dataset(fmt, data_files=str(path), split="train"))
     except Exception as e:
+        if "corresponds to no data" in str(e):
+            raise DataError(f"{path}: holds no rows") from None
         # datasets' errors come from deep inside arrow; find and name the offending line ourselves.
         problem = _diagnose_text_file(path, fmt)
         if problem is None:
@@ -102,6 +129,15 @@ def _load_file(path: Path, fmt: str, cfg) -> Rows:
         if cfg.on_bad_row == "skip" and is_jsonl:
             return _load_jsonl_skipping(path)
         raise DataError(f"{path}: {problem}") from None
+
+
+def _blank(path: Path) -> bool:
+    """Whether a text file holds nothing but whitespace (read at most 64 KiB to say no)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
 
 
 def _diagnose_text_file(path: Path, fmt: str) -> str | None:
@@ -125,17 +161,17 @@ def _diagnose_text_file(path: Path, fmt: str) -> str | None:
             if not isinstance(row, dict):
                 return f"line {i}: expected a JSON object, got {type(row).__name__}"
     # Parsable but inconsistent types across rows (e.g. a number in a text column):
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    for key in {k for r in rows for k in r}:
+    rows = [(i, json.loads(line)) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    for key in {k for _, r in rows for k in r}:
         kinds = {}
-        for i, r in enumerate(rows):
+        for i, r in rows:
             v = r.get(key)
             if v is not None:
                 kinds.setdefault(type(v).__name__, i)
         if len(kinds) > 1:
             (k1, i1), (k2, i2) = sorted(kinds.items(), key=lambda kv: kv[1])[:2]
-            return (f"row {i2}: column {key!r} holds a {k2} where earlier rows hold {k1} "
-                    f"(first at row {i1})")
+            return (f"line {i2}: column {key!r} holds a {k2} where earlier lines hold {k1} "
+                    f"(first at line {i1})")
     return None
 
 

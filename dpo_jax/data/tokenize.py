@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from dpo_jax.data import formats
-from dpo_jax.data.sources import DataError
+from dpo_jax.data.sources import DataError, describe_row
 
 # The DataConfig fields that change what tokenization produces (the cache key holds them by name).
 TOKEN_FIELDS = ("split", "prompt_column", "chosen_column", "rejected_column", "max_length",
                 "max_prompt_length", "max_completion_length", "add_bos", "on_bad_row")
-CACHE_VERSION = 3  # bump when the rules below change what a setting produces
+CACHE_VERSION = 4  # bump when the rules below change what a setting produces
 
 
 @dataclasses.dataclass
@@ -82,8 +82,9 @@ def truncate(p: list, c: list, r: list, cfg) -> tuple[list, list, list, bool]:
     return p, c, r, cut
 
 
-def tokenize_batch(batch, indices, *, cfg, tokenizer, where: str):
-    """datasets.map function: one batch of rows -> token ids, a drop reason per row."""
+def tokenize_batch(batch, indices, *, cfg, tokenizer, where: str, row_offset: int = 0):
+    """datasets.map function: one batch of rows -> token ids, a drop reason per row.
+    ``row_offset``: where this share of the rows starts in the source (multi-host shards)."""
     names = (cfg.prompt_column, cfg.chosen_column, cfg.rejected_column)
     has_prompt = cfg.prompt_column in batch
     examples, drop = [], []
@@ -95,7 +96,7 @@ def tokenize_batch(batch, indices, *, cfg, tokenizer, where: str):
             reason = ""
         except formats.BadRow as e:
             if cfg.on_bad_row == "error" or e.fatal:
-                raise DataError(f"{where}, row {row}: {e}") from None
+                raise DataError(f"{where}, {describe_row(where, row + row_offset)}: {e}") from None
             ex, reason = None, "bad_row"
         except formats.Dropped as e:
             ex, reason = None, e.reason
@@ -120,8 +121,8 @@ def tokenize_batch(batch, indices, *, cfg, tokenizer, where: str):
             "drop": drop, "truncated": truncated}
 
 
-def tokenize_pairs(ds, tokenizer, cfg, *, where: str | None = None,
-                   unparsable_lines: int = 0) -> TokenizedPairs:
+def tokenize_pairs(ds, tokenizer, cfg, *, where: str | None = None, unparsable_lines: int = 0,
+                   row_offset: int = 0) -> TokenizedPairs:
     """Validate, normalize, tokenize and truncate every row (batched, cached), then summarize."""
     import datasets
     where = where or cfg.source
@@ -139,7 +140,7 @@ def tokenize_pairs(ds, tokenizer, cfg, *, where: str | None = None,
     from_cache = cache_file.exists()
     datasets.disable_progress_bars()
     out = ds.map(tokenize_batch, batched=True, batch_size=1000, with_indices=True,
-                 fn_kwargs=dict(cfg=cfg, tokenizer=tokenizer, where=where),
+                 fn_kwargs=dict(cfg=cfg, tokenizer=tokenizer, where=where, row_offset=row_offset),
                  remove_columns=ds.column_names, load_from_cache_file=True,
                  cache_file_name=str(cache_file), new_fingerprint=key)
     drop = out["drop"]

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dpo_jax.errors import choice
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -45,14 +47,9 @@ class ComputeOptions:
     attention: str = "xla"  # attention implementation (see ATTENTION); "xla" runs everywhere
 
     def check_compute(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not supported; valid: {sorted(DTYPES)}")
-        if self.remat_policy not in REMAT:
-            raise ValueError(f"remat_policy={self.remat_policy!r} is not supported; valid: "
-                             f"{sorted(REMAT)}")
-        if self.attention not in ATTENTION:
-            raise ValueError(f"attention={self.attention!r} is not supported; valid: "
-                             f"{', '.join(ATTENTION)}")
+        choice("dtype", self.dtype, tuple(DTYPES))
+        choice("remat_policy", self.remat_policy, tuple(REMAT))
+        choice("attention", self.attention, ATTENTION)
 
     @property
     def compute_dtype(self):
