@@ -1,7 +1,9 @@
 """Every config key, with its default and meaning. The other configs start from this one.
 
 Not meant to be run as is (it names no data); see configs/tiny.py and configs/gpt2.py.
-Key names follow TRL's DPOConfig where one exists, with the same meaning.
+Key names follow TRL's DPOConfig where one exists, with the same meaning except where the README's
+"Where we follow TRL 1.16, and where not" says (cDPO smoothing, identical pairs dropped, the
+whole-word implicit prompt, max_prompt_length / max_completion_length).
 """
 
 import ml_collections
@@ -46,10 +48,12 @@ def get_config():
     c.prompt_column = "prompt"     # column of the prompt; absent = implicit (shared prefix)
     c.chosen_column = "chosen"     # column of the preferred completion (or full text)
     c.rejected_column = "rejected"  # column of the dispreferred completion (or full text)
-    c.max_length = 512             # tokens of prompt + the longer completion
-    c.max_prompt_length = 128      # a cut prompt keeps its last this-many tokens
+    c.tokenization = "trl"         # "trl": as TRL 1.16 (joint, EOS if missing, tokenizer's BOS);
+    #                                "separate": the paper's code (apart, add_bos, prompt cut)
+    c.max_length = 512             # tokens of prompt + a completion (trl: each sequence is cut)
+    c.max_prompt_length = 128      # "separate" only: a cut prompt keeps its last this-many tokens
     c.max_completion_length = 0    # > 0: cap completions (the static window of the two savings)
-    c.add_bos = False              # prepend the tokenizer's BOS to prompts
+    c.add_bos = False              # "separate" only: prepend the tokenizer's BOS to prompts
     c.on_bad_row = "error"         # bad rows: "error" (name file and row) | "skip" (drop, count)
     c.length_buckets = ()          # padded lengths besides max_length, e.g. (128, 256); () = none
     c.data_cache_dir = ""          # tokenization cache; "" = next to the data (~/.cache for hub)
@@ -58,7 +62,7 @@ def get_config():
     c.loss_type = "sigmoid"        # a registered loss, or several: "sigmoid,sft"
     c.loss_weights = ""            # comma-separated weights for several losses; "" = all 1
     c.beta = 0.1                   # the KL strength beta (ORPO's lambda)
-    c.label_smoothing = 0.0        # e: assumed label-noise rate (cDPO, rDPO, EXO, ...)
+    c.label_smoothing = 0.0        # e: label-noise rate (cDPO for sigmoid, unlike TRL 1.16; rDPO, EXO)
     c.reference_free = False       # take the reference log-ratios as 0
     c.rpo_alpha = 0.0              # > 0 adds alpha * per-token NLL of chosen (RPO); 0 = off
     c.simpo_gamma = 0.5            # SimPO's target margin
@@ -74,7 +78,8 @@ def get_config():
     c.lr_scheduler_type = "linear"  # after warmup: constant | cosine | linear (decay to min)
     c.warmup_steps = 150           # linear warmup from 0, in updates
     c.min_lr_ratio = 0.0           # decay ends at learning_rate * this
-    c.weight_decay = 0.0           # decoupled for adamw/adafactor, L2 for rmsprop
+    c.weight_decay = 0.0           # decoupled for adamw/adafactor, L2 for rmsprop; matrices only
+    c.decay_biases_and_norms = False  # True: decay biases and norm scales too
     c.adam_beta1 = 0.9             # Adam first-moment decay
     c.adam_beta2 = 0.999           # Adam second-moment decay; also rmsprop's decay
     c.adam_epsilon = 1e-8          # Adam / rmsprop epsilon

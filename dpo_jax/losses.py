@@ -9,7 +9,12 @@ counts. Notation used in the docstrings:
     s = sigmoid,  log s = log-sigmoid (computed stably: no overflow at any margin)
 
 A loss is ``fn(x: PairLogps, o: LossConfig) -> (B,) per-pair losses``. Rewards and metrics are
-computed once, for every loss, in ``compute`` and ``metrics``. To add a loss::
+computed once, for every loss, in ``compute`` and ``metrics``, with TRL's names and meanings:
+by default (``rewards="ratio"``, TRL's DPOTrainer) rewards are beta times the log-ratio against
+the reference and ``logps/*`` summed log-probs, the reference being computed for them even when
+the loss needs none (``sft``); reference-free preference losses (``rewards="policy_mean"``,
+SimPO and ORPO, TRL's CPO/ORPO trainers) log beta times the policy's per-token mean log-prob and
+per-token means as ``logps/*``. A loss may add its own metrics (ORPO's log-odds). To add a loss::
 
     @register("my_loss")
     def my_loss(x, o):
@@ -61,22 +66,30 @@ class PairLogps(NamedTuple):
 class LossSpec:
     fn: Callable
     check: Callable | None  # LossConfig -> error message or None
-    reference_free: bool    # never reads the reference log-probs
+    reference_free: bool    # the loss never reads the reference log-probs
+    rewards: str = "ratio"  # metrics: "ratio" (vs the reference) or "policy_mean" (per token)
+    metrics: Callable | None = None  # (x, o) -> {name: (B,) values}: the loss's own metrics
 
 
 LOSSES: dict[str, LossSpec] = {}
 
 
-def register(name: str, *, check=None, reference_free: bool = False):
+def register(name: str, *, check=None, reference_free: bool = False, rewards: str = "ratio",
+             metrics=None):
     """Decorator: ``@register("name")`` adds a loss ``fn(x: PairLogps, o: LossConfig) -> (B,)``.
 
     check(o) returns an error message when the options do not suit the loss (e.g. a smoothing
     outside its range), so bad settings fail when the config is read, not as a NaN inside jit.
+    reference_free: the loss reads no reference log-probs. rewards: how rewards/* and logps/*
+    are logged (see the module docstring). metrics(x, o): extra per-pair metrics of the loss.
     """
+    if rewards not in ("ratio", "policy_mean"):
+        raise ValueError(f"rewards={rewards!r}: 'ratio' or 'policy_mean'")
+
     def wrap(fn):
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is already registered")
-        LOSSES[name] = LossSpec(fn, check, reference_free)
+        LOSSES[name] = LossSpec(fn, check, reference_free, rewards, metrics)
         return fn
     return wrap
 
@@ -150,8 +163,19 @@ class LossConfig:
         return self.loss_weights or (1.0,) * len(self.loss_type)
 
     @property
+    def rewards(self) -> str:
+        """How rewards are logged: "policy_mean" only when every loss logs so (CPO / ORPO)."""
+        return ("policy_mean" if all(LOSSES[n].rewards == "policy_mean" for n in self.loss_type)
+                else "ratio")
+
+    @property
     def needs_reference(self) -> bool:
-        return not self.reference_free and not all(LOSSES[n].reference_free for n in self.loss_type)
+        """Whether the step computes reference log-probs: for a loss that reads them, or for
+        rewards logged against them (TRL computes the reference for ``sft`` too)."""
+        if self.reference_free:
+            return False
+        return self.rewards == "ratio" or not all(LOSSES[n].reference_free
+                                                 for n in self.loss_type)
 
 
 # ============================================================================== helpers
@@ -281,7 +305,7 @@ def discopop(x, o):
     return (1 - sigmoid(z / tau)) * -log_sigmoid(z) + jnp.exp(log_sigmoid(z / tau) - z)
 
 
-@register("simpo", reference_free=True)
+@register("simpo", reference_free=True, rewards="policy_mean")
 def simpo(x, o):
     """SimPO (Meng et al. 2024, arXiv 2405.14734), reference-free, length-normalized:
     -log s(beta (pc/|yc| - pr/|yr|) - gamma) (with e > 0, the smoothed form)."""
@@ -295,14 +319,23 @@ def _log_odds(mean_logp):
     return m - jnp.log(-jnp.expm1(m))
 
 
-@register("orpo", reference_free=True)
+def _orpo_metrics(x, o):
+    """TRL's ORPOTrainer extras: nll_loss, log_odds_ratio = log s(lor), log_odds_chosen = lor."""
+    lor = _orpo_log_odds(x)
+    return {"nll_loss": _chosen_nll(x), "log_odds_ratio": log_sigmoid(lor), "log_odds_chosen": lor}
+
+
+def _orpo_log_odds(x):
+    return (_log_odds(x.policy_chosen / x.chosen_tokens)
+            - _log_odds(x.policy_rejected / x.rejected_tokens))
+
+
+@register("orpo", reference_free=True, rewards="policy_mean", metrics=_orpo_metrics)
 def orpo(x, o):
     """ORPO (Hong et al. 2024, arXiv 2403.07691), reference-free: NLL(chosen, per token)
     - lambda log s(log odds(yc) - log odds(yr)), odds from per-token mean log-probs.
     lambda is beta, as in TRL's ORPOConfig."""
-    lor = (_log_odds(x.policy_chosen / x.chosen_tokens)
-           - _log_odds(x.policy_rejected / x.rejected_tokens))
-    return _chosen_nll(x) - o.beta * log_sigmoid(lor)
+    return _chosen_nll(x) - o.beta * log_sigmoid(_orpo_log_odds(x))
 
 
 @register("sft", reference_free=True)
@@ -315,7 +348,8 @@ def sft(x, o):
 
 def pair_losses(x: PairLogps, o: LossConfig):
     """(losses, chosen_rewards, rejected_rewards), each (B,): the weighted sum of the configured
-    losses (+ RPO's NLL term), and the implicit rewards beta * Dc, beta * Dr."""
+    losses (+ RPO's NLL term), and the rewards: the implicit rewards beta * Dc, beta * Dr, or for
+    CPO / ORPO-style losses beta times the policy's per-token mean log-probs."""
     # Padding pairs have 0 tokens; a 0/0 there would be a NaN that no weight of 0 removes.
     x = x._replace(chosen_tokens=jnp.maximum(x.chosen_tokens, 1),
                    rejected_tokens=jnp.maximum(x.rejected_tokens, 1))
@@ -325,34 +359,58 @@ def pair_losses(x: PairLogps, o: LossConfig):
     losses = sum(w * LOSSES[name].fn(x, o) for name, w in zip(o.loss_type, o.weights))
     if o.rpo_alpha:
         losses = losses + o.rpo_alpha * _chosen_nll(x)
+    if o.rewards == "policy_mean":  # TRL's CPO / ORPO trainers
+        return (losses, o.beta * x.policy_chosen / x.chosen_tokens,
+                o.beta * x.policy_rejected / x.rejected_tokens)
     return losses, o.beta * x.dc, o.beta * x.dr
 
 
-def compute(loss_type, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+def _inputs(loss_type, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
             ref_rejected_logps, *, chosen_tokens, rejected_tokens, beta, label_smoothing=0.0,
             valid=None, **options):
-    """(losses, chosen_rewards, rejected_rewards), each (B,). ``options`` are LossConfig fields
-    (loss_weights, reference_free, rpo_alpha, simpo_gamma, discopop_tau)."""
     o = LossConfig(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, **options)
     pc = jnp.asarray(policy_chosen_logps)
     x = PairLogps(pc, jnp.asarray(policy_rejected_logps), jnp.asarray(ref_chosen_logps),
                   jnp.asarray(ref_rejected_logps), jnp.asarray(chosen_tokens, pc.dtype),
                   jnp.asarray(rejected_tokens, pc.dtype),
                   jnp.ones_like(pc) if valid is None else jnp.asarray(valid, pc.dtype))
-    return pair_losses(x, o)
+    return x, o
 
 
-def metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps,
-            valid=None) -> dict:
-    """TRL's names and meanings, means over the valid pairs. Accuracy is strict (0 at step 0)."""
-    v = jnp.ones_like(losses) if valid is None else valid
+def compute(loss_type, *args, **kwargs):
+    """(losses, chosen_rewards, rejected_rewards), each (B,), from the per-pair log-probs
+    (policy chosen, policy rejected, reference chosen, reference rejected) and token counts.
+    Keywords: chosen_tokens, rejected_tokens, beta, label_smoothing, valid, and the other
+    LossConfig fields (loss_weights, reference_free, rpo_alpha, simpo_gamma, discopop_tau)."""
+    return pair_losses(*_inputs(loss_type, *args, **kwargs))
+
+
+def compute_metrics(loss_type, *args, **kwargs) -> dict:
+    """The metrics the trainer logs for these inputs (the arguments of ``compute``)."""
+    x, o = _inputs(loss_type, *args, **kwargs)
+    return metrics(x, o, *pair_losses(x, o))
+
+
+def metrics(x: PairLogps, o: LossConfig, losses, chosen_rewards, rejected_rewards) -> dict:
+    """TRL's names and meanings, means over the valid pairs. Accuracy is strict (0 at step 0).
+    ``logps/*`` are summed log-probs, or per-token means where TRL's CPO / ORPO log those."""
+    v = x.valid
     mean = lambda a: jnp.sum(a * v) / jnp.maximum(jnp.sum(v), 1)
-    return {
+    lc, lr = x.policy_chosen, x.policy_rejected
+    if o.rewards == "policy_mean":
+        lc, lr = lc / jnp.maximum(x.chosen_tokens, 1), lr / jnp.maximum(x.rejected_tokens, 1)
+    out = {
         "loss": mean(losses),
         "rewards/chosen": mean(chosen_rewards),
         "rewards/rejected": mean(rejected_rewards),
         "rewards/margins": mean(chosen_rewards - rejected_rewards),
         "rewards/accuracies": mean((chosen_rewards > rejected_rewards).astype(losses.dtype)),
-        "logps/chosen": mean(policy_chosen_logps),
-        "logps/rejected": mean(policy_rejected_logps),
+        "logps/chosen": mean(lc),
+        "logps/rejected": mean(lr),
     }
+    x = x._replace(chosen_tokens=jnp.maximum(x.chosen_tokens, 1),
+                   rejected_tokens=jnp.maximum(x.rejected_tokens, 1))
+    for name in o.loss_type:
+        if LOSSES[name].metrics is not None:
+            out.update({k: mean(val) for k, val in LOSSES[name].metrics(x, o).items()})
+    return out

@@ -44,18 +44,26 @@ def schedule(config, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), after], [warm])
 
 
-def build(config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(optimizer, learning-rate schedule): clip by global norm, then the chosen optimizer."""
+def build(config, total_steps: int, decay_mask=None
+          ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(optimizer, learning-rate schedule): clip by global norm, then the chosen optimizer.
+
+    decay_mask: a pytree of bools like the params (``models.common.decay_mask``): weight decay
+    applies where True. None, or config key decay_biases_and_norms, decays every parameter.
+    """
     name = config.optim
     lr = schedule(config, total_steps)
+    mask = None if config.decay_biases_and_norms else decay_mask
     opt = {
         "adamw": lambda: optax.adamw(lr, b1=config.adam_beta1, b2=config.adam_beta2,
-                                     eps=config.adam_epsilon, weight_decay=config.weight_decay),
+                                     eps=config.adam_epsilon, weight_decay=config.weight_decay,
+                                     mask=mask),
         # rmsprop has no decoupled decay in optax: weight decay is added to the gradient (L2).
-        "rmsprop": lambda: optax.chain(optax.add_decayed_weights(config.weight_decay),
+        "rmsprop": lambda: optax.chain(optax.add_decayed_weights(config.weight_decay, mask),
                                        optax.rmsprop(lr, decay=config.adam_beta2,
                                                      eps=config.adam_epsilon)),
-        "adafactor": lambda: optax.adafactor(lr, weight_decay_rate=config.weight_decay or None),
+        "adafactor": lambda: optax.adafactor(lr, weight_decay_rate=config.weight_decay or None,
+                                             weight_decay_mask=mask),
         "sgd": lambda: optax.sgd(lr),
     }[name]()
     chain = [opt]

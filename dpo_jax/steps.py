@@ -62,7 +62,7 @@ def make_loss_fn(tuning, layout, loss_cfg: LossConfig, chunk_size: int, pair_blo
         valid = batch["valid"].astype(pc.dtype)
         x = PairLogps(pc, pr, rc, rr, nc, nr, valid)
         losses, chosen_rewards, rejected_rewards = pair_losses(x, loss_cfg)
-        m = metrics(losses, chosen_rewards, rejected_rewards, pc, pr, valid)
+        m = metrics(x, loss_cfg, losses, chosen_rewards, rejected_rewards)
         return m["loss"], m
 
     return loss_fn

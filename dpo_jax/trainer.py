@@ -163,7 +163,8 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
                           f"gradient_accumulation_steps={accum} (lower one of these config keys)")
     total_steps = config.max_steps if config.max_steps > 0 else \
         config.num_train_epochs * updates_per_epoch
-    optimizer, lr_schedule = optim.build(config, total_steps)
+    optimizer, lr_schedule = optim.build(
+        config, total_steps, common.decay_mask(common.abstract(family.model_cls, model_cfg)))
     state, state_sh = sharding.init_state(mesh, params, optimizer, family.rules)
     del params
     frozen = {}

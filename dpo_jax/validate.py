@@ -136,7 +136,8 @@ CHECKS = {
     "dataset_name": _nonempty, "dataset_train_split": _nonempty, "eval_dataset_name": _text,
     "dataset_test_split": _text, "prompt_column": _nonempty, "chosen_column": _nonempty,
     "rejected_column": _nonempty, "max_length": _int(2), "max_prompt_length": _int(1),
-    "max_completion_length": _int(0), "add_bos": _flag, "on_bad_row": _one_of("error", "skip"),
+    "max_completion_length": _int(0), "add_bos": _flag,
+    "tokenization": _one_of("trl", "separate"), "on_bad_row": _one_of("error", "skip"),
     "length_buckets": _buckets, "data_cache_dir": _text,
     # loss
     "loss_type": _loss, "loss_weights": _loss, "beta": _loss, "label_smoothing": _loss,
@@ -146,6 +147,7 @@ CHECKS = {
     # optimization
     "optim": _optim, "learning_rate": _number(0, open_low=True), "lr_scheduler_type": _schedule,
     "warmup_steps": _int(0), "min_lr_ratio": _number(0, 1), "weight_decay": _number(0),
+    "decay_biases_and_norms": _flag,
     "adam_beta1": _number(0, 1, open_high=True), "adam_beta2": _number(0, 1, open_high=True),
     "adam_epsilon": _number(0, open_low=True), "max_grad_norm": _number(0),
     "train_batch_size": _int(1), "gradient_accumulation_steps": _int(1),
@@ -188,6 +190,9 @@ def check_config(config):
             and config.warmup_steps > config.max_steps):
         raise ConfigError(f"config key warmup_steps={config.warmup_steps} exceeds max_steps="
                           f"{config.max_steps}")
+    if config.add_bos and config.tokenization == "trl":
+        raise ConfigError("config key add_bos=True applies to tokenization='separate'; with "
+                          "'trl', BOS is what the tokenizer itself adds")
     columns = (config.prompt_column, config.chosen_column, config.rejected_column)
     if len(set(columns)) < 3:
         raise ConfigError(f"config keys prompt_column, chosen_column, rejected_column name the "

@@ -38,11 +38,12 @@ RUN_KEYS = (
     "model_name_or_path", "tokenizer_name_or_path", "dtype", "ref_dtype",
     # data
     "dataset_name", "dataset_train_split", "prompt_column", "chosen_column", "rejected_column",
-    "max_length", "max_prompt_length", "max_completion_length", "add_bos", "on_bad_row",
-    "length_buckets",
+    "tokenization", "max_length", "max_prompt_length", "max_completion_length", "add_bos",
+    "on_bad_row", "length_buckets",
     # batches and optimizer
     "train_batch_size", "gradient_accumulation_steps", "optim", "learning_rate",
-    "lr_scheduler_type", "warmup_steps", "min_lr_ratio", "weight_decay", "adam_beta1",
+    "lr_scheduler_type", "warmup_steps", "min_lr_ratio", "weight_decay",
+    "decay_biases_and_norms", "adam_beta1",
     "adam_beta2", "adam_epsilon", "max_grad_norm",
     # loss
     "loss_type", "loss_weights", "beta", "label_smoothing", "reference_free", "rpo_alpha",

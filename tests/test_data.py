@@ -43,8 +43,11 @@ def write_jsonl(path, rows):
 
 
 def cfg(path, tmp_path, **kw):
+    """These tests pin the reference code's rules (tokenization="separate"); TRL 1.16's, the
+    default, are compared against trl itself in test_trl_parity.py."""
     kw.setdefault("max_length", 256)
     kw.setdefault("max_prompt_length", 64)
+    kw.setdefault("tokenization", "separate")
     return D.DataConfig(source=str(path), cache_dir=str(tmp_path / "cache"), **kw)
 
 
@@ -120,8 +123,9 @@ def test_conversational_format(tok, tmp_path):
         path = write_jsonl(tmp_path / f"chat{i}.jsonl", [row])
         pairs = D.load_pairs(cfg(path, tmp_path), t)
         assert t.decode(pairs.prompt[0]) == "<user>Is Alien good?\n<assistant>"
-        assert t.decode(pairs.chosen[0]) == "Yes, very.\n<|endoftext|>"
-        assert t.decode(pairs.rejected[0]) == "No idea.\n<|endoftext|>"
+        # the template ends the turn: no EOS is appended after the rendered reply
+        assert t.decode(pairs.chosen[0]) == "Yes, very.\n"
+        assert t.decode(pairs.rejected[0]) == "No idea.\n"
     with pytest.raises(D.DataError, match="chat template"):
         D.load_pairs(cfg(tmp_path / "chat0.jsonl", tmp_path), tok)
 
@@ -182,6 +186,17 @@ def test_truncation_cases(tok, tmp_path):
     assert len(pairs.rejected[2]) == 16
     assert pairs.stats["rows_truncated"] == 3
     assert max(pairs.pair_lengths()) <= 24
+
+
+def test_eos_is_appended_once(tok, tmp_path):
+    """A completion that already ends with EOS gets no second one, in both tokenizations."""
+    eos = tok.eos_token
+    row = {"prompt": "The film was", "chosen": " good" + eos, "rejected": " bad"}
+    for mode in ("separate", "trl"):
+        pairs = D.load_pairs(cfg(write_jsonl(tmp_path / f"e{mode}.jsonl", [row]), tmp_path,
+                                 tokenization=mode), tok)
+        for ids in (pairs.chosen[0], pairs.rejected[0]):
+            assert ids.tolist().count(tok.eos_token_id) == 1 and ids[-1] == tok.eos_token_id
 
 
 def test_identical_completions_are_dropped_and_counted(tok, tmp_path):

@@ -87,7 +87,10 @@ def test_loss_matches_float64_formula(name, scale):
         got = np.asarray(got)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
-    np.testing.assert_allclose(np.asarray(cr), beta * (pc - rc), rtol=1e-12)
+    # rewards: beta x the log-ratio (TRL's DPOTrainer), or for SimPO / ORPO beta x the policy's
+    # per-token mean (TRL's CPO / ORPO trainers)
+    want_cr = beta * pc / nc if name in ("simpo", "orpo") else beta * (pc - rc)
+    np.testing.assert_allclose(np.asarray(cr), want_cr, rtol=1e-12)
     # and in float32, no overflow or NaN at large margins
     got32, _, _ = L.compute(name, *(np.float32(a) for a in (pc, pr, rc, rr)),
                             chosen_tokens=np.float32(nc), rejected_tokens=np.float32(nr),
@@ -120,9 +123,9 @@ def test_gradient_matches_central_differences(name):
 
 def test_policy_equal_to_reference_gives_ln2_and_zero_accuracy():
     pc, pr = np.array([-10.0, -3.0, -7.5]), np.array([-4.0, -9.0, -7.5])
-    losses, cr, rj = L.compute("sigmoid", pc, pr, pc, pr, chosen_tokens=[3, 2, 5],
-                               rejected_tokens=[2, 4, 5], beta=0.1)
-    m = L.metrics(losses, cr, rj, jnp.asarray(pc), jnp.asarray(pr))
+    kw = dict(chosen_tokens=[3, 2, 5], rejected_tokens=[2, 4, 5], beta=0.1)
+    losses, cr, rj = L.compute("sigmoid", pc, pr, pc, pr, **kw)
+    m = L.compute_metrics("sigmoid", pc, pr, pc, pr, **kw)
     # exactly ln 2 (as float32 rounds it) for every pair
     np.testing.assert_array_equal(np.asarray(losses), np.float32(math.log(2)))
     assert float(m["loss"]) == pytest.approx(math.log(2), rel=1e-7)
@@ -132,10 +135,8 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_accuracy():
 
 def test_metrics_names_and_meanings():
     pc, pr, rc, rr = map(np.asarray, ([-1.0, -2.0], [-3.0, -1.0], [-2.0, -2.0], [-2.0, -2.0]))
-    losses, cr, rj = L.compute("sigmoid", pc, pr, rc, rr, chosen_tokens=[1, 1],
-                               rejected_tokens=[1, 1], beta=0.5)
-    m = {k: float(v) for k, v in L.metrics(losses, cr, rj, jnp.asarray(pc),
-                                           jnp.asarray(pr)).items()}
+    m = {k: float(v) for k, v in L.compute_metrics("sigmoid", pc, pr, rc, rr, chosen_tokens=[1, 1],
+                                                   rejected_tokens=[1, 1], beta=0.5).items()}
     assert m["rewards/chosen"] == pytest.approx(0.5 * np.mean(pc - rc))
     assert m["rewards/rejected"] == pytest.approx(0.5 * np.mean(pr - rr))
     assert m["rewards/margins"] == pytest.approx(m["rewards/chosen"] - m["rewards/rejected"])
@@ -167,15 +168,37 @@ def test_padding_pairs_do_not_change_batch_statistics():
     pc, pr, rc, rr, nc, nr = random_inputs(rng, b=6)
     pad = lambda a, v: np.concatenate([a, np.full(2, v)])
     for name in ("aot", "aot_unpaired", "sft", "orpo", "sigmoid"):
-        full = L.compute(name, pc, pr, rc, rr, chosen_tokens=nc, rejected_tokens=nr, beta=0.3)
-        padded = L.compute(name, pad(pc, 0), pad(pr, 0), pad(rc, 0), pad(rr, 0),
-                           chosen_tokens=pad(nc, 0), rejected_tokens=pad(nr, 0), beta=0.3,
-                           valid=pad(np.ones(6), 0))
-        m_full = L.metrics(*full, jnp.asarray(pc), jnp.asarray(pr))
-        m_pad = L.metrics(*padded, jnp.asarray(pad(pc, 0)), jnp.asarray(pad(pr, 0)),
-                          valid=jnp.asarray(pad(np.ones(6), 0)))
+        m_full = L.compute_metrics(name, pc, pr, rc, rr, chosen_tokens=nc, rejected_tokens=nr,
+                                   beta=0.3)
+        m_pad = L.compute_metrics(name, pad(pc, 0), pad(pr, 0), pad(rc, 0), pad(rr, 0),
+                                  chosen_tokens=pad(nc, 0), rejected_tokens=pad(nr, 0), beta=0.3,
+                                  valid=pad(np.ones(6), 0))
         for k in m_full:
             np.testing.assert_allclose(float(m_pad[k]), float(m_full[k]), rtol=1e-5, err_msg=k)
+
+
+def test_metrics_follow_trl():
+    """sft logs rewards against the real reference (TRL's DPOTrainer): 0 when the policy is the
+    reference; SimPO and ORPO log TRL's CPO / ORPO per-token means; ORPO its log-odds."""
+    rng = np.random.default_rng(5)
+    pc, pr, rc, rr, nc, nr = random_inputs(rng)
+    kw = dict(chosen_tokens=nc, rejected_tokens=nr, beta=0.2)
+    m = L.compute_metrics("sft", pc, pr, pc, pr, **kw)
+    assert float(m["rewards/chosen"]) == 0 and float(m["rewards/margins"]) == 0
+    assert L.LossConfig(loss_type="sft").needs_reference  # the reference is computed for it
+    assert not L.LossConfig(loss_type="sft", reference_free=True).needs_reference
+    for loss in ("simpo", "orpo"):
+        assert not L.LossConfig(loss_type=loss).needs_reference
+        m = {k: float(v) for k, v in L.compute_metrics(loss, pc, pr, rc, rr, **kw).items()}
+        np.testing.assert_allclose(m["logps/chosen"], np.mean(pc / nc), rtol=1e-5)
+        np.testing.assert_allclose(m["logps/rejected"], np.mean(pr / nr), rtol=1e-5)
+        np.testing.assert_allclose(m["rewards/chosen"], 0.2 * np.mean(pc / nc), rtol=1e-5)
+        np.testing.assert_allclose(m["rewards/margins"], 0.2 * np.mean(pc / nc - pr / nr),
+                                   rtol=1e-5)
+    lor = log_odds(pc / nc) - log_odds(pr / nr)
+    np.testing.assert_allclose(m["log_odds_chosen"], lor.mean(), rtol=1e-5)
+    np.testing.assert_allclose(m["log_odds_ratio"], logsig(lor).mean(), rtol=1e-5)
+    np.testing.assert_allclose(m["nll_loss"], -pc.sum() / nc.sum(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("kw, msg", [

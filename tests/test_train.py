@@ -237,3 +237,35 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 def test_bad_loss_option_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="'dpo' is not a known loss"):
         train_and_evaluate(tiny_config(tmp_path, loss_type="dpo"), tmp_path / "wd")
+
+
+def test_weight_decay_skips_biases_and_norm_scales():
+    """One AdamW step at weight decay 0.1 leaves biases and norm scales where an undecayed update
+    puts them (HF Trainer's rule, so TRL's); matrices are decayed. decay_biases_and_norms=True
+    decays them all."""
+    from dpo_jax.models import common, flatten
+    cfg_m = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+    model = init_model(cfg_m)
+    params = common.params_of(model)
+    grads = jax.tree.map(lambda a: jnp.full_like(a, 0.01), params)
+    mask = common.decay_mask(model)
+
+    def step(weight_decay, everywhere=False):
+        c = tiny_config.__globals__["tiny"].get_config()
+        c.warmup_steps, c.lr_scheduler_type, c.learning_rate = 0, "constant", 0.1
+        c.weight_decay, c.decay_biases_and_norms, c.max_grad_norm = weight_decay, everywhere, 0.0
+        opt, _ = optim.build(c, 10, mask)
+        updates, _ = opt.update(grads, opt.init(params), params)
+        return flatten(jax.tree.map(lambda p, u: np.asarray(p + u), params, updates))
+
+    plain, decayed, everywhere = step(0.0), step(0.1), step(0.1, everywhere=True)
+    for name, decays in flatten(mask).items():
+        if decays:  # a matrix: decayed by lr * wd * param
+            assert np.abs(decayed[name] - plain[name]).max() > 1e-6, name
+        else:
+            np.testing.assert_allclose(decayed[name], plain[name], rtol=0, atol=1e-7,
+                                       err_msg=name)
+            if name.endswith("weight"):  # a norm scale (init 1): decayed when asked
+                assert np.abs(everywhere[name] - plain[name]).max() > 1e-6, name
+    assert {n for n, d in flatten(mask).items() if not d} >= {"ln_f.weight", "h.ln_1.bias",
+                                                               "h.attn.c_attn.bias"}

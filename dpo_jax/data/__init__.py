@@ -19,7 +19,7 @@ from dpo_jax import defaults
 from dpo_jax.data.batches import PairBatches, bucket_lengths, stack_batches
 from dpo_jax.data.formats import implicit_prompt
 from dpo_jax.data.sources import FILE_FORMATS, DataError, load_rows, read_source
-from dpo_jax.data.tokenize import (TokenizedPairs, summary_line, tokenize_pairs,
+from dpo_jax.data.tokenize import (TOKENIZATIONS, TokenizedPairs, summary_line, tokenize_pairs,
                                    tokenizer_fingerprint)
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class DataConfig:
     max_completion_length: int = _D.max_completion_length
     add_bos: bool = _D.add_bos
     on_bad_row: str = _D.on_bad_row
+    tokenization: str = _D.tokenization                  # "trl" | "separate" (tokenize.py)
     cache_dir: str | None = _D.data_cache_dir or None    # None = next to the data (~/.cache)
 
     def __post_init__(self):
@@ -54,6 +55,12 @@ class DataConfig:
         if not 0 < self.max_prompt_length < self.max_length:
             raise DataError(f"need 0 < max_prompt_length ({self.max_prompt_length}) < "
                             f"max_length ({self.max_length})")
+        if self.tokenization not in TOKENIZATIONS:
+            raise DataError(f"tokenization={self.tokenization!r}: valid values are "
+                            f"{', '.join(map(repr, TOKENIZATIONS))}")
+        if self.add_bos and self.tokenization == "trl":
+            raise DataError("add_bos=True applies to tokenization='separate'; with 'trl', BOS is "
+                            "what the tokenizer itself adds")
 
     @classmethod
     def from_config(cls, config, source: str, split: str) -> "DataConfig":

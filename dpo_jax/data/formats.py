@@ -35,10 +35,18 @@ class Dropped(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Example:
+    """A normalized row. Conversational rows keep their messages too (``messages``: prompt,
+    chosen, rejected lists), for tokenizers that render them with the chat template directly;
+    ``prompt``/``chosen``/``rejected`` are then the rendered text, split where the reply starts."""
+
     prompt: str
     chosen: str
     rejected: str
-    conversational: bool = False  # rendered by a chat template (its own turn ends)
+    messages: tuple | None = None  # (prompt, chosen, rejected) message lists of a chat row
+
+    @property
+    def conversational(self) -> bool:
+        return self.messages is not None
 
 
 def is_conversation(v) -> bool:
@@ -117,7 +125,7 @@ def conversational(prompt, chosen: list, rejected: list, tokenizer) -> Example:
             raise BadRow("the chat template does not render the conversation as the prompt "
                          "followed by the reply; cannot split it")
         out.append(full[len(text):])
-    return Example(text, *out, conversational=True)
+    return Example(text, *out, messages=(prompt, chosen, rejected))
 
 
 def normalize(prompt, chosen, rejected, *, names: tuple[str, str, str], has_prompt: bool,

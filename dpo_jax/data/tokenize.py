@@ -1,9 +1,23 @@
 """Rows -> token ids: validated, normalized, tokenized and truncated, batched and cached.
 
-Tokenization follows the reference DPO implementation (Rafailov et al.'s code): prompt and
-completions are tokenized separately without special tokens, EOS is appended to each completion,
-and BOS is prepended to the prompt only when the tokenizer has one and ``add_bos`` asks. See the
-README for the truncation rule.
+Two tokenizations (config key ``tokenization``):
+
+- ``"trl"`` (the default), TRL 1.16's ``DPOTrainer`` exactly (trl/trainer/dpo_trainer.py,
+  ``_prepare_dataset`` and ``DataCollatorForPreference``): EOS (as text) is appended to a plain
+  completion that does not already end with it, and never to a chat row, whose template ends the
+  turn; ``prompt``, ``prompt + chosen`` and ``prompt + rejected`` are tokenized whole with the
+  tokenizer's own special tokens (so a BOS-adding tokenizer puts BOS on the prompt; chat rows go
+  through ``apply_chat_template``, which writes its own BOS once), and split at their longest
+  common token prefix, so a prompt ending in a space or mid-word gets the tokens of the full text.
+  Each sequence keeps its first ``max_length`` tokens; a row whose prompt alone fills
+  ``max_length`` is dropped (``prompt_too_long``). ``max_prompt_length`` is not used.
+- ``"separate"``, the reference DPO code's (Rafailov et al.): prompt and completions tokenized
+  apart without special tokens, EOS appended to a completion that does not end with it (and not
+  to chat rows), BOS prepended with ``add_bos``; over ``max_length`` the prompt keeps its last
+  ``max_prompt_length`` tokens, then the completions their first tokens that still fit.
+
+In both, ``max_completion_length`` (when set) then caps each completion: the static scoring
+window of the completion-only head and prefix sharing.
 
 The work runs in ``datasets.map`` (batched) and is cached next to the data, keyed by the data's
 fingerprint, the tokenizer and every setting that changes the tokens (``cache_key``), so a rerun
@@ -26,8 +40,10 @@ from dpo_jax.data.sources import DataError, describe_row
 
 # The DataConfig fields that change what tokenization produces (the cache key holds them by name).
 TOKEN_FIELDS = ("split", "prompt_column", "chosen_column", "rejected_column", "max_length",
-                "max_prompt_length", "max_completion_length", "add_bos", "on_bad_row")
-CACHE_VERSION = 4  # bump when the rules below change what a setting produces
+                "max_prompt_length", "max_completion_length", "add_bos", "on_bad_row",
+                "tokenization")
+TOKENIZATIONS = ("trl", "separate")
+CACHE_VERSION = 5  # bump when the rules below change what a setting produces
 
 
 @dataclasses.dataclass
@@ -66,20 +82,74 @@ def cache_key(data_fingerprint: str, tokenizer, cfg) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def truncate(p: list, c: list, r: list, cfg) -> tuple[list, list, list, bool]:
+def truncate_separate(p: list, c: list, r: list, cfg) -> tuple[list, list, list, bool]:
     """The reference code's rule: over max_length, the prompt keeps its last max_prompt_length
-    tokens, then both completions their first tokens that still fit; completions are capped at
-    max_completion_length when set."""
-    cut = False
-    if len(p) + max(len(c), len(r)) > cfg.max_length:
-        cut = True
-        p = p[-cfg.max_prompt_length:]
+    tokens, then both completions their first tokens that still fit."""
+    if len(p) + max(len(c), len(r)) <= cfg.max_length:
+        return p, c, r, False
+    p = p[-cfg.max_prompt_length:]
+    room = cfg.max_length - len(p)
+    return p, c[:room], r[:room], True
+
+
+def common_prefix(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _chat_ids(tokenizer, messages, **kw) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)
+    return list(out["input_ids"])
+
+
+def tokenize_trl(examples, tokenizer, cfg):
+    """[(prompt, chosen, rejected, truncated)] and a drop reason per example, as TRL 1.16."""
+    eos = tokenizer.eos_token
+    with_eos = lambda t: t if t.endswith(eos) else t + eos
+    texts = [("", "", "") if e.conversational else (e.prompt, with_eos(e.chosen),
+                                                     with_eos(e.rejected)) for e in examples]
+    enc = lambda xs: tokenizer(xs)["input_ids"]
+    p_ids = enc([p for p, _, _ in texts])
+    pc_ids = enc([p + c for p, c, _ in texts])
+    pr_ids = enc([p + r for p, _, r in texts])
+    out, drop = [], []
+    for e, p, pc, pr in zip(examples, p_ids, pc_ids, pr_ids):
+        if e.conversational:
+            pm, cm, rm = e.messages
+            p = _chat_ids(tokenizer, pm, add_generation_prompt=True)
+            pc, pr = _chat_ids(tokenizer, pm + cm), _chat_ids(tokenizer, pm + rm)
+        k = min(common_prefix(p, pc), common_prefix(p, pr))
+        p, c, r = p[:k], pc[k:], pr[k:]
+        if len(p) >= cfg.max_length:
+            out.append(([], [], [], False))
+            drop.append("prompt_too_long")
+            continue
         room = cfg.max_length - len(p)
-        c, r = c[:room], r[:room]
-    if cfg.max_completion_length and max(len(c), len(r)) > cfg.max_completion_length:
-        cut = True
-        c, r = c[:cfg.max_completion_length], r[:cfg.max_completion_length]
-    return p, c, r, cut
+        out.append((p, c[:room], r[:room], max(len(c), len(r)) > room))
+        drop.append("")
+    return out, drop
+
+
+def tokenize_separate(examples, tokenizer, cfg):
+    """[(prompt, chosen, rejected, truncated)] and a drop reason per example, as the reference
+    DPO code makes them (with EOS appended once, and not to chat rows)."""
+    enc = lambda xs: tokenizer(xs, add_special_tokens=False)["input_ids"]
+    p_ids = enc([e.prompt for e in examples])
+    c_ids = enc([e.chosen for e in examples])
+    r_ids = enc([e.rejected for e in examples])
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    out = []
+    for e, p, c, r in zip(examples, p_ids, c_ids, r_ids):
+        if not e.conversational:  # a chat template ends the turn itself
+            c, r = (x if x[-1:] == [eos] else x + [eos] for x in (c, r))
+        if cfg.add_bos and bos is not None and p[:1] != [bos]:
+            p = [bos] + p
+        out.append(truncate_separate(p, c, r, cfg))
+    return out, [""] * len(examples)
 
 
 def tokenize_batch(batch, indices, *, cfg, tokenizer, where: str, row_offset: int = 0):
@@ -103,19 +173,19 @@ def tokenize_batch(batch, indices, *, cfg, tokenizer, where: str, row_offset: in
         examples.append(ex or formats.Example("", "", ""))
         drop.append(reason)
 
-    enc = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
-    p_ids = enc([e.prompt for e in examples])
-    c_ids = enc([e.chosen for e in examples])
-    r_ids = enc([e.rejected for e in examples])
-    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
-    if eos is None:
+    if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; completions must end with one")
-    truncated = []
-    for j in range(len(examples)):
-        p, c, r = p_ids[j], c_ids[j] + [eos], r_ids[j] + [eos]
-        if cfg.add_bos and bos is not None:
-            p = [bos] + p
-        p_ids[j], c_ids[j], r_ids[j], cut = truncate(p, c, r, cfg)
+    tokenize = tokenize_trl if cfg.tokenization == "trl" else tokenize_separate
+    rows, reasons = tokenize(examples, tokenizer, cfg)
+    p_ids, c_ids, r_ids, truncated = [], [], [], []
+    cap = cfg.max_completion_length
+    for j, ((p, c, r, cut), reason) in enumerate(zip(rows, reasons)):
+        drop[j] = drop[j] or reason
+        if cap and max(len(c), len(r)) > cap:  # the static scoring window
+            c, r, cut = c[:cap], r[:cap], True
+        p_ids.append(p)
+        c_ids.append(c)
+        r_ids.append(r)
         truncated.append(cut and not drop[j])
     return {"prompt_ids": p_ids, "chosen_ids": c_ids, "rejected_ids": r_ids,
             "drop": drop, "truncated": truncated}

@@ -217,6 +217,20 @@ def params_of(model) -> dict:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
+def decay_mask(model) -> dict:
+    """True for the params weight decay applies to, as ``params_of`` lays them out: every matrix
+    (embeddings, projections, LoRA adapters), not biases or the scales of LayerNorm / RMSNorm
+    (HF Trainer's rule, so TRL's; nanoGPT's too)."""
+    norms = {tuple(path) for path, node in nnx.iter_graph(model)
+             if isinstance(node, (LayerNorm, RMSNorm))}
+
+    def walk(tree, path):
+        return {k: (walk(v, path + (k,)) if isinstance(v, dict)
+                    else not (k == "bias" or path in norms)) for k, v in tree.items()}
+
+    return walk(params_of(model), ())
+
+
 def build(model_cls, cfg, params: dict):
     """The module with the given params (a nested dict as ``params_of`` returns)."""
     graphdef, state = nnx.split(abstract(model_cls, cfg), nnx.Param)

@@ -175,6 +175,7 @@ def trainer_config(c, *, stage: str, tokenizer, dataset: Path, eval_dataset: Pat
     t.max_prompt_length = c.prompt_tokens[1]
     if stage == "sft":
         t.loss_type = "sft"
+        t.reference_free = True  # SFT reads no reference; skip computing one for its rewards
         t.max_completion_length = c.max_review_tokens
         t.learning_rate = c.sft_learning_rate
         t.train_batch_size = t.eval_batch_size = c.sft_batch_size
