@@ -112,10 +112,10 @@ def _generate_jit(graphdef, state, prompt_ids, prompt_mask, rng, cfg, use_cache)
 def generate(model, prompt_ids, prompt_mask, cfg: SamplingConfig, *, seed: int = 0,
              use_cache: bool = True) -> np.ndarray:
     """New tokens (B, max_new_tokens), int32; rows that stopped are EOS-padded after their EOS."""
-    room = model.config.max_positions
-    if prompt_ids.shape[1] + cfg.max_new_tokens > room:
-        raise ConfigError(f"a prompt of {prompt_ids.shape[1]} tokens + max_new_tokens "
-                          f"{cfg.max_new_tokens} exceeds the model's {room} positions")
+    for field, room in model.config.length_limits().items():
+        if prompt_ids.shape[1] + cfg.max_new_tokens > room:
+            raise ConfigError(f"a prompt of {prompt_ids.shape[1]} tokens + max_new_tokens "
+                              f"{cfg.max_new_tokens} exceeds the model's {field}={room}")
     graphdef, state = nnx.split(model)
     return np.asarray(_generate_jit(graphdef, state, jnp.asarray(prompt_ids, jnp.int32),
                                     jnp.asarray(prompt_mask, jnp.int32),

@@ -128,9 +128,10 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
     model_cfg, params = hf.initial_model(config, tokenizer, mesh)
     phase_done()
     family = models.family_of(model_cfg)
-    if config.max_length > model_cfg.max_positions:
-        raise ConfigError(f"config key max_length={config.max_length} exceeds the model's "
-                          f"{model_cfg.max_positions} positions")
+    for field, limit in model_cfg.length_limits().items():
+        if config.max_length > limit:
+            raise ConfigError(f"config key max_length={config.max_length} exceeds the model's "
+                              f"{field}={limit}")
     for key in ("train_batch_size", "eval_batch_size"):
         sharding.check_model_fits(mesh, model_cfg, config[key])
     tuning = steps.FullTuning(nnx.graphdef(common.abstract(family.model_cls, model_cfg)))

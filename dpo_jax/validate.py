@@ -89,10 +89,15 @@ def _buckets(key, v, c):
         sizes = [int(b) for b in v]
     except (TypeError, ValueError):
         raise ConfigError(f"config key {key}={v!r}: must be a tuple of lengths") from None
-    bad = [b for b in sizes if not 1 < b <= c.max_length]
+    # a row's length: prefix sharing holds the prompt and both completions
+    longest, what = c.max_length, f"max_length={c.max_length}"
+    if c.layout == "prefix_sharing":
+        longest += c.max_completion_length
+        what += f" + max_completion_length={c.max_completion_length} (prefix_sharing)"
+    bad = [b for b in sizes if not 1 < b <= longest]
     if bad:
         raise ConfigError(f"config key {key}={tuple(v)!r}: every length must lie in "
-                          f"(1, max_length={c.max_length}]; {bad} do not")
+                          f"(1, {what}]; {bad} do not")
 
 
 def _loss(key, v, c):

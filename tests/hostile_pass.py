@@ -141,7 +141,7 @@ def cases(ctx):
            ("mesh_data=3", "needs 3 devices; there are 1"),
            ("mesh_tensor=-1", "at most one may be -1"), ("model.n_head=5", "not divisible by n_head=5"),
            ("model.vocab_size=10", "the tokenizer has 512 tokens"),
-           ("max_length=100", "max_length=100 exceeds the model's 64 positions"),
+           ("max_length=100", "max_length=100 exceeds the model's n_positions=64"),
            ("remat_policy=bogus", "remat_policy='bogus'"), ("dtype=bfloat16", "rc=0"),
            ("ref_dtype=int8", "ref_dtype='int8'"), ("length_buckets=(1000,)", "length_buckets"),
            ("prompt_column=chosen", "name the same column"),
@@ -184,7 +184,8 @@ def cases(ctx):
                                       "3"], "rc=0")
     yield "generate: not a workdir", (["--workdir", ctx.root], "not the workdir of a training run")
     yield "generate: too many new tokens", (["--workdir", "{done}", "--prompt", "x",
-                                             "--max_new_tokens", "1000"], "exceeds the model's 64")
+                                             "--max_new_tokens", "1000"],
+                                            "exceeds the model's n_positions=64")
     yield "generate: top_p 0", (["--workdir", "{done}", "--prompt", "x", "--top_p", "0"],
                                 "top_p=0.0")
     yield "generate: --from_export with no export", (["--workdir", "{noexport}", "--prompt", "x",

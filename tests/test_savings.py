@@ -1,6 +1,7 @@
-"""Issue 7: every saving gives the plain step's loss and gradients (1e-5) on a tiny model:
-completion-only LM head, prefix sharing, precomputed reference log-probs. Rows include chosen
-and rejected of different lengths, and left-padded rows."""
+"""Issues 7 and 15: every saving gives the plain step's loss and gradients (1e-5) on a tiny model
+of each family (GPT-2; Llama with GQA and an untied head, where prefix sharing's continued
+positions go through RoPE): completion-only LM head, prefix sharing, precomputed reference
+log-probs. Rows include chosen and rejected of different lengths, and left-padded rows."""
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +13,14 @@ from dpo_jax import data, layouts, steps
 from dpo_jax.losses import LossConfig
 from dpo_jax.models import common
 from dpo_jax.models.gpt2 import GPT2, GPT2Config
+from dpo_jax.models.llama import Llama, LlamaConfig
 
-CFG = GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+FAMILIES = {
+    "gpt2": (GPT2, GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4)),
+    "llama": (Llama, LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 head_dim=8, max_position_embeddings=64)),
+}
 W = 9  # max completion length
 
 
@@ -45,10 +52,11 @@ def left_pad(b, k=3):
     return out
 
 
-@pytest.fixture(scope="module")
-def models():
-    graphdef = nnx.graphdef(common.abstract(GPT2, CFG))
-    ref = nnx.to_pure_dict(nnx.state(GPT2(CFG, rngs=nnx.Rngs(0)), nnx.Param))
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def models(request):
+    cls, cfg = FAMILIES[request.param]
+    graphdef = nnx.graphdef(common.abstract(cls, cfg))
+    ref = nnx.to_pure_dict(nnx.state(cls(cfg, rngs=nnx.Rngs(0)), nnx.Param))
     # a policy that differs from the reference, so the loss is not a constant ln 2
     noise = jax.tree.map(lambda a: 0.02 * jax.random.normal(jax.random.key(1), a.shape), ref)
     policy = jax.tree.map(jnp.add, ref, noise)

@@ -11,8 +11,10 @@ from jax.sharding import PartitionSpec as P
 from trainutil import tiny_config
 from dpo_jax import checkpoint, data, layouts, optim, sharding, steps
 from dpo_jax.losses import LossConfig
+from dpo_jax import models
 from dpo_jax.models import common, gpt2
 from dpo_jax.models.gpt2 import GPT2, GPT2Config
+from dpo_jax.models.llama import Llama, LlamaConfig
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
 
@@ -21,8 +23,15 @@ RULES = gpt2.FAMILY.rules
 MESHES = [(8, 1, 1), (2, 4, 1), (1, 4, 2), (2, 2, 2)]
 
 
+# Llama family with grouped-query attention: 4 query heads on 2 KV heads, an untied head
+LLAMA = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    max_position_embeddings=32)
+
+
 def host_params(cfg=CFG, seed=0):
-    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(GPT2(cfg, rngs=nnx.Rngs(seed)),
+    cls = GPT2 if isinstance(cfg, GPT2Config) else Llama
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(cls(cfg, rngs=nnx.Rngs(seed)),
                                                                nnx.Param)))
 
 
@@ -44,16 +53,17 @@ def optimizer():
     return optim.build(c, 10)
 
 
-def run_steps(mesh, params, batches, state=None, n_steps=1):
+def run_steps(mesh, params, batches, state=None, n_steps=1, cfg=CFG):
+    family = models.family_of(cfg)
     opt, lr = optimizer()
     if state is None:
-        state, state_sh = sharding.init_state(mesh, params, opt, RULES)
+        state, state_sh = sharding.init_state(mesh, params, opt, family.rules)
     else:
         state_sh = jax.tree.map(lambda a: a.sharding, state)
     # the reference is always the initial model
-    ref = sharding.place(host_params(), state_sh["params"])
-    sharding.check_model_fits(mesh, CFG, 8)
-    graphdef = nnx.graphdef(common.abstract(GPT2, CFG))
+    ref = sharding.place(host_params(cfg), state_sh["params"])
+    sharding.check_model_fits(mesh, cfg, 8)
+    graphdef = nnx.graphdef(common.abstract(family.model_cls, cfg))
     batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batches[0].items()}
     replicated = jax.sharding.NamedSharding(mesh, P())
     train_step = steps.make_train_step(steps.FullTuning(graphdef), layouts.make("pair"),
@@ -189,3 +199,27 @@ def test_a_parameter_no_rule_matches_is_an_error():
     extra = dict(host_params(), lora={"weight": np.zeros((64, 4))})  # a fork's new matrix
     with pytest.raises(sharding.ShardingError, match="'lora.weight'"):
         sharding.param_specs(extra, RULES)
+
+
+def test_llama_with_gqa_gives_the_same_step_on_every_mesh():
+    """Query and KV heads split over the tensor axis (2 KV heads on a tensor axis of 2), the
+    untied head and the embeddings over fsdp: the same loss and params as on one device."""
+    params = host_params(LLAMA)
+    one, ms_one = run_steps(sharding.make_mesh(1, 1, 1), params, [pair_batch()], cfg=LLAMA)
+    one = jax.device_get(one["params"])
+    for shape in [(8, 1, 1), (1, 4, 2), (2, 2, 2)]:
+        state, ms = run_steps(sharding.make_mesh(*shape), params, [pair_batch()], cfg=LLAMA)
+        np.testing.assert_allclose(ms[0]["loss"], ms_one[0]["loss"], rtol=1e-5)
+        np.testing.assert_allclose(ms[0]["grad_norm"], ms_one[0]["grad_norm"], rtol=1e-5)
+        for a, b in zip(leaves(state["params"]), leaves(one)):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+        k = state["params"]["layers"]["self_attn"]["k_proj"]["weight"]  # (2, 64, 2 heads x 16)
+        assert {sh.data.shape for sh in k.addressable_shards} == {(2, 64 // shape[1],
+                                                                 32 // shape[2])}
+
+
+def test_kv_heads_that_do_not_divide_the_tensor_axis_are_a_clear_error():
+    with pytest.raises(sharding.ShardingError, match=r"num_key_value_heads=2 does not divide "
+                                                     r"over the tensor axis of size 4 \(config "
+                                                     r"key mesh_tensor\)"):
+        sharding.check_model_fits(sharding.make_mesh(2, 1, 4), LLAMA, 8)

@@ -1,7 +1,6 @@
 """Issue 5: the training program end to end, exact resume, accumulation, sampling, bad input."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -106,10 +105,11 @@ KILL_DRIVER = textwrap.dedent("""
 """)
 
 
-def test_exact_resume_after_sigkill(tmp_path):
+@pytest.mark.parametrize("config", ["configs/tiny.py", "configs/tiny_llama.py"])
+def test_exact_resume_after_sigkill(tmp_path, config):
     driver = tmp_path / "driver.py"
     driver.write_text(KILL_DRIVER)
-    common = ["--config", "configs/tiny.py", "--config.max_steps=20", "--config.save_steps=5",
+    common = ["--config", config, "--config.max_steps=20", "--config.save_steps=5",
               "--config.logging_steps=1", "--config.eval_steps=0", "--config.sample_prompts=0",
               "--config.progress_bar=False", f"--config.data_cache_dir={tmp_path / 'cache'}"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

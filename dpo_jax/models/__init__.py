@@ -17,7 +17,8 @@ The module (``family.model_cls(config, rngs=...)``):
       KV-cache generation (``dpo_jax.sampling``).
   ``config``: the family config, a frozen dataclass of architecture fields followed by the
       compute options of ``common.ComputeOptions`` (dtype, remat, remat_policy, attention), with
-      ``vocab_size``, ``bos_token_id``, ``eos_token_id``, ``n_layers``, ``max_positions`` and
+      ``vocab_size``, ``bos_token_id``, ``eos_token_id``, ``n_layers``, ``max_positions``,
+      ``length_limits()`` (the sequence-length limits, by config field name) and
       ``tensor_parallel_dims()`` (the sizes the tensor axis splits, by config field name).
 
 The family (``Family``, below): HF ``config.json`` <-> config, the HF tensor-name table for
@@ -108,8 +109,9 @@ def unflatten_like(template: dict, flat: dict, prefix: str = "") -> dict:
 
 
 def _register_builtin():
-    from dpo_jax.models import gpt2
+    from dpo_jax.models import gpt2, llama
     register(gpt2.FAMILY)
+    register(llama.FAMILY)
 
 
 _register_builtin()

@@ -72,6 +72,9 @@ class GPT2Config(common.ComputeOptions):
     def max_positions(self) -> int:
         return self.n_positions
 
+    def length_limits(self) -> dict[str, int]:
+        return {"n_positions": self.n_positions}
+
     @property
     def n_layers(self) -> int:
         return self.n_layer

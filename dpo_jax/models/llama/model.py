@@ -1,0 +1,261 @@
+"""The Llama family as a Flax NNX module: Llama 2/3.x, SmolLM2, Mistral, Qwen2/2.5 and Qwen3.
+
+One module covers the HF ``model_type``s llama, mistral, qwen2 and qwen3; they differ only in
+switches of ``LlamaConfig``: biases on q/k/v (Qwen2) or on every projection (``attention_bias``),
+per-head RMSNorm of q and k before RoPE (Qwen3), a ``head_dim`` of its own, a tied or untied LM
+head. Parameter names are HF's (``embed_tokens``, ``layers.self_attn.q_proj``, ``norm``) with
+the layers stacked and scanned, except that an untied head is ``head.weight`` (HF's
+``lm_head.weight``: ``lm_head`` is the contract's method here); matrices are stored (in, out),
+the transpose of ``nn.Linear``'s (out, in), which the name table (``params.py``) handles.
+
+Numerics follow transformers' ``LlamaForCausalLM``: RMSNorm in float32, cast to the compute dtype
+before the scale; rotary embeddings in HF's rotate-half layout from the position ids, their
+cos / sin computed in float32 (``rope_type`` default, ``linear`` or ``llama3``);
+grouped-query attention with a float32 softmax; a SwiGLU MLP ``down(silu(gate(x)) * up(x))``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dpo_jax.models import common
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig(common.ComputeOptions):
+    """Architecture (the fields of HF's Llama / Mistral / Qwen2 / Qwen3 configs that change the
+    math), then compute options (``common.ComputeOptions``, first by dataclass inheritance)."""
+
+    model_type: str = "llama"       # llama | mistral | qwen2 | qwen3 (kept for the export)
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int = 128
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"      # default | linear | llama3
+    rope_factor: float = 1.0        # linear and llama3
+    rope_low_freq_factor: float = 1.0    # llama3
+    rope_high_freq_factor: float = 4.0   # llama3
+    rope_original_max_position_embeddings: int = 8192  # llama3
+    attention_bias: bool = False    # biases on q, k, v and o (Llama's option; Qwen3's)
+    qkv_bias: bool = False          # biases on q, k, v only (Qwen2)
+    qk_norm: bool = False           # RMSNorm of each head of q and k before RoPE (Qwen3)
+    sliding_window: int | None = None  # attention window; runs only where it never applies
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    def __post_init__(self):
+        self.check_compute()
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple "
+                             f"of num_key_value_heads={self.num_key_value_heads}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope type {self.rope_type!r} is not supported; supported: "
+                             f"{', '.join(ROPE_TYPES)}")
+
+    @property
+    def n_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def max_positions(self) -> int:
+        return min(self.length_limits().values())
+
+    def length_limits(self) -> dict[str, int]:
+        """The sequence-length limits, by config field (a clear error names the one exceeded)."""
+        limits = {"max_position_embeddings": self.max_position_embeddings}
+        if self.sliding_window is not None:  # within the window, attention is plain causal
+            limits["sliding_window"] = self.sliding_window
+        return limits
+
+    def tensor_parallel_dims(self) -> dict[str, int]:
+        return {"num_attention_heads": self.num_attention_heads,
+                "num_key_value_heads": self.num_key_value_heads,
+                "intermediate_size": self.intermediate_size, "hidden_size": self.hidden_size}
+
+    def inv_freq(self) -> np.ndarray:
+        """RoPE's inverse frequencies (head_dim / 2,), float32, as transformers computes them."""
+        d = self.head_dim
+        inv = (1.0 / (self.rope_theta ** (np.arange(0, d, 2, dtype=np.int64)
+                                          .astype(np.float32) / d))).astype(np.float32)
+        if self.rope_type == "linear":
+            inv = inv / np.float32(self.rope_factor)
+        elif self.rope_type == "llama3":
+            old = self.rope_original_max_position_embeddings
+            low_wavelen = old / self.rope_low_freq_factor
+            high_wavelen = old / self.rope_high_freq_factor
+            wavelen = 2 * math.pi / inv
+            scaled = np.where(wavelen > low_wavelen, inv / self.rope_factor, inv)
+            smooth = (old / wavelen - self.rope_low_freq_factor) / (
+                self.rope_high_freq_factor - self.rope_low_freq_factor)
+            smoothed = (1 - smooth) * scaled / self.rope_factor + smooth * scaled
+            medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+            inv = np.where(medium, smoothed, scaled).astype(np.float32)
+        return inv
+
+
+def rope(position_ids, inv_freq, dtype):
+    """(cos, sin), each (B, T, head_dim) in the compute dtype, from float32 position angles."""
+    freqs = position_ids[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x_bthd, cos, sin):
+    """HF's rotate-half layout: x * cos + rotate_half(x) * sin, per head."""
+    half = x_bthd.shape[-1] // 2
+    rotated = jnp.concatenate([-x_bthd[..., half:], x_bthd[..., :half]], axis=-1)
+    return x_bthd * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        dt, c, d = cfg.compute_dtype, cfg.hidden_size, cfg.head_dim
+        h, k = cfg.num_attention_heads, cfg.num_key_value_heads
+        qkv_bias = cfg.qkv_bias or cfg.attention_bias
+        lin = lambda n_in, n_out, bias: common.Linear(n_in, n_out, std=0.02, dtype=dt, rngs=rngs,
+                                                      bias=bias)
+        self.q_proj = lin(c, h * d, qkv_bias)
+        self.k_proj = lin(c, k * d, qkv_bias)
+        self.v_proj = lin(c, k * d, qkv_bias)
+        self.o_proj = lin(h * d, c, cfg.attention_bias)
+        if cfg.qk_norm:
+            self.q_norm = common.RMSNorm(d, cfg.rms_norm_eps, dt)
+            self.k_norm = common.RMSNorm(d, cfg.rms_norm_eps, dt)
+        self.qk_norm = cfg.qk_norm
+        self.heads, self.kv_heads, self.head_dim = h, k, d
+        self.implementation = cfg.attention
+
+    def __call__(self, x, cos, sin, mask_bts, kv=None, index=None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            at = (0, index, 0, 0)
+            kv = (jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), at),
+                  jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), at))
+            k, v = kv
+        y = common.attention(q, k, v, mask_bts, scale=self.head_dim ** -0.5,
+                             implementation="xla" if kv is not None else self.implementation,
+                             causal=True)
+        return self.o_proj(y.reshape(b, t, self.heads * self.head_dim)), kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        dt, c, f = cfg.compute_dtype, cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = common.Linear(c, f, std=0.02, dtype=dt, rngs=rngs, bias=False)
+        self.up_proj = common.Linear(c, f, std=0.02, dtype=dt, rngs=rngs, bias=False)
+        self.down_proj = common.Linear(f, c, std=0.02, dtype=dt, rngs=rngs, bias=False)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm: x + attn(input_layernorm(x)), then + mlp(post_attention_layernorm(x))."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        dt = cfg.compute_dtype
+        self.input_layernorm = common.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = common.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask_bts, kv=None, index=None):
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask_bts, kv, index)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class Head(nnx.Module):
+    """An untied LM head: a (V, C) matrix, as HF's ``lm_head.weight`` stores it."""
+
+    def __init__(self, vocab: int, width: int, *, rngs: nnx.Rngs):
+        self.weight = nnx.Param(common.normal(rngs, (vocab, width), 0.02))
+
+
+class Llama(nnx.Module):
+    """``LlamaForCausalLM`` and its relatives (see the module docstring)."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = common.Embedding(config.vocab_size, config.hidden_size, rngs=rngs)
+        self.layers = common.stacked(lambda r: DecoderLayer(config, rngs=r),
+                                     config.num_hidden_layers, rngs)
+        self.norm = common.RMSNorm(config.hidden_size, config.rms_norm_eps, config.compute_dtype)
+        if not config.tie_word_embeddings:
+            self.head = Head(config.vocab_size, config.hidden_size, rngs=rngs)
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, *, attn_mask=None):
+        """Final (post ``norm``) hidden states, (B, T, C) in the compute dtype (see the GPT-2
+        module for the arguments: the contract is the same)."""
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        if position_ids is None:
+            position_ids = common.positions_from_mask(attention_mask)
+        if attn_mask is None:
+            attn_mask = common.causal_padding_mask(attention_mask)
+        return self._trunk(input_ids, position_ids, attn_mask)[0]
+
+    def _trunk(self, input_ids, position_ids, mask_bts, cache=None, index=None):
+        c = self.config
+        x = self.embed_tokens(input_ids).astype(c.compute_dtype)
+        cos, sin = rope(position_ids, c.inv_freq(), c.compute_dtype)
+        if cache is None:
+            x, _ = common.scan_stack(self.layers, x,
+                                     lambda layer, x: (layer(x, cos, sin, mask_bts)[0], None),
+                                     remat=c.remat, remat_policy=c.remat_policy)
+            return self.norm(x), None
+        x, kv = common.scan_stack(
+            self.layers, x, lambda layer, x, k, v: layer(x, cos, sin, mask_bts, (k, v), index),
+            cache)
+        return self.norm(x), kv
+
+    def init_cache(self, batch: int, length: int):
+        """An empty KV cache: (k, v), each (layers, B, S, KV heads, head_dim), compute dtype."""
+        c = self.config
+        shape = (c.num_hidden_layers, batch, length, c.num_key_value_heads, c.head_dim)
+        return jnp.zeros(shape, c.compute_dtype), jnp.zeros(shape, c.compute_dtype)
+
+    def decode(self, input_ids, position_ids, key_mask, cache, index):
+        """New tokens (B, T) at cache positions [index, index + T) against a KV cache."""
+        mask = common.decode_mask(key_mask, input_ids.shape[1], index)
+        return self._trunk(input_ids, position_ids, mask, cache, index)
+
+    def head_weight(self):
+        """The LM head's (V, C) matrix: the token embedding when tied, ``head`` when not."""
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.weight[...]
+        return self.head.weight[...]
+
+    def lm_head(self, hidden):
+        """Logits in float32 from hidden states (..., C) (matmul in the compute dtype)."""
+        w = self.head_weight().astype(hidden.dtype)
+        return jnp.einsum("...c,vc->...v", hidden, w, preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, *, attn_mask=None):
+        """Logits (B, T, V), float32."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids,
+                                               attn_mask=attn_mask))
