@@ -1,8 +1,10 @@
-"""Per-device memory of a DPO train step for a model shape and a mesh (issue 6).
+"""Per-device memory of a DPO train step for a model shape and a mesh (issues 6, 15).
 
     python bench/memory.py --model gpt2 --pairs 8 --seq 512                    # one device
     python bench/memory.py --model gpt2-medium --mesh 2,2,2 --devices 8 --remat
     python bench/memory.py --model gpt2 --compare-remat                      # remat off vs on
+    python bench/memory.py --model qwen3-0.6b --dtype bfloat16 --remat         # Llama family
+    python bench/memory.py --model llama-3.2-1b --mesh 1,8,1 --devices 8 --remat
 
 Nothing is run and no weights are needed: the train step is compiled from abstract inputs
 (ShapeDtypeStructs with their shardings) and XLA's memory analysis of the executable is read.
@@ -16,15 +18,39 @@ import dataclasses
 import os
 import sys
 
-PRESETS = {  # (n_layer, n_embd, n_head)
+GPT2_SIZES = {  # (n_layer, n_embd, n_head)
     "tiny": (2, 64, 4), "gpt2": (12, 768, 12), "gpt2-medium": (24, 1024, 16),
     "gpt2-large": (36, 1280, 20), "gpt2-xl": (48, 1600, 25),
 }
+LLAMA_SHAPES = {  # the shapes of the published configs (random weights; nothing is downloaded)
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         head_dim=64, tie_word_embeddings=True),
+    "qwen3-0.6b": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024,
+                       intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, qk_norm=True,
+                       tie_word_embeddings=True),
+    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=64, tie_word_embeddings=True, rope_type="llama3",
+                         rope_factor=32.0, rope_theta=500000.0),
+}
+PRESETS = sorted(GPT2_SIZES) + sorted(LLAMA_SHAPES)
+
+
+def model_config(name: str, **compute):
+    """(module class, family config) of a preset."""
+    if name in GPT2_SIZES:
+        from dpo_jax.models.gpt2 import GPT2, GPT2Config
+        n_layer, n_embd, n_head = GPT2_SIZES[name]
+        return GPT2, GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, **compute)
+    from dpo_jax.models.llama import Llama, LlamaConfig
+    return Llama, LlamaConfig(max_position_embeddings=131072, **LLAMA_SHAPES[name], **compute)
 
 
 def parse():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", default="gpt2", choices=sorted(PRESETS))
+    ap.add_argument("--model", default="gpt2", choices=PRESETS)
     ap.add_argument("--pairs", type=int, default=8, help="pairs per step (global)")
     ap.add_argument("--seq", type=int, default=512, help="tokens per sequence")
     ap.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor")
@@ -48,15 +74,14 @@ def main():
     import optax
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from dpo_jax import layouts, sharding, steps
+    from dpo_jax import layouts, models, sharding, steps
     from dpo_jax.losses import LossConfig
-    from dpo_jax.models import common, gpt2
-    from dpo_jax.models.gpt2 import GPT2, GPT2Config
+    from dpo_jax.models import common
 
-    n_layer, n_embd, n_head = PRESETS[a.model]
     mesh = sharding.make_mesh(*[int(x) for x in a.mesh.split(",")])
-    base = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, dtype=a.dtype,
-                      remat=a.remat, remat_policy=a.remat_policy)
+    model_cls, base = model_config(a.model, dtype=a.dtype, remat=a.remat,
+                                   remat_policy=a.remat_policy)
+    rules = models.family_of(base).rules
     sharding.check_model_fits(mesh, base, a.pairs)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6))
     mib = lambda b: b / 2**20
@@ -71,9 +96,9 @@ def main():
     rows = []
     for remat in ([False, True] if a.compare_remat else [a.remat]):
         cfg = dataclasses.replace(base, remat=remat)
-        graphdef, abstract = nnx.split(common.abstract(GPT2, cfg))
+        graphdef, abstract = nnx.split(common.abstract(model_cls, cfg))
         params = nnx.to_pure_dict(abstract)
-        specs = sharding.param_specs(params, gpt2.FAMILY.rules)
+        specs = sharding.param_specs(params, rules)
         sharding.check_divisible(mesh, params, specs)
         named = sharding.named(mesh, specs)
         make = lambda p: steps.init_state(p, optimizer)
@@ -104,7 +129,9 @@ def main():
                      per_device(ref_in), ma.temp_size_in_bytes))
 
     dev = jax.devices()[0]
-    print(f"{a.model}: {n_layer} layers x {n_embd} wide; {a.pairs} pairs x {a.seq} tokens; "
+    n_params = sum(int(x.size) for x in jax.tree.leaves(params))
+    print(f"{a.model}: {base.n_layers} layers, {n_params / 1e6:.0f}M params; {a.pairs} pairs x "
+          f"{a.seq} tokens; "
           f"mesh {dict(mesh.shape)}; {len(mesh.devices.flat)} x {dev.device_kind} ({dev.platform});"
           f" compute {a.dtype}, reference {a.ref_dtype or 'float32'}, LM-head chunk {a.chunk}")
     print(f"{'remat':>6} {'params':>10} {'opt state':>10} {'ref params':>11} {'temp (act.)':>12}"

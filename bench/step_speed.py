@@ -1,16 +1,19 @@
-"""DPO train-step speed: dpo_jax in each mode against a hand-written PyTorch baseline (issue 7).
+"""DPO train-step speed: dpo_jax in each mode against a hand-written PyTorch baseline (issues 7, 15).
 
     python bench/step_speed.py                 # all modes, GPT-2 small, 4 pairs x (64+64+64)
+    python bench/step_speed.py --model smollm2 # the Llama family at SmolLM2-135M's shape
     python bench/step_speed.py --modes plain,torch --steps 10 --layers 2   # quicker look
 
-Workload: GPT-2-small shape (12 layers, 12 heads, width 768, vocab 50257), random init, float32,
-4 pairs per step, prompt 64 tokens, chosen 64, rejected 64, beta 0.1, AdamW. Modes:
+Workloads (random init, float32, 4 pairs per step, prompt 64 tokens, chosen 64, rejected 64,
+beta 0.1, AdamW): --model gpt2, GPT-2 small's shape (12 layers, 12 heads, width 768, vocab 50257)
+against transformers' GPT2LMHeadModel; --model smollm2, SmolLM2-135M's (30 layers, width 576,
+9 query / 3 KV heads of 64, SwiGLU 1536, vocab 49152, a tied head) against LlamaForCausalLM. Modes:
   plain        two rows per pair, LM head on every position, reference forward in the step
   head         + LM head only where completion tokens are scored
   shared       + prefix sharing: one row prompt + chosen + rejected
   precomputed  + reference log-probs precomputed (no reference forward in the step)
-  torch        transformers GPT2LMHeadModel, chosen and rejected in one forward, reference under
-               no_grad, torch.optim.AdamW, float32
+  torch        transformers' model of the same shape, chosen and rejected in one forward,
+               reference under no_grad, torch.optim.AdamW, float32
 Each mode runs in its own process (peak RSS is that process's). Step time is the median of
 --steps timed steps after 2 warm-up steps. tokens/s counts the tokens of the chosen and the
 rejected sequences (prompt + completion each: 4 x 2 x 128 = 1024 per step) in every mode, so the
@@ -31,6 +34,7 @@ GPU; torch is told to allow it).
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -43,28 +47,79 @@ PROMPT, COMPLETION = 64, 64
 PAIRS = 4  # --pairs
 
 
-def model_flops(layers, width, vocab, rows, seq, head_positions):
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """The matmul shape of a model: what its FLOPs and its JAX / torch twins are built from."""
+
+    family: str        # gpt2 | llama
+    layers: int
+    width: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int           # MLP width
+    vocab: int
+    gated: bool        # SwiGLU (3 MLP matrices) or GELU (2)
+
+
+SHAPES = {
+    "gpt2": Shape("gpt2", 12, 768, 12, 12, 64, 3072, 50257, False),
+    "smollm2": Shape("llama", 30, 576, 9, 3, 64, 1536, 49152, True),
+}
+
+
+def model_flops(m: Shape, rows, seq, head_positions):
     """Analytic FLOPs of one forward over rows x seq tokens (matmuls only, full attention), the
     LM head over ``head_positions`` positions in all."""
     tokens = rows * seq
-    per_layer = 2 * tokens * (width * 3 * width + width * width + 2 * width * 4 * width)
-    attention = 2 * 2 * rows * seq * seq * width
-    head = 2 * head_positions * width * vocab
-    return layers * (per_layer + attention) + head
+    q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    per_layer = 2 * tokens * (m.width * (q + 2 * kv) + q * m.width
+                              + (3 if m.gated else 2) * m.width * m.ffn)
+    attention = 2 * 2 * rows * seq * seq * q
+    head = 2 * head_positions * m.width * m.vocab
+    return m.layers * (per_layer + attention) + head
 
 
-def mode_flops(mode, layers, width=768, vocab=50257):
+def mode_flops(mode, m: Shape):
     """FLOPs of one train step in ``mode``: 3x the policy forward + the reference forward."""
     if mode in ("plain", "torch"):  # two rows per pair, head everywhere
-        fwd = model_flops(layers, width, vocab, 2 * PAIRS, PROMPT + COMPLETION,
-                          2 * PAIRS * (PROMPT + COMPLETION))
+        fwd = model_flops(m, 2 * PAIRS, PROMPT + COMPLETION, 2 * PAIRS * (PROMPT + COMPLETION))
     elif mode == "head":  # two rows per pair, head on the completion positions
-        fwd = model_flops(layers, width, vocab, 2 * PAIRS, PROMPT + COMPLETION,
-                          2 * PAIRS * COMPLETION)
+        fwd = model_flops(m, 2 * PAIRS, PROMPT + COMPLETION, 2 * PAIRS * COMPLETION)
     else:  # one row per pair: prompt + chosen + rejected
-        fwd = model_flops(layers, width, vocab, PAIRS, PROMPT + 2 * COMPLETION,
-                          2 * PAIRS * COMPLETION)
+        fwd = model_flops(m, PAIRS, PROMPT + 2 * COMPLETION, 2 * PAIRS * COMPLETION)
     return (3 if mode == "precomputed" else 4) * fwd
+
+
+def shape_of(a) -> Shape:
+    return dataclasses.replace(SHAPES[a.model], layers=a.layers or SHAPES[a.model].layers)
+
+
+def jax_model(m: Shape, dtype: str):
+    """(module class, config) of our model of this shape."""
+    if m.family == "gpt2":
+        from dpo_jax.models.gpt2 import GPT2, GPT2Config
+        return GPT2, GPT2Config(n_layer=m.layers, n_embd=m.width, n_head=m.heads,
+                                vocab_size=m.vocab, remat=False, dtype=dtype)
+    from dpo_jax.models.llama import Llama, LlamaConfig
+    return Llama, LlamaConfig(vocab_size=m.vocab, hidden_size=m.width, intermediate_size=m.ffn,
+                              num_hidden_layers=m.layers, num_attention_heads=m.heads,
+                              num_key_value_heads=m.kv_heads, head_dim=m.head_dim,
+                              max_position_embeddings=2048, tie_word_embeddings=True,
+                              dtype=dtype)
+
+
+def torch_model(m: Shape, transformers):
+    if m.family == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=m.layers, n_embd=m.width, n_head=m.heads,
+                                      vocab_size=m.vocab, attn_implementation="sdpa")
+        return transformers.GPT2LMHeadModel(cfg)
+    cfg = transformers.LlamaConfig(
+        vocab_size=m.vocab, hidden_size=m.width, intermediate_size=m.ffn,
+        num_hidden_layers=m.layers, num_attention_heads=m.heads, num_key_value_heads=m.kv_heads,
+        head_dim=m.head_dim, max_position_embeddings=2048, tie_word_embeddings=True,
+        attn_implementation="sdpa")
+    return transformers.LlamaForCausalLM(cfg)
 
 
 def _best_time(fn, sync, reps):
@@ -120,18 +175,17 @@ def run_jax(mode, a):
     import numpy as np
     import optax
     from flax import nnx
-    from dpo_jax import data, layouts, sharding, steps
+    from dpo_jax import data, layouts, models, sharding, steps
     from dpo_jax.losses import LossConfig
-    from dpo_jax.models import common, gpt2
-    from dpo_jax.models.gpt2 import GPT2, GPT2Config
+    from dpo_jax.models import common
 
-    cfg = GPT2Config(n_layer=a.layers, remat=False, dtype=a.dtype)
-    graphdef = nnx.graphdef(common.abstract(GPT2, cfg))
-    params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(GPT2(cfg, rngs=nnx.Rngs(0)),
+    cls, cfg = jax_model(shape_of(a), a.dtype)
+    graphdef = nnx.graphdef(common.abstract(cls, cfg))
+    params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(cls(cfg, rngs=nnx.Rngs(0)),
                                                         nnx.Param)))()
     optimizer = optax.adamw(1e-5)
     mesh = sharding.make_mesh(1, 1, 1)
-    state, state_sh = sharding.init_state(mesh, params, optimizer, gpt2.FAMILY.rules)
+    state, state_sh = sharding.init_state(mesh, params, optimizer, models.family_of(cfg).rules)
     ref = jax.tree.map(lambda x, sh: jax.device_put(x, sh, may_alias=False), params,
                        state_sh["params"])
     del params
@@ -194,8 +248,8 @@ def run_torch(a):
     if device == "cuda":  # float32 matmuls in TF32, as XLA runs them on a GPU by default
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     peak = torch_matmul_peak(torch, device, dtype)
-    cfg = transformers.GPT2Config(n_layer=a.layers, attn_implementation="sdpa")
-    policy = transformers.GPT2LMHeadModel(cfg).to(device).train()
+    policy = torch_model(shape_of(a), transformers).to(device).train()
+    cfg = policy.config
     for mod in policy.modules():  # DPO trains without dropout
         if isinstance(mod, torch.nn.Dropout):
             mod.p = 0.0
@@ -266,7 +320,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--modes", default="plain,head,shared,precomputed,torch")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--model", default="gpt2", choices=sorted(SHAPES))
+    ap.add_argument("--layers", type=int, default=0, help="0 = the model's own")
     ap.add_argument("--pairs", type=int, default=PAIRS)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--chunk", type=int, default=0, help="LM-head chunk; 0 = off")
@@ -282,13 +337,15 @@ def main():
     peak = matmul_peak(a.dtype)
     device = jax.devices()[0].device_kind if jax.default_backend() != "cpu" else (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    m = shape_of(a)
     print(f"machine: {device}; XLA {a.dtype} matmul peak {peak / 1e12:.3f} TFLOP/s; "
-          f"model FLOPs of the plain step {mode_flops('plain', a.layers) / 1e9:.0f} GFLOP")
+          f"{a.model} shape, {m.layers} layers; model FLOPs of the plain step "
+          f"{mode_flops('plain', m) / 1e9:.0f} GFLOP")
     results = {}
     for mode in a.modes.split(","):
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
         r = subprocess.run([sys.executable, __file__, "--child", mode, "--steps", str(a.steps),
-                            "--layers", str(a.layers), "--chunk", str(a.chunk),
+                            "--model", a.model, "--layers", str(a.layers), "--chunk", str(a.chunk),
                             "--pairs", str(a.pairs), "--dtype", a.dtype],
                            capture_output=True, text=True, env=env)
         line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
@@ -307,7 +364,7 @@ def main():
           "| step/forward | compilations | peak RSS |" + (" peak device mem |" if gpu else ""))
     print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     for mode, r in results.items():
-        flops = mode_flops(mode, a.layers)
+        flops = mode_flops(mode, m)
         vs = f"{base / r['step_s']:.2f}x" if base else "-"
         ceiling = f"{base / (flops / peak):.2f}x" if base else "-"
         comp = r["compilations"] if r["compilations"] is not None else "-"

@@ -149,9 +149,10 @@ def test_folder_without_weights(tiny_hf, tmp_path):
         load_pretrained(tmp_path / "empty")
 
 
-def test_not_gpt2_config(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(CheckpointError, match="model_type is 'llama'"):
+def test_unsupported_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(CheckpointError, match="model_type is 'bert', which is not supported; "
+                                              "supported: gpt2, llama, mistral, qwen2, qwen3"):
         load_pretrained(tmp_path)
 
 
