@@ -141,22 +141,27 @@ def test_resume_on_another_mesh_continues_with_the_same_numbers(tmp_path, single
 
 
 @pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable"])
-def test_remat_gives_the_same_gradients(policy):
+@pytest.mark.parametrize("base", [CFG, LLAMA], ids=["gpt2", "llama"])
+def test_remat_gives_the_same_gradients(policy, base):
     from dpo_jax.logprobs import model_sequence_logprobs
     b = {k: v[0] for k, v in pair_batch().items()}
-    params = jax.tree.map(jnp.asarray, host_params())
+    params = jax.tree.map(jnp.asarray, host_params(base))
+    model_cls = models.family_of(base).model_cls
 
     def grads(cfg):
-        gd = nnx.graphdef(common.abstract(GPT2, cfg))
+        gd = nnx.graphdef(common.abstract(model_cls, cfg))
         f = lambda p: model_sequence_logprobs(nnx.merge(gd, p), b["input_ids"],
                                               b["attention_mask"], b["loss_mask"])[0].sum()
         return jax.jit(jax.grad(f))(params)
 
     import dataclasses
-    plain = grads(CFG)
-    remat = grads(dataclasses.replace(CFG, remat=True, remat_policy=policy))
+    plain = grads(base)
+    remat = grads(dataclasses.replace(base, remat=True, remat_policy=policy))
     for a, r in zip(leaves(plain), leaves(remat)):
-        np.testing.assert_allclose(r, a, atol=1e-6, rtol=0)
+        # float32 sums reassociate: 1e-6 of the leaf's scale (Llama's untied head and embedding
+        # gradients reach ~2.5; GPT-2's bound is the absolute 1e-6 it always was)
+        scale = max(1.0, float(np.abs(a).max())) if base is LLAMA else 1.0
+        np.testing.assert_allclose(r, a, atol=1e-6 * scale, rtol=0)
 
 
 def test_bfloat16_reference_params():

@@ -124,6 +124,15 @@ def test_exact_resume_after_sigkill(tmp_path, config):
     a = (straight / "hf" / "model.safetensors").read_bytes()
     b = (resumed / "hf" / "model.safetensors").read_bytes()
     assert a == b, "final params differ after resume"
+    if "llama" in config:  # the family's export is a transformers model; generate.py serves it
+        import transformers
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            resumed / "hf", output_loading_info=True)
+        assert type(model).__name__ == "LlamaForCausalLM" and not info["missing_keys"]
+        assert not info["unexpected_keys"]
+        r = run(["generate.py", "--workdir", str(resumed), "--prompt", "The acting was",
+                 "--max_new_tokens", "4"])
+        assert r.returncode == 0 and "pi_theta | The acting was" in r.stdout, r.stderr[-2000:]
     steps = [json.loads(l)["step"] for l in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 21))
     losses = lambda wd: [json.loads(l)["train/loss"] for l in (wd / "metrics.jsonl").read_text()
