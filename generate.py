@@ -30,27 +30,34 @@ flags.DEFINE_bool("verbose", False, "Print the traceback of expected errors too.
 flags.mark_flag_as_required("workdir")
 
 
-def load_policy_params(config, workdir: Path, reference):
-    """The latest checkpoint's params (or the HF export's), restored without an optimizer."""
-    from dpo_jax import checkpoint, hf
+def load_policy(config, workdir: Path, reference):
+    """The trained policy: the latest checkpoint's params (a LoRA run's adapters on the base),
+    restored without an optimizer, or the HF export with --from_export."""
+    from flax import nnx
+    from dpo_jax import checkpoint, hf, lora, models
     from dpo_jax.errors import DpoError
     from dpo_jax.models import common
     if FLAGS.from_export:
-        return common.params_of(hf.load_pretrained(workdir / "hf"))
+        return hf.load_pretrained(workdir / "hf")
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", async_save=False)
     s = ckpt.latest_step()
     if s is None:
         raise DpoError(f"{workdir}: no complete checkpoint (train first, or --from_export)")
-    abstract = checkpoint.abstract_like(common.params_of(reference))
-    params = ckpt.restore_params(s, abstract,
-                                 model_config=checkpoint.model_config_record(reference.config))
+    base = common.params_of(reference)
+    expect = {"model_config": checkpoint.model_config_record(reference.config)}
     print(f"policy: {workdir / 'checkpoints' / str(s)}", file=sys.stderr)
-    return params
+    if not config.lora_rank:
+        params = ckpt.restore_params(s, checkpoint.abstract_like(base), expect=expect)
+        return nnx.merge(nnx.graphdef(reference), params)
+    family = models.family_of(reference.config)
+    tuning = lora.LoRATuning(family, reference.config, lora.LoRAConfig.from_config(config, family))
+    template = tuning.init_adapters(config.seed)()
+    adapters = ckpt.restore_params(s, checkpoint.abstract_like(template), expect=expect)
+    return tuning.model(adapters, base)
 
 
 def run():
     import ml_collections
-    from flax import nnx
     from dpo_jax import hf, hub, sampling
     from dpo_jax.errors import ConfigError, DpoError
     workdir = Path(FLAGS.workdir)
@@ -73,7 +80,7 @@ def run():
     cfg = sampling.SamplingConfig(**{**cfg.__dict__, "eos_id": tokenizer.eos_token_id})
     model_cfg, ref_params = hf.initial_model(config, tokenizer)
     reference = hf.build(model_cfg, ref_params)
-    policy = nnx.merge(nnx.graphdef(reference), load_policy_params(config, workdir, reference))
+    policy = load_policy(config, workdir, reference)
     ref = sampling.complete(reference, tokenizer, prompts, cfg, seed=FLAGS.seed)
     theta = sampling.complete(policy, tokenizer, prompts, cfg, seed=FLAGS.seed)
     for i, (p, r, t) in enumerate(zip(prompts, ref, theta), 1):

@@ -61,6 +61,9 @@ def parse():
     ap.add_argument("--remat-policy", default="nothing_saveable")
     ap.add_argument("--compare-remat", action="store_true", help="report remat off and on")
     ap.add_argument("--chunk", type=int, default=1024, help="LM-head chunk (positions)")
+    ap.add_argument("--lora-rank", type=int, default=0,
+                    help="> 0: LoRA adapters (attention + MLP) on a frozen base, which is also "
+                         "the reference; also reports full fine-tuning for comparison")
     return ap.parse_args()
 
 
@@ -94,22 +97,35 @@ def main():
         return total
 
     rows = []
-    for remat in ([False, True] if a.compare_remat else [a.remat]):
+    cases = [(r, 0) for r in ([False, True] if a.compare_remat else [a.remat])]
+    if a.lora_rank:
+        cases += [(a.remat, a.lora_rank)]
+    for remat, rank in cases:
         cfg = dataclasses.replace(base, remat=remat)
         graphdef, abstract = nnx.split(common.abstract(model_cls, cfg))
         params = nnx.to_pure_dict(abstract)
         specs = sharding.param_specs(params, rules)
         sharding.check_divisible(mesh, params, specs)
         named = sharding.named(mesh, specs)
+        tuning = steps.FullTuning(graphdef)
+        trainable, train_rules = params, rules
+        if rank:  # trainable: the adapters; frozen: the base, which is the reference
+            from dpo_jax import lora
+            family = models.family_of(cfg)
+            tuning = lora.LoRATuning(family, cfg, lora.LoRAConfig(rank, 2.0 * rank, 0.0,
+                                                                   family.lora_target))
+            trainable = jax.eval_shape(tuning.init_adapters(0))
+            train_rules = tuning.rules(rules)
+        train_specs = sharding.param_specs(trainable, train_rules)
         make = lambda p: steps.init_state(p, optimizer)
-        state_abs = jax.eval_shape(make, params)
-        state_sh = sharding.state_shardings(mesh, state_abs, specs)
+        state_abs = jax.eval_shape(make, trainable)
+        state_sh = sharding.state_shardings(mesh, state_abs, train_specs)
         with_sh = lambda t, s: jax.tree.map(
             lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), t, s)
         state_in = with_sh(state_abs, state_sh)
         ref_dt = jnp.dtype(a.ref_dtype) if a.ref_dtype else jnp.float32
-        ref_in = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, ref_dt, sharding=sh),
-                              params, named)
+        frozen_in = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, ref_dt, sharding=sh),
+                                 params, named)
         rows_ = 2 * a.pairs
         batch = {k: jax.ShapeDtypeStruct((1, rows_, a.seq), jnp.int32,
                                          sharding=sharding.batch_sharding(mesh, 3))
@@ -117,16 +133,19 @@ def main():
         batch["valid"] = jax.ShapeDtypeStruct((1, a.pairs), jnp.float32,
                                               sharding=sharding.batch_sharding(mesh, 2))
         replicated = NamedSharding(mesh, P())
-        train_step = steps.make_train_step(steps.FullTuning(graphdef), layouts.make("pair"),
+        train_step = steps.make_train_step(tuning, layouts.make("pair"),
                                            LossConfig(), optimizer, lambda s: 1e-6,
                                            chunk_size=a.chunk,
                                            in_shardings=(state_sh, named, {k: v.sharding for k, v
                                                                             in batch.items()}),
                                            out_shardings=(state_sh, replicated))
-        compiled = train_step.lower(state_in, ref_in, batch).compile()
+        compiled = train_step.lower(state_in, frozen_in, batch).compile()
         ma = compiled.memory_analysis()
-        rows.append((remat, per_device(state_in["params"]), per_device(state_in["opt_state"]),
-                     per_device(ref_in), ma.temp_size_in_bytes))
+        # full tuning: the frozen copy is the reference; LoRA: it is the base, the reference
+        # being that same base with the adapters off (no second copy)
+        rows.append((remat, rank, per_device(state_in["params"]),
+                     per_device(state_in["opt_state"]), per_device(frozen_in),
+                     ma.temp_size_in_bytes, ma.argument_size_in_bytes))
 
     dev = jax.devices()[0]
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
@@ -134,11 +153,14 @@ def main():
           f"{a.seq} tokens; "
           f"mesh {dict(mesh.shape)}; {len(mesh.devices.flat)} x {dev.device_kind} ({dev.platform});"
           f" compute {a.dtype}, reference {a.ref_dtype or 'float32'}, LM-head chunk {a.chunk}")
-    print(f"{'remat':>6} {'params':>10} {'opt state':>10} {'ref params':>11} {'temp (act.)':>12}"
-          "   MiB per device")
-    for remat, p, o, r, t in rows:
+    print(f"{'tuning':>9} {'remat':>6} {'trainable':>10} {'opt state':>10} {'frozen':>9} "
+          f"{'reference':>10} {'temp (act.)':>12} {'arguments':>10}   MiB per device")
+    for remat, rank, p, o, f, t, args in rows:
         policy = a.remat_policy if remat else "off"
-        print(f"{policy[:6]:>6} {mib(p):10.1f} {mib(o):10.1f} {mib(r):11.1f} {mib(t):12.1f}")
+        tuning_name = f"LoRA r{rank}" if rank else "full"
+        ref = "0 (base)" if rank else f"{mib(f):.1f}"
+        print(f"{tuning_name:>9} {policy[:6]:>6} {mib(p):10.1f} {mib(o):10.1f} {mib(f):9.1f} "
+              f"{ref:>10} {mib(t):12.1f} {mib(args):10.1f}")
 
 
 if __name__ == "__main__":

@@ -80,15 +80,18 @@ def model_flops(m: Shape, rows, seq, head_positions):
     return m.layers * (per_layer + attention) + head
 
 
-def mode_flops(mode, m: Shape):
-    """FLOPs of one train step in ``mode``: 3x the policy forward + the reference forward."""
+def mode_flops(mode, m: Shape, lora: bool = False):
+    """FLOPs of one train step in ``mode``: 3x the policy forward (forward, backward to the
+    inputs, backward to the weights) + the reference forward. With LoRA the frozen matrices get
+    no weight gradient: 2x the policy forward (the adapters' own FLOPs are negligible)."""
     if mode in ("plain", "torch"):  # two rows per pair, head everywhere
         fwd = model_flops(m, 2 * PAIRS, PROMPT + COMPLETION, 2 * PAIRS * (PROMPT + COMPLETION))
     elif mode == "head":  # two rows per pair, head on the completion positions
         fwd = model_flops(m, 2 * PAIRS, PROMPT + COMPLETION, 2 * PAIRS * COMPLETION)
     else:  # one row per pair: prompt + chosen + rejected
         fwd = model_flops(m, PAIRS, PROMPT + 2 * COMPLETION, 2 * PAIRS * COMPLETION)
-    return (3 if mode == "precomputed" else 4) * fwd
+    policy = 2 if lora and mode != "torch" else 3
+    return (policy if mode == "precomputed" else policy + 1) * fwd
 
 
 def shape_of(a) -> Shape:
@@ -185,13 +188,22 @@ def run_jax(mode, a):
                                                         nnx.Param)))()
     optimizer = optax.adamw(1e-5)
     mesh = sharding.make_mesh(1, 1, 1)
-    state, state_sh = sharding.init_state(mesh, params, optimizer, models.family_of(cfg).rules)
-    ref = jax.tree.map(lambda x, sh: jax.device_put(x, sh, may_alias=False), params,
-                       state_sh["params"])
+    family = models.family_of(cfg)
+    if a.lora_rank:  # trainable: adapters; frozen: the base, which is the reference
+        from dpo_jax import lora
+        tuning = lora.LoRATuning(family, cfg, lora.LoRAConfig(a.lora_rank, 2.0 * a.lora_rank,
+                                                               0.0, family.lora_target))
+        state, state_sh = sharding.init_state(mesh, jax.jit(tuning.init_adapters(0))(),
+                                              optimizer, tuning.rules(family.rules))
+        ref = params  # the base: frozen, and the reference with the adapters off
+    else:
+        tuning = steps.FullTuning(graphdef)
+        state, state_sh = sharding.init_state(mesh, params, optimizer, family.rules)
+        ref = jax.tree.map(lambda x, sh: jax.device_put(x, sh, may_alias=False), params,
+                           state_sh["params"])
     del params
     layout = layouts.make("prefix_sharing" if mode in ("shared", "precomputed") else "pair",
                           0 if mode == "plain" else COMPLETION)
-    tuning = steps.FullTuning(graphdef)
     pairs_ = synthetic_pairs(cfg.vocab_size)
     max_length = PROMPT + COMPLETION
     batches = data.PairBatches(pairs_, batch_size=PAIRS, max_length=max_length, pad_id=0,
@@ -199,13 +211,14 @@ def run_jax(mode, a):
     loss_cfg = LossConfig(beta=0.1)
     if mode == "precomputed":
         ref_fn = steps.make_ref_logps_fn(tuning, layout, chunk_size=a.chunk)
-        c, r = ref_fn(None, ref, batches.collate(np.arange(PAIRS)))
+        c, r = ref_fn(state["params"], ref, batches.collate(np.arange(PAIRS)))
         pairs_.ref_chosen, pairs_.ref_rejected = np.asarray(c), np.asarray(r)
-        ref = {}
+        if not a.lora_rank:  # full tuning frees the reference; LoRA's base is the policy's too
+            ref = {}
     first = data.stack_batches([next(batches)])
     # as the trainer does: layouts pinned, so the state a step returns is the state it takes
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    ref_sh = {} if not ref else state_sh["params"]
+    ref_sh = jax.tree.map(lambda x: x.sharding, ref)
     batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in first.items()}
     train_step = steps.make_train_step(tuning, layout, loss_cfg, optimizer, lambda s: 1e-5,
                                        chunk_size=a.chunk,
@@ -325,6 +338,9 @@ def main():
     ap.add_argument("--pairs", type=int, default=PAIRS)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--chunk", type=int, default=0, help="LM-head chunk; 0 = off")
+    ap.add_argument("--lora-rank", type=int, default=0,
+                    help="> 0: every JAX mode trains LoRA adapters on a frozen base (torch stays "
+                         "full fine-tuning)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     PAIRS = a.pairs
@@ -346,6 +362,7 @@ def main():
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
         r = subprocess.run([sys.executable, __file__, "--child", mode, "--steps", str(a.steps),
                             "--model", a.model, "--layers", str(a.layers), "--chunk", str(a.chunk),
+                            "--lora-rank", str(a.lora_rank),
                             "--pairs", str(a.pairs), "--dtype", a.dtype],
                            capture_output=True, text=True, env=env)
         line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
@@ -364,7 +381,7 @@ def main():
           "| step/forward | compilations | peak RSS |" + (" peak device mem |" if gpu else ""))
     print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     for mode, r in results.items():
-        flops = mode_flops(mode, m)
+        flops = mode_flops(mode, m, bool(a.lora_rank))
         vs = f"{base / r['step_s']:.2f}x" if base else "-"
         ceiling = f"{base / (flops / peak):.2f}x" if base else "-"
         comp = r["compilations"] if r["compilations"] is not None else "-"

@@ -27,9 +27,16 @@ def get_config():
     ))
     c.tokenizer_name_or_path = ""  # HF tokenizer folder or hub id; "" = the model's
     c.dtype = "float32"            # compute dtype: float32 | bfloat16 (params stay float32)
-    c.ref_dtype = ""               # reference params' dtype: "" = float32; "bfloat16" halves them
+    c.ref_dtype = ""               # frozen params' dtype (the reference; LoRA's base): "" = float32
     c.remat = False                # recompute each block's activations in the backward pass
     c.remat_policy = "nothing_saveable"  # or dots_saveable / dots_with_no_batch_dims_saveable
+
+    # ---- LoRA (dpo_jax/lora.py): adapters trained, the base frozen and (adapters off) the reference
+    c.lora_rank = 0                # adapter rank r; 0 = full fine-tuning
+    c.lora_alpha = 16.0            # adapters scale by alpha / r (PEFT's)
+    c.lora_dropout = 0.0           # dropout on the adapters' input while training
+    c.lora_target = ""             # regex over Linear paths; "" = the family's (attention + MLP)
+    c.lora_init = ""               # a PEFT adapter folder to start from; "" = fresh (B = 0)
 
     # ---- devices (dpo_jax/sharding.py)
     c.mesh_data = -1               # data-parallel axis size; -1 = the devices left over

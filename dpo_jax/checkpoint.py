@@ -135,25 +135,45 @@ class Checkpointer:
     def record(self, step: int) -> dict:
         return self._read(step, record=ocp.args.JsonRestore())["record"]
 
-    def check_model(self, step: int, record: dict, model_config: dict | None):
-        if model_config is None or record.get("model_config") == model_config:
-            return
-        saved = record.get("model_config") or {}
-        diff = {k: (saved.get(k), model_config.get(k))
-                for k in sorted(set(saved) | set(model_config))
-                if saved.get(k) != model_config.get(k)}
-        raise CheckpointMismatch(
-            f"{self.directory / str(step)} holds a checkpoint of another model "
-            f"(saved vs this config: {diff}); use a fresh --workdir or the matching config")
+    def check_record(self, step: int, record: dict, expect: dict | None):
+        """What the checkpoint must have been written for: ``model_config`` (the architecture)
+        and ``lora`` (LoRA's settings and the checksum of the base it adapts, or None for full
+        fine-tuning). A difference is a CheckpointMismatch naming it, before any state is read."""
+        where = self.directory / str(step)
+        for key, want in (expect or {}).items():
+            have = record.get(key)
+            if have == want:
+                continue
+            if key == "lora" and (have is None) != (want is None):
+                what = ("LoRA adapters (lora_rank={})".format(have["rank"]) if have
+                        else "a full fine-tuning run")
+                this = ("trains LoRA adapters (lora_rank={})".format(want["rank"]) if want
+                        else "fine-tunes fully (lora_rank=0)")
+                raise CheckpointMismatch(f"{where} holds {what}, and this run {this}; use a "
+                                         "fresh --workdir or the matching config")
+            if key == "lora" and have.get("base") != want.get("base"):
+                raise CheckpointMismatch(
+                    f"{where} holds adapters of another base model: the base weights' checksum "
+                    "differs (config key model_name_or_path, or its files changed)")
+            if key == "model_config" and have is None:
+                continue  # written before records held the architecture
+            have = have or {}
+            diff = {k: (have.get(k), want.get(k)) for k in sorted(set(have) | set(want))
+                    if have.get(k) != want.get(k)}
+            raise CheckpointMismatch(
+                f"{where} holds a checkpoint of another "
+                f"{'model' if key == 'model_config' else 'LoRA setting'} (saved vs this config: "
+                f"{diff}); use a fresh --workdir or the matching config")
 
     def _old_format(self, step: int) -> bool:
         return (self.directory / str(step) / _OLD_STATE).is_dir()
 
-    def restore(self, step: int, abstract_state: dict, *, model_config: dict | None = None):
+    def restore(self, step: int, abstract_state: dict, *, expect: dict | None = None):
         """(state, record) of ``step``; the state takes the shardings of ``abstract_state``'s
-        leaves (jax.ShapeDtypeStruct with .sharding), so a run may resume on another mesh."""
+        leaves (jax.ShapeDtypeStruct with .sharding), so a run may resume on another mesh.
+        ``expect``: see ``check_record``."""
         record = self.record(step)
-        self.check_model(step, record, model_config)
+        self.check_record(step, record, expect)
         if self._old_format(step):
             target = {k: v for k, v in abstract_state.items() if k != "bad_step"}
             state = self._read(step, **{_OLD_STATE: ocp.args.StandardRestore(target)})[_OLD_STATE]
@@ -183,7 +203,7 @@ class Checkpointer:
                 raise DamagedCheckpoint(f"{self.directory / str(step)}: the {name} hold "
                                         "non-finite values")
 
-    def restore_latest_good(self, abstract_state: dict, *, model_config: dict | None = None):
+    def restore_latest_good(self, abstract_state: dict, *, expect: dict | None = None):
         """(step, state, record) of the newest checkpoint that reads back intact, or None.
 
         A damaged step is reported, moved aside (``<step>.damaged``, kept for inspection) and
@@ -192,7 +212,7 @@ class Checkpointer:
         self._set_aside_incomplete()
         while (step := self.latest_step()) is not None:
             try:
-                state, record = self.restore(step, abstract_state, model_config=model_config)
+                state, record = self.restore(step, abstract_state, expect=expect)
                 return step, state, record
             except DamagedCheckpoint as e:
                 aside = self.directory / f"{step}.damaged"
@@ -203,10 +223,10 @@ class Checkpointer:
                 self.manager.reload()
         return None
 
-    def restore_params(self, step: int, abstract_params, *, model_config: dict | None = None):
+    def restore_params(self, step: int, abstract_params, *, expect: dict | None = None):
         """The trainable params of ``step`` alone (no optimizer state is read or built)."""
         record = self.record(step)
-        self.check_model(step, record, model_config)
+        self.check_record(step, record, expect)
         if self._old_format(step):
             # the old single item holds the optimizer state too: read it as saved, keep the params
             old = self._read(step, **{_OLD_STATE: ocp.args.StandardRestore()})[_OLD_STATE]

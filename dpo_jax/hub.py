@@ -177,6 +177,14 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
             for k, v in sd.items()}
 
 
+def read_weights_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The tensors of one safetensors file (and each key's file name, as read_weights)."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: no such file")
+    tensors = _read_safetensors(Path(path))
+    return tensors, {k: Path(path).name for k in tensors}
+
+
 def read_weights(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Every tensor in the folder, and for each key the file it came from (for error messages)."""
     if (folder / SAFETENSORS_FILE).exists():

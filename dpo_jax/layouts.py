@@ -30,7 +30,7 @@ from dpo_jax.logprobs import model_sequence_logprobs, sequence_logprobs_at
 # batch keys whose second axis is the sequence (padded when micro-batches differ in length),
 # with the value that pads them
 SEQUENCE_FILL = {"input_ids": None, "attention_mask": 0, "loss_mask": 0, "position_ids": 0,
-                 "segment_ids": -1}
+                 "segment_ids": -1, "unit_ids": -1}
 
 
 class LayoutError(DpoError, ValueError):
@@ -69,6 +69,10 @@ class Layout:
     def real_tokens(self, p: int, c: int, r: int) -> int:
         """The non-padding positions a pair fills (for padding statistics)."""
         raise NotImplementedError
+
+    def batch_rows(self, batch_size: int) -> int:
+        """Rows of one batch of ``batch_size`` pairs."""
+        return self.rows_per_pair * batch_size
 
     def collate(self, prompts, chosens, rejecteds, batch_size: int, length: int,
                 pad_id: int) -> dict:
@@ -132,15 +136,19 @@ class Pair(Layout):
         return (*split_pairs(logps, pair_blocks), *split_pairs(n, pair_blocks))
 
 
-def prefix_sharing_mask(attention_mask, segment_ids):
+def prefix_sharing_mask(attention_mask, segment_ids, unit_ids=None):
     """(B, T, T) attention for rows of prompt (0) + chosen (1) + rejected (2) segments: causal,
     no padding, and rejected queries never see chosen keys (so each completion sees exactly the
-    prompt and itself, as in its own sequence)."""
+    prompt and itself, as in its own sequence). With ``unit_ids`` (packed rows: which sequence
+    or triple a token belongs to), attention also stays within its unit: block-diagonal."""
     t = segment_ids.shape[1]
     causal = jnp.tril(jnp.ones((t, t), bool))[None]
     keys = attention_mask.astype(bool)[:, None, :]
     crossing = (segment_ids[:, :, None] == 2) & (segment_ids[:, None, :] == 1)
-    return causal & keys & ~crossing
+    mask = causal & keys & ~crossing
+    if unit_ids is not None:
+        mask = mask & (unit_ids[:, :, None] == unit_ids[:, None, :])
+    return mask
 
 
 class PrefixSharing(Layout):
@@ -195,11 +203,136 @@ class PrefixSharing(Layout):
         return logps[:, 0], logps[:, 1], n[:, 0], n[:, 1]  # each row holds its pair
 
 
+class Packed(Layout):
+    """Several pairs per row: the units of ``base`` (pair: prompt + chosen and prompt + rejected
+    sequences; prefix sharing: prompt + chosen + rejected triples) packed first-fit-decreasing
+    into ``rows`` rows, positions restarting in each unit, attention within its unit (plus the
+    prefix-sharing rule), each completion scored in its window. A batch still holds the same
+    ``batch_size`` pairs as unpacked: only the rows change. ``rows`` and ``slots`` (the most
+    completions a row holds) are static, sized from the batches a run will see
+    (``PairBatches.packed_sizes``)."""
+
+    name = "packed"
+
+    def __init__(self, base: Layout, rows: int = 0, slots: int = 0):
+        if not base.window:
+            raise LayoutError("packing needs max_completion_length > 0 (the static window each "
+                              "completion is scored in)")
+        super().__init__(base.window)
+        self.base, self.rows, self.slots = base, int(rows), int(slots)
+        self.name = f"{base.name}+packed"
+
+    def __repr__(self):
+        return f"Packed({self.base!r}, rows={self.rows}, slots={self.slots})"
+
+    def units(self, p: int, c: int, r: int) -> list[int]:
+        """The lengths of the units one pair packs as."""
+        return [p + c, p + r] if isinstance(self.base, Pair) else [p + c + r]
+
+    def pair_tokens(self, p, c, r):
+        return max(self.units(p, c, r))
+
+    def real_tokens(self, p, c, r):
+        return self.base.real_tokens(p, c, r)
+
+    def row_length(self, max_length):
+        return self.base.row_length(max_length)
+
+    def batch_rows(self, batch_size):
+        return self.rows
+
+    def plan(self, lengths: list[int], length: int) -> list[list[int]]:
+        """Unit indices per row, first fit after sorting by length (longest first; ties in
+        order, so the plan is deterministic)."""
+        rows, room = [], []
+        for u in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            for j, free in enumerate(room):
+                if lengths[u] <= free:
+                    rows[j].append(u)
+                    room[j] -= lengths[u]
+                    break
+            else:
+                rows.append([u])
+                room.append(length - lengths[u])
+        return rows
+
+    def sizes(self, pairs: list[tuple[int, int, int]], length: int) -> tuple[int, int]:
+        """(rows, completion slots per row) that packing these pairs needs."""
+        lengths = [u for p, c, r in pairs for u in self.units(p, c, r)]
+        rows = self.plan(lengths, length)
+        per_unit = 1 if isinstance(self.base, Pair) else 2
+        return len(rows), per_unit * max(len(r) for r in rows)
+
+    def collate(self, prompts, chosens, rejecteds, batch_size, length, pad_id):
+        n_rows, k, w = self.rows, self.slots, self.window
+        units = []  # (pair, prompt, [(side, completion)])
+        for i, (p, c, r) in enumerate(zip(prompts, chosens, rejecteds)):
+            units += ([(i, p, [(0, c)]), (i, p, [(1, r)])] if isinstance(self.base, Pair)
+                      else [(i, p, [(0, c), (1, r)])])
+        plan = self.plan([len(p) + sum(len(x) for _, x in cs) for _, p, cs in units], length)
+        if len(plan) > n_rows or any(len(row) * len(units[0][2]) > k for row in plan):
+            raise LayoutError(f"a batch needs {len(plan)} packed rows of {length} positions; "
+                              f"{n_rows} were sized (config key pack_rows)")
+        ids = np.full((n_rows, length), pad_id, np.int32)
+        attn, positions = np.zeros((n_rows, length), np.int32), np.zeros((n_rows, length),
+                                                                          np.int32)
+        unit_ids, parts = np.full((n_rows, length), -1, np.int32), np.full((n_rows, length), -1,
+                                                                            np.int32)
+        pos, label, mask = self._score_arrays(n_rows, k)
+        index = np.full((n_rows, k), -1, np.int32)  # side * batch_size + pair
+        for row, members in enumerate(plan):
+            at, slot = 0, 0
+            for u_id, u in enumerate(members):
+                pair, p, comps = units[u]
+                lp = len(p)
+                ids[row, at:at + lp], parts[row, at:at + lp] = p, 0
+                positions[row, at:at + lp] = np.arange(lp)
+                end = at + lp
+                for n, (side, comp) in enumerate(comps):
+                    lc = len(comp)
+                    ids[row, end:end + lc] = comp
+                    parts[row, end:end + lc] = 1 + n  # a triple's rejected part is 2
+                    positions[row, end:end + lc] = np.arange(lp, lp + lc)
+                    prev = end - 1 if n == 0 else at + lp - 1  # the rejected's first token
+                    pos[row, slot, :lc] = np.concatenate(         # is scored from the prompt
+                        [[prev], np.arange(end, end + lc - 1)])
+                    label[row, slot, :lc], mask[row, slot, :lc] = comp, 1
+                    index[row, slot] = side * batch_size + pair
+                    slot, end = slot + 1, end + lc
+                attn[row, at:end], unit_ids[row, at:end] = 1, u_id
+                at = end
+        return {"input_ids": ids, "attention_mask": attn, "position_ids": positions,
+                "segment_ids": parts, "unit_ids": unit_ids, "score_pos": pos,
+                "score_label": label, "score_mask": mask, "score_index": index}
+
+    def logps(self, model, batch, *, chunk_size, pair_blocks=1):
+        attn_mask = prefix_sharing_mask(batch["attention_mask"], batch["segment_ids"],
+                                        batch["unit_ids"])
+        hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"],
+                                     batch["position_ids"], attn_mask=attn_mask)
+        logps, n = sequence_logprobs_at(hidden, model.head_weight(), batch["score_pos"],
+                                        batch["score_label"], batch["score_mask"], chunk_size)
+        # scatter each row's completions to their pairs: (blocks, 2 sides, pairs per block)
+        index = batch["score_index"]
+        rows = index.shape[0]
+        per_block = batch["valid"].shape[0] // pair_blocks
+        block = (jnp.arange(rows) // (rows // pair_blocks))[:, None]
+        flat = jnp.where(index >= 0, block * 2 * per_block + index, 2 * per_block * pair_blocks)
+        size = 2 * per_block * pair_blocks + 1  # the last slot collects the unused ones
+        out = [jnp.zeros(size, x.dtype).at[flat.reshape(-1)].add(x.reshape(-1))[:-1]
+               .reshape(pair_blocks, 2, per_block) for x in (logps, n)]
+        return (out[0][:, 0].reshape(-1), out[0][:, 1].reshape(-1), out[1][:, 0].reshape(-1),
+                out[1][:, 1].reshape(-1))
+
+
 LAYOUTS = {cls.name: cls for cls in (Pair, PrefixSharing)}
 
 
-def make(name: str, window: int = 0) -> Layout:
-    """The layout called ``name`` (config key ``layout``) with scoring window ``window``."""
+def make(name: str, window: int = 0, *, packed: bool = False, rows: int = 0,
+         slots: int = 0) -> Layout:
+    """The layout called ``name`` (config key ``layout``) with scoring window ``window``;
+    ``packed`` packs its units into ``rows`` rows of up to ``slots`` completions each."""
     if name not in LAYOUTS:
         raise LayoutError(f"layout={name!r}: valid layouts are {', '.join(LAYOUTS)}")
-    return LAYOUTS[name](window)
+    base = LAYOUTS[name](window)
+    return Packed(base, rows, slots) if packed else base

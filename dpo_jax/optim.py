@@ -75,9 +75,9 @@ def build(config, total_steps: int, decay_mask=None
 def accumulate_gradients(grad_fn, params, micro_batches, weights):
     """Gradient and aux of a whole batch from its micro-batches, exactly.
 
-    grad_fn(params, batch) -> ((loss, aux), grads) where loss is a mean over the batch's valid
-    pairs; micro_batches is a pytree with a leading axis of A micro-batches; weights (A,) are their
-    valid-pair counts. The result is sum_k w_k grad_k / sum_k w_k: the gradient of the mean over
+    grad_fn(params, batch, index) -> ((loss, aux), grads) where loss is a mean over the batch's
+    valid pairs and index the micro-batch's (for its randomness); micro_batches is a pytree with
+    a leading axis of A micro-batches; weights (A,) are their valid-pair counts. The result is sum_k w_k grad_k / sum_k w_k: the gradient of the mean over
     all pairs, the same update one batch of A x B would give. (Losses that use batch statistics,
     ``aot`` sorting and the token weighting of ``sft`` / ``orpo`` / ``rpo_alpha``, see each
     micro-batch on its own, as accumulation does in TRL.)
@@ -85,16 +85,18 @@ def accumulate_gradients(grad_fn, params, micro_batches, weights):
     total = jnp.maximum(jnp.sum(weights), 1.0)
 
     def body(carry, xs):
-        batch, w = xs
-        (loss, aux), grads = grad_fn(params, batch)
+        batch, w, index = xs
+        (loss, aux), grads = grad_fn(params, batch, index)
         scale = w / total
         carry = jax.tree.map(lambda acc, g: acc + scale * g.astype(acc.dtype), carry,
                              (grads, loss, aux))
         return carry, None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    first = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda a: a[0], micro_batches)))
+    first = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda a: a[0], micro_batches),
+                                           jnp.int32(0)))
     init = (zeros, jnp.zeros((), jnp.float32),
             jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), first[0][1]))
-    (grads, loss, aux), _ = jax.lax.scan(body, init, (micro_batches, weights))
+    index = jnp.arange(weights.shape[0], dtype=jnp.int32)
+    (grads, loss, aux), _ = jax.lax.scan(body, init, (micro_batches, weights, index))
     return (loss, aux), grads

@@ -77,4 +77,5 @@ def precompute_for_run(run):
             fp = fingerprint(key, jax.process_index(), pairs.prompt, pairs.chosen, pairs.rejected)
             precompute(pairs, ref_fn, run.state["params"], run.frozen, batches,
                        run.workdir / f"ref_logps-{fp}.npz", run.mesh)
-    run.frozen = {}  # never needed again: free its memory
+    if run.tuning.frees_frozen_after_precompute:
+        run.frozen = {}  # never needed again: free its memory (LoRA's base stays: the policy's)

@@ -1,14 +1,9 @@
 """Train, eval and reference steps: pure functions of pytrees, jitted, the train state donated.
 
 The parameters come in two parts: ``trainable`` (differentiated, updated by the optimizer, in
-the train state) and ``frozen`` (never differentiated, never updated). A *tuning* says how the
-policy and the reference are assembled from them (``model(trainable, frozen)`` and
-``reference(trainable, frozen)``):
-
-- ``FullTuning``: trainable = the policy's params; frozen = the reference's own params ({} once
-  reference log-probs are precomputed).
-- ``lora.LoRATuning``: trainable = the adapters; frozen = the base params, which with the
-  adapters switched off are the reference: one copy of the base, no second model.
+the train state) and ``frozen`` (never differentiated, never updated). A *tuning*
+(``dpo_jax/tuning.py``: full fine-tuning, or LoRA with the base as the reference) says how the
+policy and the reference are assembled from them.
 
 The gradient is taken with respect to ``trainable`` only (``argnums=0``), so nothing frozen gets
 one by construction. Reference log-probs are computed in the step or carried in the batch
@@ -25,33 +20,21 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from dpo_jax.losses import LossConfig, PairLogps, metrics, pair_losses
 from dpo_jax.optim import accumulate_gradients
-
-
-class FullTuning:
-    """Full fine-tuning: the policy is ``trainable``; the reference is ``frozen``, its own copy."""
-
-    def __init__(self, graphdef):
-        self.graphdef = graphdef
-
-    def model(self, trainable, frozen):
-        return nnx.merge(self.graphdef, trainable)
-
-    def reference(self, trainable, frozen):
-        return nnx.merge(self.graphdef, frozen)
+from dpo_jax.tuning import FullTuning  # noqa: F401 (re-exported: steps.FullTuning)
 
 
 def make_loss_fn(tuning, layout, loss_cfg: LossConfig, chunk_size: int, pair_blocks: int = 1):
-    """loss_fn(trainable, frozen, batch) -> (loss, metrics)."""
+    """loss_fn(trainable, frozen, batch, rng=None) -> (loss, metrics). ``rng``: the key of the
+    policy's randomness (LoRA dropout); None for evaluation."""
 
     def logps(model, batch):
         return layout.logps(model, batch, chunk_size=chunk_size, pair_blocks=pair_blocks)
 
-    def loss_fn(trainable, frozen, batch):
-        pc, pr, nc, nr = logps(tuning.model(trainable, frozen), batch)
+    def loss_fn(trainable, frozen, batch, rng=None):
+        pc, pr, nc, nr = logps(tuning.model(trainable, frozen, rng), batch)
         if "ref_chosen_logps" in batch:  # precomputed once over the data
             rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         elif loss_cfg.needs_reference:
@@ -75,21 +58,26 @@ def init_state(trainable, optimizer) -> dict:
 
 def make_train_step(tuning, layout, loss_cfg: LossConfig, optimizer, lr_schedule, *,
                     chunk_size: int, pair_blocks: int = 1, in_shardings=None,
-                    out_shardings=None):
+                    out_shardings=None, seed: int = 0):
     """train_step(state, frozen, batch) -> (state, metrics); jitted, state donated.
 
     state = ``init_state(trainable, optimizer)``. Every batch leaf has a leading axis of
     micro-batches (gradient accumulation, exact: see optim.accumulate_gradients); its length may
-    be 1. in/out_shardings, when given, pin the layouts over a mesh (what pjit did).
+    be 1. in/out_shardings, when given, pin the layouts over a mesh (what pjit did). The policy's
+    randomness (LoRA dropout) draws from fold_in(seed, step, micro-batch): a resumed run draws
+    the same.
     """
     loss_fn = make_loss_fn(tuning, layout, loss_cfg, chunk_size, pair_blocks)
     grad_fn = jax.value_and_grad(loss_fn, argnums=0, has_aux=True)
+    base_key = jax.random.fold_in(jax.random.key(seed), 0x10A)  # apart from data order / init
 
     def train_step(state, frozen, batch):
         params = state["params"]
         weights = batch["valid"].sum(axis=-1)
-        (_, m), grads = accumulate_gradients(lambda p, b: grad_fn(p, frozen, b), params,
-                                             batch, weights)
+        step_key = jax.random.fold_in(base_key, state["step"])
+        (_, m), grads = accumulate_gradients(
+            lambda p, b, i: grad_fn(p, frozen, b, jax.random.fold_in(step_key, i)), params,
+            batch, weights)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         m = dict(m, grad_norm=optax.tree.norm(grads), learning_rate=lr_schedule(state["step"]))
         new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,

@@ -22,14 +22,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from dpo_jax import (checkpoint, data, evaluation, hf, hub, layouts, models, optim, reference,
-                     sharding, steps, tracking, validate, workdir as workdirs)
+from dpo_jax import (checkpoint, data, evaluation, hf, hub, layouts, lora, models, optim,
+                     reference, sharding, steps, tracking, tuning, validate,
+                     workdir as workdirs)
 from dpo_jax.errors import ConfigError, DpoError, NonFiniteError, Stopped
 from dpo_jax.interrupts import Interrupts
 from dpo_jax.losses import LossConfig
-from dpo_jax.models import common
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ class Run:
     lead: bool                  # the process that logs and exports
     tokenizer: object
     model_cfg: object
-    tuning: steps.FullTuning
+    tuning: tuning.FullTuning | lora.LoRATuning
     layout: layouts.Layout
     loss_cfg: LossConfig
     train_pairs: data.TokenizedPairs
@@ -62,11 +61,12 @@ class Run:
     eval_batches: data.PairBatches | None
     total_steps: int
     state: dict
-    frozen: dict                # {} once the reference is precomputed (see steps.FullTuning)
+    frozen: dict                # the reference (full tuning; {} once precomputed), or LoRA's base
     ckpt: checkpoint.Checkpointer
     start: int                  # the step resumed from (0 for a fresh run)
     rng: jax.Array
     settings: dict = dataclasses.field(default_factory=dict)  # workdir.RUN_KEYS of this run
+    expect: dict = dataclasses.field(default_factory=dict)  # what its checkpoints must match
     interrupts: Interrupts | None = None
     train_step: object = None
     eval_step: object = None
@@ -87,8 +87,7 @@ class Run:
 
     def record(self, cursor: dict) -> dict:
         return {"data": cursor, "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),
-                "model_config": checkpoint.model_config_record(self.model_cfg),
-                "step": int(self.state["step"]), "run": self.settings}
+                "step": int(self.state["step"]), "run": self.settings, **self.expect}
 
     def last_checkpoint(self) -> str:
         """The newest complete checkpoint, in words (after any save in flight has finished)."""
@@ -134,7 +133,6 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
                               f"{field}={limit}")
     for key in ("train_batch_size", "eval_batch_size"):
         sharding.check_model_fits(mesh, model_cfg, config[key])
-    tuning = steps.FullTuning(nnx.graphdef(common.abstract(family.model_cls, model_cfg)))
     layout = layouts.make(config.layout, scoring_window(config))
 
     train_pairs, eval_pairs = data.load_splits(config, tokenizer, shard=(proc, n_proc))
@@ -164,25 +162,22 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
                           f"gradient_accumulation_steps={accum} (lower one of these config keys)")
     total_steps = config.max_steps if config.max_steps > 0 else \
         config.num_train_epochs * updates_per_epoch
-    optimizer, lr_schedule = optim.build(
-        config, total_steps, common.decay_mask(common.abstract(family.model_cls, model_cfg)))
-    state, state_sh = sharding.init_state(mesh, params, optimizer, family.rules)
+    parts = tuning.split(config, mesh, family, model_cfg, params)
     del params
-    frozen = {}
-    if loss_cfg.needs_reference:
-        # Its own buffers (the policy's are donated to the step), in ref_dtype if asked: the
-        # reference is never updated, so bfloat16 halves its memory at no cost to the policy.
-        ref_dtype = jnp.dtype(config.ref_dtype) if config.ref_dtype else None
-        frozen = jax.tree.map(
-            lambda a, sh: jax.device_put(a, sh, may_alias=False).astype(ref_dtype or a.dtype),
-            state["params"], state_sh["params"])
+    optimizer, lr_schedule = optim.build(config, total_steps, parts.decay_mask)
+    state, state_sh = sharding.init_state(mesh, parts.trainable, optimizer, parts.rules)
+    frozen = parts.frozen if parts.frozen is not None else (
+        tuning.reference_copy(state, state_sh, config.ref_dtype) if loss_cfg.needs_reference
+        else {})
+    expect = {"model_config": checkpoint.model_config_record(model_cfg),
+              "lora": parts.lora_record}
 
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.save_total_limit)
     run = Run(config=config, workdir=workdir, mesh=mesh, lead=lead, tokenizer=tokenizer,
-              model_cfg=model_cfg, tuning=tuning, layout=layout, loss_cfg=loss_cfg,
+              model_cfg=model_cfg, tuning=parts.tuning, layout=layout, loss_cfg=loss_cfg,
               train_pairs=train_pairs, eval_pairs=eval_pairs, train_batches=train_batches,
               eval_batches=eval_batches, total_steps=total_steps, state=state, frozen=frozen,
-              ckpt=ckpt, start=0, rng=jax.random.key(config.seed),
+              ckpt=ckpt, start=0, rng=jax.random.key(config.seed), expect=expect,
               settings=workdirs.run_settings(config, workdirs.data_fingerprint(train_pairs)))
     _resume(run)
     phase_done()
@@ -198,8 +193,7 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
 def _resume(run: Run):
     """Restores the newest intact checkpoint over the freshly built run, after checking that it
     was written by a run of the same model and settings."""
-    found = run.ckpt.restore_latest_good(checkpoint.abstract_like(run.state),
-                                         model_config=checkpoint.model_config_record(run.model_cfg))
+    found = run.ckpt.restore_latest_good(checkpoint.abstract_like(run.state), expect=run.expect)
     if found is None:
         return
     start, state, record = found
@@ -224,7 +218,8 @@ def _compile(run: Run, optimizer, lr_schedule, state_sh):
         batch_sh = {k: sharding.batch_sharding(run.mesh, v.ndim) for k, v in run.batch.items()}
         run.train_step = steps.make_train_step(
             run.tuning, run.layout, run.loss_cfg, optimizer, lr_schedule, **run.step_kw(),
-            in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, replicated))
+            in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, replicated),
+            seed=run.config.seed)
     run.eval_step = steps.make_eval_step(run.tuning, run.layout, run.loss_cfg,
                                          out_shardings=replicated, **run.step_kw())
 
@@ -307,6 +302,9 @@ def finish(run: Run) -> dict:
     if run.start == run.total_steps:  # finished, but a kill cut the export or summary short
         run.last_train, run.last_eval = workdirs.last_metrics(run.workdir / "metrics.jsonl")
     host_params = sharding.to_host(run.state["params"])
+    if isinstance(run.tuning, lora.LoRATuning):  # the export is the base with adapters merged
+        adapters, host_params = host_params, run.tuning.merged_params(
+            host_params, sharding.to_host(run.frozen))
     if not checkpoint.all_finite(host_params):
         raise NonFiniteError(f"the params at step {run.total_steps} are not finite: nothing is "
                              f"exported; the last complete checkpoint is {run.last_checkpoint()}")
@@ -314,6 +312,9 @@ def finish(run: Run) -> dict:
     if config.export_hf and run.lead:
         hf_dir = hf.save_params(run.model_cfg, host_params, run.workdir / "hf")
         run.tokenizer.save_pretrained(str(hf_dir))
+        if isinstance(run.tuning, lora.LoRATuning):  # and the adapter alone, as PEFT saves it
+            lora.save_peft(run.workdir / "adapter", run.tuning, adapters,
+                           config.model_name_or_path)
     summary = {
         "steps": run.total_steps,
         "train/loss": run.last_train.get("loss"),

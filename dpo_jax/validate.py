@@ -100,6 +100,15 @@ def _buckets(key, v, c):
                           f"(1, {what}]; {bad} do not")
 
 
+def _regex(key, v, c):
+    import re
+    _text(key, v, c)
+    try:
+        re.compile(v)
+    except re.error as e:
+        raise ConfigError(f"config key {key}={v!r}: not a regular expression ({e})") from None
+
+
 def _loss(key, v, c):
     pass  # checked as a whole by LossConfig.from_config in check_config
 
@@ -133,6 +142,9 @@ CHECKS = {
     # model
     "model_name_or_path": _text, "model": _model, "tokenizer_name_or_path": _text,
     "dtype": _dtype, "ref_dtype": _dtype, "remat": _flag, "remat_policy": _remat_policy,
+    # LoRA
+    "lora_rank": _int(0, "0 = full fine-tuning"), "lora_alpha": _number(0, open_low=True),
+    "lora_dropout": _number(0, 1, open_high=True), "lora_target": _regex, "lora_init": _text,
     # devices
     "mesh_data": _mesh_axis, "mesh_fsdp": _mesh_axis, "mesh_tensor": _mesh_axis,
     "distributed": _flag, "coordinator_address": _text, "num_processes": _int(0),
@@ -198,6 +210,9 @@ def check_config(config):
     if config.add_bos and config.tokenization == "trl":
         raise ConfigError("config key add_bos=True applies to tokenization='separate'; with "
                           "'trl', BOS is what the tokenizer itself adds")
+    if config.lora_init and not config.lora_rank:
+        raise ConfigError("config key lora_init names an adapter, but lora_rank=0 (full "
+                          "fine-tuning): set lora_rank to the adapter's rank")
     columns = (config.prompt_column, config.chosen_column, config.rejected_column)
     if len(set(columns)) < 3:
         raise ConfigError(f"config keys prompt_column, chosen_column, rejected_column name the "

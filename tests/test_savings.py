@@ -121,3 +121,28 @@ def test_completions_longer_than_the_window_are_refused():
         batch(pairs(), window=4)
     with pytest.raises(layouts.LayoutError, match="prefix_sharing' needs max_completion_length"):
         batch(pairs(), "prefix_sharing")
+
+
+def packed(tp, layout):
+    """(packed layout sized for tp, the batch of every pair in tp packed into its rows)."""
+    b = data.PairBatches(tp, batch_size=len(tp), max_length=20, pad_id=0, shuffle=False,
+                         layout=layouts.make(layout, W, packed=True))
+    assert b.layout.rows < b.layout.base.batch_rows(len(tp))  # really packed: fewer rows
+    return b.layout, b.collate(np.arange(len(tp)))
+
+
+@pytest.mark.parametrize("layout", ["pair", "prefix_sharing"])
+def test_packed_rows_match_the_plain_step(models, layout):
+    """Several pairs per row (units of unequal length, positions restarting, attention within
+    each unit): the per-pair log-probs, loss and gradients of the plain step, within 1e-5."""
+    tp = pairs(n=8, seed=5)
+    plain = loss_and_grads(models, batch(tp))
+    pk = loss_and_grads(models, packed(tp, layout))
+    assert_same(plain, pk)
+    graphdef, policy, _ = models
+    fn = steps.make_ref_logps_fn(steps.FullTuning(graphdef), *packed(tp, layout)[:1],
+                                 chunk_size=0)
+    per_pair = [np.asarray(x) for x in fn(None, policy, packed(tp, layout)[1])]
+    plain_fn = steps.make_ref_logps_fn(steps.FullTuning(graphdef), batch(tp)[0], chunk_size=0)
+    for a, b in zip(per_pair, plain_fn(None, policy, batch(tp)[1])):
+        np.testing.assert_allclose(a, np.asarray(b), rtol=1e-5)  # each pair's log-probs

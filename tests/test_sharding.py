@@ -228,3 +228,32 @@ def test_kv_heads_that_do_not_divide_the_tensor_axis_are_a_clear_error():
                                                      r"over the tensor axis of size 4 \(config "
                                                      r"key mesh_tensor\)"):
         sharding.check_model_fits(sharding.make_mesh(2, 1, 4), LLAMA, 8)
+
+
+def test_lora_gives_the_same_step_on_every_mesh(tmp_path):
+    """LoRA's adapters (sharded as their base matrices: A by its input, B by its output) and
+    the frozen base: the same loss and adapters on one device and on (1, 4, 2) / (2, 2, 2)."""
+    from trainutil import tiny_config
+    from dpo_jax import trainer
+
+    def two_steps(mesh):
+        c = tiny_config(tmp_path, **{"model.model_type": "llama"})
+        c.model = __import__("configs.tiny_llama", fromlist=["x"]).get_config().model
+        c.lora_rank, c.lora_dropout, c.learning_rate, c.warmup_steps = 4, 0.1, 1e-2, 0
+        c.mesh_data, c.mesh_fsdp, c.mesh_tensor = mesh
+        run = trainer.setup(c, tmp_path / f"wd{mesh}")
+        ms = []
+        for _ in range(2):
+            run.state, m = run.train_step(run.state, run.frozen,
+                                          sharding.shard_batch(run.mesh, run.batch))
+            run.batch = run.next_update()
+            ms.append(float(m["loss"]))
+        run.ckpt.close()
+        return ms, jax.device_get(run.state["params"])
+
+    ms_one, one = two_steps((1, 1, 1))
+    for mesh in [(1, 4, 2), (2, 2, 2)]:
+        ms, params = two_steps(mesh)
+        np.testing.assert_allclose(ms, ms_one, rtol=1e-5)
+        for a, b in zip(leaves(params), leaves(one)):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)

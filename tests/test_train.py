@@ -105,11 +105,15 @@ KILL_DRIVER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("config", ["configs/tiny.py", "configs/tiny_llama.py"])
-def test_exact_resume_after_sigkill(tmp_path, config):
+@pytest.mark.parametrize("config, extra", [
+    ("configs/tiny.py", []), ("configs/tiny_llama.py", []),
+    ("configs/tiny_llama.py", ["--config.lora_rank=4", "--config.lora_dropout=0.1",
+                               "--config.learning_rate=1e-2"]),
+], ids=["gpt2", "llama", "llama-lora"])
+def test_exact_resume_after_sigkill(tmp_path, config, extra):
     driver = tmp_path / "driver.py"
     driver.write_text(KILL_DRIVER)
-    common = ["--config", config, "--config.max_steps=20", "--config.save_steps=5",
+    common = ["--config", config, *extra, "--config.max_steps=20", "--config.save_steps=5",
               "--config.logging_steps=1", "--config.eval_steps=0", "--config.sample_prompts=0",
               "--config.progress_bar=False", f"--config.data_cache_dir={tmp_path / 'cache'}"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -124,6 +128,9 @@ def test_exact_resume_after_sigkill(tmp_path, config):
     a = (straight / "hf" / "model.safetensors").read_bytes()
     b = (resumed / "hf" / "model.safetensors").read_bytes()
     assert a == b, "final params differ after resume"
+    if extra:  # LoRA: the adapters themselves, as PEFT's file holds them
+        adapter = lambda wd: (wd / "adapter" / "adapter_model.safetensors").read_bytes()
+        assert adapter(straight) == adapter(resumed), "final adapters differ after resume"
     if "llama" in config:  # the family's export is a transformers model; generate.py serves it
         import transformers
         model, info = transformers.AutoModelForCausalLM.from_pretrained(

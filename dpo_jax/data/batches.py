@@ -37,8 +37,11 @@ class PairBatches:
     def __init__(self, pairs: TokenizedPairs, *, batch_size: int, max_length: int, pad_id: int,
                  seed: int = 0, shuffle: bool = True, buckets=(), state: dict | None = None,
                  layout: str | layouts.Layout = "pair", completion_window: int = 0,
-                 source: str = "the data", batch_key: str = "batch_size"):
-        """``source`` and ``batch_key`` only name the data and the config key in errors."""
+                 source: str = "the data", batch_key: str = "batch_size", epochs: int = 1,
+                 pack_rows: int = 0):
+        """``source`` and ``batch_key`` only name the data and the config key in errors. A
+        packed layout is sized here: enough rows for every batch of the first ``epochs``
+        epochs (the run's; an eval's one pass), or ``pack_rows`` when it suffices."""
         if isinstance(layout, str):
             layout = layouts.make(layout, completion_window)
         self.pairs, self.batch_size, self.pad_id = pairs, batch_size, pad_id
@@ -63,6 +66,16 @@ class PairBatches:
         if self.steps_per_epoch == 0:
             raise DataError(f"{source}: {len(pairs)} usable pairs make no full batch of "
                             f"{batch_key}={batch_size} (lower that config key, or add data)")
+        if isinstance(layout, layouts.Packed):
+            if buckets:
+                raise DataError("length_buckets and packing exclude each other (packed rows "
+                                "have one length)")
+            rows, slots = self.packed_sizes(epochs)
+            if pack_rows and pack_rows < rows:
+                raise DataError(f"{source}: a batch of {batch_key}={batch_size} pairs needs "
+                                f"{rows} packed rows of {max_length}; config key pack_rows="
+                                f"{pack_rows} is too few (0 sizes it automatically)")
+            self.layout = layouts.Packed(layout.base, pack_rows or rows, slots)
 
     # ---- order
     def _plan(self, epoch: int, *, drop_remainder: bool = True,
@@ -81,6 +94,20 @@ class PairBatches:
         if shuffle and len(self.buckets) > 1:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches
+
+    def packed_sizes(self, epochs: int) -> tuple[int, int]:
+        """(rows, completion slots per row) the packed layout needs for every batch of the
+        first ``epochs`` epochs (training), or of the one eval pass (``shuffle`` False)."""
+        p = self.pairs
+        plans = ([self._plan(e) for e in range(max(epochs, 1))] if self.shuffle
+                 else [self._plan(0, drop_remainder=False, shuffle=False)])
+        rows = slots = 1
+        for plan in plans:
+            for batch in plan:
+                r, k = self.layout.sizes([(len(p.prompt[i]), len(p.chosen[i]),
+                                           len(p.rejected[i])) for i in batch], self.buckets[-1])
+                rows, slots = max(rows, r), max(slots, k)
+        return rows, slots
 
     @property
     def steps_per_epoch(self) -> int:
@@ -142,7 +169,7 @@ class PairBatches:
         real = total = 0
         p = self.pairs
         for rows in self._plan(0):
-            total += self.layout.rows_per_pair * self.batch_size * \
+            total += self.layout.batch_rows(self.batch_size) * \
                 self.buckets[int(self.bucket_of[rows].max())]
             real += sum(self.layout.real_tokens(len(p.prompt[r]), len(p.chosen[r]),
                                                 len(p.rejected[r])) for r in rows)

@@ -79,8 +79,8 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((n_out,), jnp.float32)) if bias else None
         self.dtype = dtype
         # LoRA (dpo_jax.lora sets these on the layers it adapts)
-        self.lora_a = self.lora_b = None
-        self.lora_scale = 0.0
+        self.lora_a = self.lora_b = self.lora_key = None
+        self.lora_scale = self.lora_dropout = 0.0
 
     def __call__(self, x):
         # Flatten (B, T) so the matmul and its weight gradient are plain 2-D GEMMs: XLA runs the
@@ -91,7 +91,12 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is not None:
-            a = jnp.dot(x2, self.lora_a[...].astype(self.dtype))
+            h = x2
+            if self.lora_dropout:  # PEFT's: dropout on the adapter's input only
+                keep = jax.random.bernoulli(jax.random.wrap_key_data(self.lora_key[...]),
+                                            1.0 - self.lora_dropout, h.shape)
+                h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0).astype(h.dtype)
+            a = jnp.dot(h, self.lora_a[...].astype(self.dtype))
             y = y + self.lora_scale * jnp.dot(a, self.lora_b[...].astype(self.dtype))
         return y.reshape(*lead, y.shape[-1])
 
