@@ -65,7 +65,11 @@ class Shape:
 SHAPES = {
     "gpt2": Shape("gpt2", 12, 768, 12, 12, 64, 3072, 50257, False),
     "smollm2": Shape("llama", 30, 576, 9, 3, 64, 1536, 49152, True),
+    "gpt2-medium": Shape("gpt2", 24, 1024, 16, 16, 64, 4096, 50257, False),
+    "qwen3-0.6b": Shape("llama", 28, 1024, 16, 8, 128, 3072, 151936, True),
 }
+# the vendors' dense bfloat16 peaks (MFU is also reported against these on such a GPU)
+NOMINAL_BF16 = {"NVIDIA H100 80GB HBM3": 989.4e12, "NVIDIA H200": 989.4e12}
 
 
 def model_flops(m: Shape, rows, seq, head_positions):
@@ -98,18 +102,20 @@ def shape_of(a) -> Shape:
     return dataclasses.replace(SHAPES[a.model], layers=a.layers or SHAPES[a.model].layers)
 
 
-def jax_model(m: Shape, dtype: str):
+def jax_model(m: Shape, dtype: str, attention: str = "xla"):
     """(module class, config) of our model of this shape."""
     if m.family == "gpt2":
         from dpo_jax.models.gpt2 import GPT2, GPT2Config
         return GPT2, GPT2Config(n_layer=m.layers, n_embd=m.width, n_head=m.heads,
-                                vocab_size=m.vocab, remat=False, dtype=dtype)
+                                vocab_size=m.vocab, remat=False, dtype=dtype,
+                                n_positions=max(1024, PROMPT + 2 * COMPLETION),
+                                attention=attention)
     from dpo_jax.models.llama import Llama, LlamaConfig
     return Llama, LlamaConfig(vocab_size=m.vocab, hidden_size=m.width, intermediate_size=m.ffn,
                               num_hidden_layers=m.layers, num_attention_heads=m.heads,
                               num_key_value_heads=m.kv_heads, head_dim=m.head_dim,
-                              max_position_embeddings=2048, tie_word_embeddings=True,
-                              dtype=dtype)
+                              max_position_embeddings=4096, tie_word_embeddings=True,
+                              dtype=dtype, attention=attention)
 
 
 def torch_model(m: Shape, transformers):
@@ -182,7 +188,7 @@ def run_jax(mode, a):
     from dpo_jax.losses import LossConfig
     from dpo_jax.models import common
 
-    cls, cfg = jax_model(shape_of(a), a.dtype)
+    cls, cfg = jax_model(shape_of(a), a.dtype, a.attention)
     graphdef = nnx.graphdef(common.abstract(cls, cfg))
     params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(cls(cfg, rngs=nnx.Rngs(0)),
                                                         nnx.Param)))()
@@ -329,7 +335,7 @@ def child(a):
 
 
 def main():
-    global PAIRS
+    global PAIRS, PROMPT, COMPLETION
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--modes", default="plain,head,shared,precomputed,torch")
     ap.add_argument("--steps", type=int, default=10)
@@ -341,9 +347,14 @@ def main():
     ap.add_argument("--lora-rank", type=int, default=0,
                     help="> 0: every JAX mode trains LoRA adapters on a frozen base (torch stays "
                          "full fine-tuning)")
+    ap.add_argument("--prompt", type=int, default=PROMPT, help="prompt tokens per pair")
+    ap.add_argument("--completion", type=int, default=COMPLETION,
+                    help="tokens of each completion")
+    ap.add_argument("--attention", default="xla", choices=["xla", "cudnn", "splash"],
+                    help="our attention kernel (cudnn: a GPU, bfloat16)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    PAIRS = a.pairs
+    PAIRS, PROMPT, COMPLETION = a.pairs, a.prompt, a.completion
     # several processes share one GPU in turn: none may hold 75% of its memory up front
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if a.child:
@@ -354,6 +365,10 @@ def main():
     device = jax.devices()[0].device_kind if jax.default_backend() != "cpu" else (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     m = shape_of(a)
+    nominal = NOMINAL_BF16.get(device) if a.dtype == "bfloat16" else None
+    if nominal:
+        print(f"MFU below is against the measured peak; against {device}'s nominal dense bf16 "
+              f"{nominal / 1e12:.0f} TFLOP/s multiply by {peak / nominal:.3f}")
     print(f"machine: {device}; XLA {a.dtype} matmul peak {peak / 1e12:.3f} TFLOP/s; "
           f"{a.model} shape, {m.layers} layers; model FLOPs of the plain step "
           f"{mode_flops('plain', m) / 1e9:.0f} GFLOP")
@@ -363,7 +378,9 @@ def main():
         r = subprocess.run([sys.executable, __file__, "--child", mode, "--steps", str(a.steps),
                             "--model", a.model, "--layers", str(a.layers), "--chunk", str(a.chunk),
                             "--lora-rank", str(a.lora_rank),
-                            "--pairs", str(a.pairs), "--dtype", a.dtype],
+                            "--pairs", str(a.pairs), "--dtype", a.dtype,
+                            "--prompt", str(a.prompt), "--completion", str(a.completion),
+                            "--attention", a.attention],
                            capture_output=True, text=True, env=env)
         line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
         if r.returncode or not line:

@@ -30,6 +30,7 @@ def get_config():
     c.ref_dtype = ""               # frozen params' dtype (the reference; LoRA's base): "" = float32
     c.remat = False                # recompute each block's activations in the backward pass
     c.remat_policy = "nothing_saveable"  # or dots_saveable / dots_with_no_batch_dims_saveable
+    c.attention = "auto"           # auto (cudnn on GPU, splash on TPU, else xla) | xla | cudnn | splash
 
     # ---- LoRA (dpo_jax/lora.py): adapters trained, the base frozen and (adapters off) the reference
     c.lora_rank = 0                # adapter rank r; 0 = full fine-tuning
@@ -74,10 +75,24 @@ def get_config():
     c.rpo_alpha = 0.0              # > 0 adds alpha * per-token NLL of chosen (RPO); 0 = off
     c.simpo_gamma = 0.5            # SimPO's target margin
     c.discopop_tau = 0.05          # DiscoPOP's temperature
+    c.ld_alpha = 1.0               # LD-DPO: weight of each completion's tokens past the shorter's
+    #   length (TRL's ld_alpha; 1 = no weighting, TRL's None)
+    c.use_weighting = False        # WPO: weight each pair by the policy's per-token probability
+    c.f_divergence_type = "reverse_kl"  # f-DPO: reverse_kl (DPO) | forward_kl | js_divergence |
+    #   alpha_divergence
+    c.f_alpha_divergence_coef = 0.5  # alpha of alpha_divergence
+    c.token_metrics = True         # log TRL's entropy, logits/*, mean_token_accuracy (about 5%
+    #   of a CPU step at GPT-2 small; False skips them where no loss option needs the pass)
+    c.sync_ref_model = False       # TR-DPO: mix the reference toward the policy ...
+    c.ref_model_mixup_alpha = 0.6  # ... ref = alpha * policy + (1 - alpha) * ref ...
+    c.ref_model_sync_steps = 512   # ... every this many updates
     c.precompute_ref_log_probs = False  # score the data with the reference once, before training
     c.logprob_chunk_size = 1024    # positions per LM-head chunk; 0 = whole batch at once
     c.completion_only_head = True  # LM head only where completions are scored (needs the cap)
     c.layout = "pair"              # "pair": 2 rows per pair; "prefix_sharing": 1 row, prompt once
+    c.packing = "none"             # several pairs per row (needs max_completion_length > 0):
+    #   "exact": the unpacked run's batches; "balanced": batches regrouped to even token totals
+    c.pack_rows = 0                # packed rows per micro-batch; 0 = the fewest that fit every batch
 
     # ---- optimization (dpo_jax/optim.py)
     c.optim = "adamw"              # adamw | rmsprop | adafactor | sgd
@@ -105,7 +120,14 @@ def get_config():
     c.save_total_limit = 3         # checkpoints kept
     c.export_hf = True             # at the end, write the policy as an HF folder to workdir/hf
     c.progress_bar = True          # tqdm bar on stderr
-    c.sample_prompts = 2           # eval prompts whose pi_ref / pi_theta completions end the run
-    c.sample_max_new_tokens = 32   # tokens per such completion (greedy)
+    c.sample_prompts = 2           # eval prompts whose pi_ref / pi_theta completions are compared at
+    #   every eval (samples.jsonl, the trackers) and at the end; 0 = none
+    c.sample_max_new_tokens = 32   # tokens per such completion
+    c.sample_temperature = 0.0     # 0 = greedy
+    c.sample_top_k = 0             # 0 = off
+    c.sample_top_p = 1.0           # 1 = off
+    c.report_to = "tensorboard"    # trackers: tensorboard, wandb (pip install wandb), both
+    #   ("tensorboard,wandb") or none; metrics.jsonl is always written
+    c.wandb_project = "dpo_jax"    # wandb's project; its run is named after the workdir
     c.allow_resume_changes = ""    # keys a resume may change (comma-separated, or "all")
     return c

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 
 from dpo_jax import data, sampling, sharding
+
+log = logging.getLogger(__name__)
 
 
 def evaluate(eval_step, params, frozen, batches: data.PairBatches, mesh) -> dict:
@@ -19,8 +23,38 @@ def evaluate(eval_step, params, frozen, batches: data.PairBatches, mesh) -> dict
     return {k: v / total for k, v in sums.items()}
 
 
-def compare_samples(reference, policy, tokenizer, prompts, *, max_new_tokens: int) -> list:
-    """Greedy completions of each prompt by both models: [{prompt, pi_ref, pi_theta}]."""
-    cfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id)
-    ref, theta = (sampling.complete(m, tokenizer, prompts, cfg) for m in (reference, policy))
+def compare_samples(reference, policy, tokenizer, prompts, *, max_new_tokens: int,
+                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                    seed: int = 0) -> list:
+    """Completions of each prompt by both models (greedy unless ``temperature`` > 0; both
+    draw with the same seed): [{prompt, pi_ref, pi_theta}]."""
+    cfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_token_id)
+    ref, theta = (sampling.complete(m, tokenizer, prompts, cfg, seed=seed)
+                  for m in (reference, policy))
     return [{"prompt": p, "pi_ref": r, "pi_theta": t} for p, r, t in zip(prompts, ref, theta)]
+
+
+def run_samples(run) -> list | None:
+    """pi_ref and pi_theta on the run's first ``sample_prompts`` eval prompts (train prompts
+    without eval data), with its sampling settings; None where they cannot be drawn here (the
+    reference not in memory, or several processes), with the reason logged once."""
+    config = run.config
+    if not config.sample_prompts:
+        return None
+    ref = run.reference_params
+    if not ref or run.n_proc > 1:
+        if not run.samples_skipped:
+            log.info("samples skipped: %s; python generate.py --workdir %s compares pi_ref and "
+                     "pi_theta", "several processes" if ref else "the reference is not in "
+                     "memory (its log-probs were precomputed, or the loss needs none)",
+                     run.workdir)
+            run.samples_skipped = True
+        return None
+    pairs = run.eval_pairs if run.eval_pairs is not None else run.train_pairs
+    prompts = [run.tokenizer.decode(p) for p in pairs.prompt[:config.sample_prompts]]
+    return compare_samples(
+        run.tuning.reference(run.state["params"], ref),
+        run.tuning.model(run.state["params"], ref), run.tokenizer, prompts,
+        max_new_tokens=config.sample_max_new_tokens, temperature=config.sample_temperature,
+        top_k=config.sample_top_k, top_p=config.sample_top_p, seed=config.seed)

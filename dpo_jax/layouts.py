@@ -2,8 +2,11 @@
 
 A layout owns both directions: ``collate`` (numpy, on the host) lays the pairs of a batch out as
 fixed-shape rows, and ``logps`` (inside the jitted step) runs the model over those rows with the
-layout's positions and attention and returns each pair's (chosen, rejected) log-probs and token
-counts. The step asks the layout; it never looks at which keys a batch holds.
+layout's positions and attention and returns, for the chosen and for the rejected completion of
+each pair, sums over its tokens (``logprobs.columns``): log-probs, token count, the log-probs of
+its verbose tail (the tokens past the shorter completion's length: LD-DPO) and, on request, the
+per-token statistics of TRL's metrics and WPO. The step asks the layout; it never looks at
+which keys a batch holds.
 
 - ``pair``: two rows per pair, [prompt | chosen | pad] and [prompt | rejected | pad]; chosen rows
   first, then rejected rows, so one forward scores both.
@@ -15,8 +18,9 @@ counts. The step asks the layout; it never looks at which keys a batch holds.
 With a scoring window W > 0 (``max_completion_length``; prefix sharing needs one) a batch also
 carries ``score_pos``, ``score_label``, ``score_mask`` of shape (rows, k, W): for each of the k
 completions of a row, the positions whose hidden states score its tokens, so the LM head runs
-only there (``logprobs.sequence_logprobs_at``). Without one (pair only), the head runs over every
-position and ``loss_mask`` selects the scored tokens.
+only there (``logprobs.features_at``). Without one (pair only), the head runs over every
+position and ``loss_mask`` selects the scored tokens. ``packed`` (``Packed``) puts several pairs'
+units in a row.
 """
 
 from __future__ import annotations
@@ -25,16 +29,35 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpo_jax.errors import DpoError
-from dpo_jax.logprobs import model_sequence_logprobs, sequence_logprobs_at
+from dpo_jax.logprobs import columns, features_at, features_by_slot, features_from_hidden
+from dpo_jax.models.attention import Mask
 
 # batch keys whose second axis is the sequence (padded when micro-batches differ in length),
 # with the value that pads them
 SEQUENCE_FILL = {"input_ids": None, "attention_mask": 0, "loss_mask": 0, "position_ids": 0,
-                 "segment_ids": -1, "unit_ids": -1}
+                 "segment_ids": -1, "unit_ids": -1, "tail_mask": 0}
 
 
 class LayoutError(DpoError, ValueError):
     """A layout that cannot hold the data or does not exist (names the config key)."""
+
+
+def tail_start(c: int, r: int) -> int:
+    """Where a completion's verbose tail starts: the shorter completion's length (LD-DPO)."""
+    return min(c, r)
+
+
+def by_column(f, stats: bool) -> dict:
+    """{column name: f[..., i]} for the sums the logprobs reductions return."""
+    return {name: f[..., i] for i, name in enumerate(columns(stats))}
+
+
+def split_columns(f, stats: bool, pair_blocks: int = 1) -> tuple[dict, dict]:
+    """(2B, F) per-row sums, rows in [chosen; rejected] blocks -> (chosen, rejected) dicts."""
+    c, r = {}, {}
+    for name, v in by_column(f, stats).items():
+        c[name], r[name] = split_pairs(v, pair_blocks)
+    return c, r
 
 
 def split_pairs(x, pair_blocks: int = 1):
@@ -50,6 +73,7 @@ def split_pairs(x, pair_blocks: int = 1):
 class Layout:
     name = ""
     rows_per_pair = 1
+    mask_form = "dense"  # the compact form of its attention mask a fused kernel takes
 
     def __init__(self, window: int = 0):
         self.window = int(window)  # the static completion window W; 0 = head on every position
@@ -81,18 +105,21 @@ class Layout:
         raise NotImplementedError
 
     # ---- device side (inside jit)
-    def logps(self, model, batch, *, chunk_size: int, pair_blocks: int = 1):
-        """(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens), each (B,)."""
+    def logps(self, model, batch, *, chunk_size: int, pair_blocks: int = 1,
+              stats: bool = False) -> tuple[dict, dict]:
+        """(chosen, rejected): each {column: (B,)} of sums over the completion's tokens
+        (``logprobs.columns(stats)``)."""
         raise NotImplementedError
 
     def _score_arrays(self, n_rows: int, k: int):
         w = self.window
-        return tuple(np.zeros((n_rows, k, w), np.int32) for _ in range(3))
+        return tuple(np.zeros((n_rows, k, w), np.int32) for _ in range(4))
 
 
 class Pair(Layout):
     name = "pair"
     rows_per_pair = 2
+    mask_form = "lengths"
 
     def pair_tokens(self, p, c, r):
         return p + max(c, r)
@@ -105,39 +132,45 @@ class Pair(Layout):
         ids = np.full((2 * b, length), pad_id, np.int32)
         attn = np.zeros((2 * b, length), np.int32)
         loss = np.zeros((2 * b, length), np.int32)
+        tail = np.zeros((2 * b, length), np.int32)
         if self.window:
-            pos, label, mask = self._score_arrays(2 * b, 1)
+            pos, label, mask, stail = self._score_arrays(2 * b, 1)
         for i, (p, c, r) in enumerate(zip(prompts, chosens, rejecteds)):
+            shared = tail_start(len(c), len(r))
             for j, comp in ((i, c), (b + i, r)):
                 n = len(p) + len(comp)
                 ids[j, :len(p)] = p
                 ids[j, len(p):n] = comp
                 attn[j, :n] = 1
                 loss[j, len(p):n] = 1
+                tail[j, len(p) + shared:n] = 1
                 if self.window:  # completion token t is scored by the hidden state at t - 1
                     pos[j, 0, :len(comp)] = np.arange(len(p) - 1, n - 1)
                     label[j, 0, :len(comp)] = comp
                     mask[j, 0, :len(comp)] = 1
+                    stail[j, 0, shared:len(comp)] = 1
         batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
         if self.window:
-            batch.update(score_pos=pos, score_label=label, score_mask=mask)
+            batch.update(score_pos=pos, score_label=label, score_mask=mask, score_tail=stail)
+        else:
+            batch["tail_mask"] = tail
         return batch
 
-    def logps(self, model, batch, *, chunk_size, pair_blocks=1):
+    def logps(self, model, batch, *, chunk_size, pair_blocks=1, stats=False):
+        mask = Mask.causal_padded(batch["attention_mask"])  # rows are right-padded
+        hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], attn_mask=mask)
         if not self.window:  # the LM head over every position, masked
-            logps, n = model_sequence_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                                               batch["loss_mask"], chunk_size=chunk_size)
+            f = features_from_hidden(hidden, model.head_weight(), batch["input_ids"],
+                                     batch["loss_mask"], batch["tail_mask"], chunk_size, stats)
         else:
-            hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])
-            logps, n = sequence_logprobs_at(hidden, model.head_weight(), batch["score_pos"],
-                                            batch["score_label"], batch["score_mask"],
-                                            chunk_size)
-            logps, n = logps[:, 0], n[:, 0]
-        return (*split_pairs(logps, pair_blocks), *split_pairs(n, pair_blocks))
+            f = features_at(hidden, model.head_weight(), batch["score_pos"],
+                            batch["score_label"], batch["score_mask"], batch["score_tail"],
+                            chunk_size, stats)[:, 0]
+        return split_columns(f, stats, pair_blocks)
 
 
-def prefix_sharing_mask(attention_mask, segment_ids, unit_ids=None):
-    """(B, T, T) attention for rows of prompt (0) + chosen (1) + rejected (2) segments: causal,
+def prefix_sharing_mask(attention_mask, segment_ids, unit_ids=None) -> Mask:
+    """Attention for rows of prompt (0) + chosen (1) + rejected (2) segments: causal,
     no padding, and rejected queries never see chosen keys (so each completion sees exactly the
     prompt and itself, as in its own sequence). With ``unit_ids`` (packed rows: which sequence
     or triple a token belongs to), attention also stays within its unit: block-diagonal."""
@@ -148,7 +181,7 @@ def prefix_sharing_mask(attention_mask, segment_ids, unit_ids=None):
     mask = causal & keys & ~crossing
     if unit_ids is not None:
         mask = mask & (unit_ids[:, :, None] == unit_ids[:, None, :])
-    return mask
+    return Mask(mask, causal=True)
 
 
 class PrefixSharing(Layout):
@@ -178,9 +211,11 @@ class PrefixSharing(Layout):
         attn = np.zeros((b, length), np.int32)
         positions = np.zeros((b, length), np.int32)
         segments = np.full((b, length), -1, np.int32)
-        pos, label, mask = self._score_arrays(b, 2)
+        pos, label, mask, tail = self._score_arrays(b, 2)
         for i, (p, c, rj) in enumerate(zip(prompts, chosens, rejecteds)):
             lp, lc, lr = len(p), len(c), len(rj)
+            tail[i, 0, tail_start(lc, lr):lc] = 1
+            tail[i, 1, tail_start(lc, lr):lr] = 1
             ids[i, :lp + lc + lr] = np.concatenate([p, c, rj])
             attn[i, :lp + lc + lr] = 1
             positions[i, :lp + lc] = np.arange(lp + lc)
@@ -192,45 +227,48 @@ class PrefixSharing(Layout):
             mask[i, 0, :lc], mask[i, 1, :lr] = 1, 1
         return {"input_ids": ids, "attention_mask": attn, "position_ids": positions,
                 "segment_ids": segments, "score_pos": pos, "score_label": label,
-                "score_mask": mask}
+                "score_mask": mask, "score_tail": tail}
 
-    def logps(self, model, batch, *, chunk_size, pair_blocks=1):
+    def logps(self, model, batch, *, chunk_size, pair_blocks=1, stats=False):
         attn_mask = prefix_sharing_mask(batch["attention_mask"], batch["segment_ids"])
         hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"],
                                      batch["position_ids"], attn_mask=attn_mask)
-        logps, n = sequence_logprobs_at(hidden, model.head_weight(), batch["score_pos"],
-                                        batch["score_label"], batch["score_mask"], chunk_size)
-        return logps[:, 0], logps[:, 1], n[:, 0], n[:, 1]  # each row holds its pair
+        f = features_at(hidden, model.head_weight(), batch["score_pos"], batch["score_label"],
+                        batch["score_mask"], batch["score_tail"], chunk_size, stats)
+        return by_column(f[:, 0], stats), by_column(f[:, 1], stats)  # each row holds its pair
 
 
 class Packed(Layout):
     """Several pairs per row: the units of ``base`` (pair: prompt + chosen and prompt + rejected
     sequences; prefix sharing: prompt + chosen + rejected triples) packed first-fit-decreasing
     into ``rows`` rows, positions restarting in each unit, attention within its unit (plus the
-    prefix-sharing rule), each completion scored in its window. A batch still holds the same
-    ``batch_size`` pairs as unpacked: only the rows change. ``rows`` and ``slots`` (the most
-    completions a row holds) are static, sized from the batches a run will see
-    (``PairBatches.packed_sizes``)."""
+    prefix-sharing rule). A batch still holds the same ``batch_size`` pairs as unpacked: only
+    the rows change. The LM head runs on one flat list of ``scored`` positions per row (the
+    completion tokens the row holds, each tagged with its completion's slot), not on a window
+    per completion. ``rows``, ``slots`` (the most completions a row holds) and ``scored`` are
+    static, sized from the batches a run will see (``PairBatches.fit_packing``)."""
 
     name = "packed"
 
-    def __init__(self, base: Layout, rows: int = 0, slots: int = 0):
+    def __init__(self, base: Layout, rows: int = 0, slots: int = 0, scored: int = 0):
         if not base.window:
-            raise LayoutError("packing needs max_completion_length > 0 (the static window each "
-                              "completion is scored in)")
+            raise LayoutError("packing needs max_completion_length > 0 (the longest completion "
+                              "a row's scored positions must hold)")
         super().__init__(base.window)
-        self.base, self.rows, self.slots = base, int(rows), int(slots)
+        self.base, self.rows, self.slots, self.scored = base, int(rows), int(slots), int(scored)
         self.name = f"{base.name}+packed"
+        self.mask_form = "segments" if isinstance(base, Pair) else "dense"
 
     def __repr__(self):
-        return f"Packed({self.base!r}, rows={self.rows}, slots={self.slots})"
+        return (f"Packed({self.base!r}, rows={self.rows}, slots={self.slots}, "
+                f"scored={self.scored})")
 
-    def units(self, p: int, c: int, r: int) -> list[int]:
-        """The lengths of the units one pair packs as."""
-        return [p + c, p + r] if isinstance(self.base, Pair) else [p + c + r]
+    def units(self, p: int, c: int, r: int) -> list[tuple[int, int]]:
+        """(length, completion tokens) of the units one pair packs as."""
+        return [(p + c, c), (p + r, r)] if isinstance(self.base, Pair) else [(p + c + r, c + r)]
 
     def pair_tokens(self, p, c, r):
-        return max(self.units(p, c, r))
+        return max(u for u, _ in self.units(p, c, r))
 
     def real_tokens(self, p, c, r):
         return self.base.real_tokens(p, c, r)
@@ -256,32 +294,40 @@ class Packed(Layout):
                 room.append(length - lengths[u])
         return rows
 
-    def sizes(self, pairs: list[tuple[int, int, int]], length: int) -> tuple[int, int]:
-        """(rows, completion slots per row) that packing these pairs needs."""
-        lengths = [u for p, c, r in pairs for u in self.units(p, c, r)]
-        rows = self.plan(lengths, length)
+    def sizes(self, pairs: list[tuple[int, int, int]], length: int) -> tuple[int, int, int]:
+        """(rows, completion slots per row, scored positions per row) these pairs need."""
+        units = [u for p, c, r in pairs for u in self.units(p, c, r)]
+        rows = self.plan([n for n, _ in units], length)
         per_unit = 1 if isinstance(self.base, Pair) else 2
-        return len(rows), per_unit * max(len(r) for r in rows)
+        return (len(rows), per_unit * max(len(r) for r in rows),
+                max(sum(units[u][1] for u in r) for r in rows))
 
     def collate(self, prompts, chosens, rejecteds, batch_size, length, pad_id):
-        n_rows, k, w = self.rows, self.slots, self.window
+        n_rows, k, s = self.rows, self.slots, self.scored
         units = []  # (pair, prompt, [(side, completion)])
+        shared = []  # per pair: where the verbose tails start
         for i, (p, c, r) in enumerate(zip(prompts, chosens, rejecteds)):
             units += ([(i, p, [(0, c)]), (i, p, [(1, r)])] if isinstance(self.base, Pair)
                       else [(i, p, [(0, c), (1, r)])])
+            shared.append(tail_start(len(c), len(r)))
         plan = self.plan([len(p) + sum(len(x) for _, x in cs) for _, p, cs in units], length)
-        if len(plan) > n_rows or any(len(row) * len(units[0][2]) > k for row in plan):
-            raise LayoutError(f"a batch needs {len(plan)} packed rows of {length} positions; "
-                              f"{n_rows} were sized (config key pack_rows)")
+        need = self.sizes([(len(p), len(c), len(r)) for p, c, r in
+                           zip(prompts, chosens, rejecteds)], length)
+        if any(a > b for a, b in zip(need, (n_rows, k, s))):
+            raise LayoutError(f"a batch needs {need[0]} packed rows of {length} positions "
+                              f"({need[1]} completions, {need[2]} scored tokens per row); "
+                              f"{n_rows}, {k}, {s} were sized (config key pack_rows)")
         ids = np.full((n_rows, length), pad_id, np.int32)
         attn, positions = np.zeros((n_rows, length), np.int32), np.zeros((n_rows, length),
                                                                           np.int32)
         unit_ids, parts = np.full((n_rows, length), -1, np.int32), np.full((n_rows, length), -1,
                                                                             np.int32)
-        pos, label, mask = self._score_arrays(n_rows, k)
+        pos, label = np.zeros((n_rows, s), np.int32), np.zeros((n_rows, s), np.int32)
+        slot_of = np.full((n_rows, s), -1, np.int32)
+        tail = np.zeros((n_rows, s), np.int32)
         index = np.full((n_rows, k), -1, np.int32)  # side * batch_size + pair
         for row, members in enumerate(plan):
-            at, slot = 0, 0
+            at, slot, scored = 0, 0, 0
             for u_id, u in enumerate(members):
                 pair, p, comps = units[u]
                 lp = len(p)
@@ -294,45 +340,51 @@ class Packed(Layout):
                     parts[row, end:end + lc] = 1 + n  # a triple's rejected part is 2
                     positions[row, end:end + lc] = np.arange(lp, lp + lc)
                     prev = end - 1 if n == 0 else at + lp - 1  # the rejected's first token
-                    pos[row, slot, :lc] = np.concatenate(         # is scored from the prompt
+                    pos[row, scored:scored + lc] = np.concatenate(  # is scored from the prompt
                         [[prev], np.arange(end, end + lc - 1)])
-                    label[row, slot, :lc], mask[row, slot, :lc] = comp, 1
+                    label[row, scored:scored + lc], slot_of[row, scored:scored + lc] = comp, slot
+                    tail[row, scored + shared[pair]:scored + lc] = 1
                     index[row, slot] = side * batch_size + pair
-                    slot, end = slot + 1, end + lc
+                    slot, end, scored = slot + 1, end + lc, scored + lc
                 attn[row, at:end], unit_ids[row, at:end] = 1, u_id
                 at = end
         return {"input_ids": ids, "attention_mask": attn, "position_ids": positions,
                 "segment_ids": parts, "unit_ids": unit_ids, "score_pos": pos,
-                "score_label": label, "score_mask": mask, "score_index": index}
+                "score_label": label, "score_slot": slot_of, "score_tail": tail,
+                "score_index": index}
 
-    def logps(self, model, batch, *, chunk_size, pair_blocks=1):
-        attn_mask = prefix_sharing_mask(batch["attention_mask"], batch["segment_ids"],
-                                        batch["unit_ids"])
+    def logps(self, model, batch, *, chunk_size, pair_blocks=1, stats=False):
+        attn_mask = (Mask.segments(batch["unit_ids"], batch["attention_mask"])
+                     if isinstance(self.base, Pair) else  # units are causal segments
+                     prefix_sharing_mask(batch["attention_mask"], batch["segment_ids"],
+                                         batch["unit_ids"]))
         hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"],
                                      batch["position_ids"], attn_mask=attn_mask)
-        logps, n = sequence_logprobs_at(hidden, model.head_weight(), batch["score_pos"],
-                                        batch["score_label"], batch["score_mask"], chunk_size)
-        # scatter each row's completions to their pairs: (blocks, 2 sides, pairs per block)
         index = batch["score_index"]
+        f = features_by_slot(hidden, model.head_weight(), batch["score_pos"],
+                             batch["score_label"], batch["score_slot"], index.shape[1],
+                             batch["score_tail"], chunk_size, stats)  # (rows, k, F)
+        # scatter each row's completions to their pairs: (blocks, 2 sides, pairs per block)
         rows = index.shape[0]
         per_block = batch["valid"].shape[0] // pair_blocks
         block = (jnp.arange(rows) // (rows // pair_blocks))[:, None]
         flat = jnp.where(index >= 0, block * 2 * per_block + index, 2 * per_block * pair_blocks)
         size = 2 * per_block * pair_blocks + 1  # the last slot collects the unused ones
-        out = [jnp.zeros(size, x.dtype).at[flat.reshape(-1)].add(x.reshape(-1))[:-1]
-               .reshape(pair_blocks, 2, per_block) for x in (logps, n)]
-        return (out[0][:, 0].reshape(-1), out[0][:, 1].reshape(-1), out[1][:, 0].reshape(-1),
-                out[1][:, 1].reshape(-1))
+        out = (jnp.zeros((size, f.shape[-1]), f.dtype).at[flat.reshape(-1)]
+               .add(f.reshape(-1, f.shape[-1]))[:-1].reshape(pair_blocks, 2, per_block, -1))
+        return (by_column(out[:, 0].reshape(-1, f.shape[-1]), stats),
+                by_column(out[:, 1].reshape(-1, f.shape[-1]), stats))
 
 
 LAYOUTS = {cls.name: cls for cls in (Pair, PrefixSharing)}
 
 
 def make(name: str, window: int = 0, *, packed: bool = False, rows: int = 0,
-         slots: int = 0) -> Layout:
+         slots: int = 0, scored: int = 0) -> Layout:
     """The layout called ``name`` (config key ``layout``) with scoring window ``window``;
-    ``packed`` packs its units into ``rows`` rows of up to ``slots`` completions each."""
+    ``packed`` packs its units into ``rows`` rows of up to ``slots`` completions and ``scored``
+    completion tokens each."""
     if name not in LAYOUTS:
         raise LayoutError(f"layout={name!r}: valid layouts are {', '.join(LAYOUTS)}")
     base = LAYOUTS[name](window)
-    return Packed(base, rows, slots) if packed else base
+    return Packed(base, rows, slots, scored) if packed else base

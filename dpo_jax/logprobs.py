@@ -26,58 +26,131 @@ from flax import nnx
 DEFAULT_CHUNK_SIZE = 1024
 
 
-def _label_logprobs(hidden_nc, head_vc, labels_n):
-    """log softmax(hidden @ head.T)[label] for each row, logits in float32."""
+# Per-token statistics of the policy computed in the same chunked pass as the log-probs, for
+# TRL's metrics and WPO's weights (no gradient flows through these four): the entropy of the
+# next-token distribution, WPO's aligned log-prob log p(y) - log sum_v p_v^2, the mean logit over
+# the vocabulary, and whether the label is the argmax (ties: the first index, as TRL's kernel);
+# and, with its gradient, log(1 - p(y)) for the unlikelihood loss.
+STATS = ("entropy", "wpo", "mean_logits", "top1", "unlikely")
+
+
+def columns(stats: bool) -> tuple[str, ...]:
+    """The names of the per-completion sums the reductions below return, in order."""
+    return ("logps",) + (STATS if stats else ()) + ("tail_logps", "tokens")
+
+
+def _label_features(hidden_nc, head_vc, labels_n, stats: bool):
+    """(N, 1 + len(STATS) if stats else 1): log softmax(hidden @ head.T)[label] (logits in
+    float32), then the statistics."""
     logits = jnp.einsum("nc,vc->nv", hidden_nc, head_vc.astype(hidden_nc.dtype),
                         preferred_element_type=jnp.float32)
     label_logits = jnp.take_along_axis(logits, labels_n[:, None], axis=-1)[:, 0]
-    return label_logits - jax.nn.logsumexp(logits, axis=-1)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    lp = label_logits - lse
+    if not stats:
+        return lp[:, None]
+    z, lz = jax.lax.stop_gradient(logits), jax.lax.stop_gradient(lse)
+    entropy = lz - jnp.sum(jnp.exp(z - lz[:, None]) * z, axis=-1)
+    wpo = jax.lax.stop_gradient(lp) - (jax.nn.logsumexp(2 * z, axis=-1) - 2 * lz)
+    top1 = (jnp.argmax(z, axis=-1) == labels_n).astype(jnp.float32)
+    # log(1 - p(label)), with its gradient: the unlikelihood loss's term (Welleck et al. 2019)
+    unlikely = jnp.log(-jnp.expm1(jnp.minimum(lp, -1e-6)))
+    return jnp.stack([lp, entropy, wpo, jnp.mean(z, axis=-1), top1, unlikely], axis=-1)
 
 
-def token_logprobs(hidden_nc, head_vc, labels_n, chunk_size: int = DEFAULT_CHUNK_SIZE):
-    """(N,) float32 log-probs of ``labels_n`` under the LM head, in chunks of positions.
+def token_features(hidden_nc, head_vc, labels_n, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                   stats: bool = False):
+    """(N, F) float32 per-token log-probs of ``labels_n`` under the LM head (column 0) and, with
+    ``stats``, the STATS columns, in chunks of positions.
 
     hidden_nc: (N, C) final hidden states (any float dtype); head_vc: (V, C) the head matrix
     (``model.head_weight()``: the embedding when tied, its own matrix when not).
     """
     n = hidden_nc.shape[0]
     if chunk_size <= 0 or chunk_size >= n:
-        return _label_logprobs(hidden_nc, head_vc, labels_n)
+        return _label_features(hidden_nc, head_vc, labels_n, stats)
     n_chunks = -(-n // chunk_size)
     pad = n_chunks * chunk_size - n
     h = jnp.pad(hidden_nc, ((0, pad), (0, 0))).reshape(n_chunks, chunk_size, -1)
     y = jnp.pad(labels_n, (0, pad)).reshape(n_chunks, chunk_size)
     # checkpoint: the backward pass recomputes a chunk's logits rather than keeping all of them.
-    chunk_fn = jax.checkpoint(lambda hy: _label_logprobs(hy[0], head_vc, hy[1]))
-    return jax.lax.map(chunk_fn, (h, y)).reshape(-1)[:n]
+    chunk_fn = jax.checkpoint(lambda hy: _label_features(hy[0], head_vc, hy[1], stats))
+    out = jax.lax.map(chunk_fn, (h, y))
+    return out.reshape(n_chunks * chunk_size, -1)[:n]
+
+
+def token_logprobs(hidden_nc, head_vc, labels_n, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """(N,) float32 log-probs of ``labels_n`` under the LM head, in chunks of positions."""
+    return token_features(hidden_nc, head_vc, labels_n, chunk_size)[:, 0]
+
+
+def _sums(feats, mask, tail, axis):
+    """Per-completion sums over ``axis`` of masked features, then tail log-probs and tokens."""
+    mask = mask.astype(jnp.float32)
+    tail = jnp.zeros_like(mask) if tail is None else tail.astype(jnp.float32) * mask
+    return jnp.concatenate([(feats * mask[..., None]).sum(axis),
+                            (feats[..., 0] * tail).sum(axis)[..., None],
+                            mask.sum(axis)[..., None]], axis=-1)
+
+
+def features_from_hidden(hidden_btc, head_vc, input_ids, loss_mask, tail_mask=None,
+                         chunk_size: int = DEFAULT_CHUNK_SIZE, stats: bool = False):
+    """(B, F) sums over each row's scored tokens (``columns(stats)``): token t is scored by the
+    hidden state at t - 1 where ``loss_mask[:, t]``; ``tail_mask`` (B, T) marks the tokens whose
+    log-probs also sum into ``tail_logps`` (LD-DPO's verbose part)."""
+    b, t, c = hidden_btc.shape
+    labels = input_ids[:, 1:].reshape(-1)
+    f = token_features(hidden_btc[:, :-1].reshape(-1, c), head_vc, labels, chunk_size, stats)
+    return _sums(f.reshape(b, t - 1, -1), loss_mask[:, 1:],
+                 None if tail_mask is None else tail_mask[:, 1:], axis=1)
 
 
 def sequence_logprobs_from_hidden(hidden_btc, head_vc, input_ids, loss_mask,
                                   chunk_size: int = DEFAULT_CHUNK_SIZE):
     """The reduction of ``sequence_logprobs`` given the trunk's hidden states (B, T, C)."""
-    b, t, c = hidden_btc.shape
-    labels = input_ids[:, 1:].reshape(-1)
-    lp = token_logprobs(hidden_btc[:, :-1].reshape(-1, c), head_vc, labels, chunk_size)
-    mask = loss_mask[:, 1:].astype(jnp.float32)
-    lp = lp.reshape(b, t - 1) * mask
-    return lp.sum(-1), mask.sum(-1)
+    f = features_from_hidden(hidden_btc, head_vc, input_ids, loss_mask, None, chunk_size)
+    return f[:, 0], f[:, -1]
 
 
-def sequence_logprobs_at(hidden_btc, head_vc, pos_rkw, labels_rkw, mask_rkw,
-                         chunk_size: int = DEFAULT_CHUNK_SIZE):
-    """Summed log-probs of k completions per row, scored only at the given positions.
+def features_at(hidden_btc, head_vc, pos_rkw, labels_rkw, mask_rkw, tail_rkw=None,
+                chunk_size: int = DEFAULT_CHUNK_SIZE, stats: bool = False):
+    """(R, k, F) sums over k completions per row, scored only at the given positions.
 
     pos/labels/mask (R, k, W): completion token w of completion k in row r is ``labels[r, k, w]``,
     scored by the hidden state at ``pos[r, k, w]`` of row r. The LM head runs on these R*k*W
     gathered positions only (prompt positions never touch the vocabulary matmul), and the
     gather stays within each row, so it does not cross devices when rows are split.
-    Returns (logps, n_tokens), each (R, k), float32.
     """
     r, k, w = pos_rkw.shape
     h = jnp.take_along_axis(hidden_btc, pos_rkw.reshape(r, k * w)[..., None], axis=1)
-    lp = token_logprobs(h.reshape(r * k * w, -1), head_vc, labels_rkw.reshape(-1), chunk_size)
-    mask = mask_rkw.astype(jnp.float32)
-    return (lp.reshape(r, k, w) * mask).sum(-1), mask.sum(-1)
+    f = token_features(h.reshape(r * k * w, -1), head_vc, labels_rkw.reshape(-1), chunk_size,
+                       stats)
+    return _sums(f.reshape(r, k, w, -1), mask_rkw, tail_rkw, axis=2)
+
+
+def sequence_logprobs_at(hidden_btc, head_vc, pos_rkw, labels_rkw, mask_rkw,
+                         chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """Summed log-probs of k completions per row (``features_at``): (logps, n_tokens), each
+    (R, k), float32."""
+    f = features_at(hidden_btc, head_vc, pos_rkw, labels_rkw, mask_rkw, None, chunk_size)
+    return f[..., 0], f[..., -1]
+
+
+def features_by_slot(hidden_btc, head_vc, pos_rs, labels_rs, slot_rs, k: int, tail_rs=None,
+                     chunk_size: int = DEFAULT_CHUNK_SIZE, stats: bool = False):
+    """(R, k, F) sums over up to k completions per row from one flat list of S scored
+    positions per row (packed rows: the LM head runs on the completion tokens the row really
+    holds, not on a window per completion). Scored position s of row r is ``labels[r, s]``
+    scored by the hidden state at ``pos[r, s]``, and belongs to completion ``slot[r, s]`` of
+    the row (-1: unused)."""
+    r, s = pos_rs.shape
+    h = jnp.take_along_axis(hidden_btc, pos_rs[..., None], axis=1)
+    f = token_features(h.reshape(r * s, -1), head_vc, labels_rs.reshape(-1), chunk_size, stats)
+    onehot = (slot_rs[..., None] == jnp.arange(k)).astype(jnp.float32)  # (R, S, k)
+    tail = jnp.zeros((r, s), jnp.float32) if tail_rs is None else tail_rs.astype(jnp.float32)
+    per_token = jnp.concatenate([f.reshape(r, s, -1), (f[:, 0].reshape(r, s) * tail)[..., None],
+                                 jnp.ones((r, s, 1), jnp.float32)], axis=-1)
+    return jnp.einsum("rsf,rsk->rkf", per_token, onehot, precision=jax.lax.Precision.HIGHEST)
 
 
 def model_sequence_logprobs(model, input_ids, attention_mask, loss_mask, *,

@@ -48,6 +48,8 @@ class PairLogps(NamedTuple):
     chosen_tokens: jax.Array
     rejected_tokens: jax.Array
     valid: jax.Array  # 1 for real pairs, 0 for padding pairs (eval); batch statistics ignore 0s
+    weight: jax.Array | None = None  # WPO's per-pair weight (``use_weighting``); None = 1
+    rejected_unlikely: jax.Array | None = None  # sum of log(1 - p) over rejected tokens
 
     @property
     def dc(self):
@@ -116,6 +118,11 @@ class LossConfig:
     rpo_alpha: float = _D.rpo_alpha           # > 0: add alpha * per-token NLL of chosen (RPO)
     simpo_gamma: float = _D.simpo_gamma       # SimPO's target reward margin
     discopop_tau: float = _D.discopop_tau     # DiscoPOP's temperature
+    ld_alpha: float = _D.ld_alpha             # LD-DPO: weight of the verbose tail; 1 = off
+    use_weighting: bool = _D.use_weighting    # WPO: weight pairs by the policy's probability
+    f_divergence_type: str = _D.f_divergence_type  # f-DPO's divergence; reverse_kl = DPO's
+    f_alpha_divergence_coef: float = _D.f_alpha_divergence_coef  # alpha of alpha_divergence
+    token_metrics: bool = _D.token_metrics    # TRL's per-token metrics (logprobs.STATS)
 
     @classmethod
     def from_config(cls, config) -> "LossConfig":
@@ -130,7 +137,11 @@ class LossConfig:
         return cls(loss_type=_split_names(config.loss_type), loss_weights=weights,
                    beta=config.beta, label_smoothing=config.label_smoothing,
                    reference_free=config.reference_free, rpo_alpha=config.rpo_alpha,
-                   simpo_gamma=config.simpo_gamma, discopop_tau=config.discopop_tau)
+                   simpo_gamma=config.simpo_gamma, discopop_tau=config.discopop_tau,
+                   ld_alpha=config.ld_alpha, use_weighting=config.use_weighting,
+                   f_divergence_type=config.f_divergence_type,
+                   f_alpha_divergence_coef=config.f_alpha_divergence_coef,
+                   token_metrics=config.token_metrics)
 
     def __post_init__(self):
         lt = _split_names(self.loss_type)
@@ -157,6 +168,26 @@ class LossConfig:
             msg = LOSSES[name].check and LOSSES[name].check(self)
             if msg:
                 raise ValueError(f"loss_type {name!r}: {msg}")
+        if not 0 <= self.ld_alpha <= 1:
+            raise ValueError(f"ld_alpha must lie in [0, 1] (1 = no LD-DPO weighting), got "
+                             f"{self.ld_alpha}")
+        if self.f_divergence_type not in F_DIVERGENCES:
+            raise ValueError(f"f_divergence_type {self.f_divergence_type!r}: valid values are "
+                             f"{', '.join(F_DIVERGENCES)}")
+        odd = [n for n in lt if n not in F_DIVERGENCE_LOSSES]
+        if self.f_divergence_type != "reverse_kl" and odd:
+            raise ValueError(f"f_divergence_type={self.f_divergence_type!r} applies to the losses "
+                             f"built on the reward difference ({', '.join(F_DIVERGENCE_LOSSES)}), "
+                             f"not {odd}")
+        if self.use_weighting and {"aot", "aot_unpaired"} & set(lt):
+            raise ValueError("use_weighting (WPO) does not apply to aot / aot_unpaired: they "
+                             "sort the batch, which would misalign the per-pair weights")
+
+    @property
+    def needs_stats(self) -> bool:
+        """Whether the policy's pass computes the per-token statistics (``logprobs.STATS``):
+        for TRL's metrics, WPO's weights, or the unlikelihood loss."""
+        return self.token_metrics or self.use_weighting or "unlikelihood" in self.loss_type
 
     @property
     def weights(self) -> tuple[float, ...]:
@@ -179,6 +210,27 @@ class LossConfig:
 
 
 # ============================================================================== helpers
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# the losses f-DPO generalizes (TRL 1.16's list): the rest read the log-ratios themselves
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust",
+                       "discopop", "sft")
+
+
+def f_divergence_scores(d, o):
+    """f'(pi/pi_ref) as a function of the log-ratio d (f-DPO, Wang et al. 2023, arXiv
+    2309.16240; TRL's forms): reverse KL: d; forward KL: 1 - exp(-d); Jensen-Shannon:
+    log 2 + log s(d); alpha-divergence: (exp((a - 1) d) - 1) / (a - 1), its exponent clamped
+    at 80 as TRL does, and d itself at a = 1."""
+    kind, a = o.f_divergence_type, o.f_alpha_divergence_coef
+    if kind == "forward_kl":
+        return 1 - jnp.exp(-d)
+    if kind == "js_divergence":
+        return math.log(2) + log_sigmoid(d)
+    if kind == "alpha_divergence" and abs(a - 1.0) >= 1e-6:
+        return (jnp.exp(jnp.minimum((a - 1.0) * d, 80.0)) - 1.0) / (a - 1.0)
+    return d
+
 
 def _smoothed(z, e):
     """-(1-e) log s(z) - e log s(-z): the conservative-DPO form of a logistic loss."""
@@ -207,6 +259,13 @@ def sigmoid_loss(x, o):
     """DPO (Rafailov et al. 2023, arXiv 2305.18290): -(1-e) log s(beta h) - e log s(-beta h).
     e > 0 is conservative DPO (cDPO, Mitchell 2023), robust to flipped labels with rate e."""
     return _smoothed(o.beta * x.h, o.label_smoothing)
+
+
+@register("sigmoid_norm")
+def sigmoid_norm(x, o):
+    """Length-normalized DPO (TRL's sigmoid_norm; the per-token log-ratios of SimPO with DPO's
+    reference, cf. LN-DPO in Meng et al. 2024, arXiv 2405.14734): -log s(beta (Dc/|yc| - Dr/|yr|))."""
+    return -log_sigmoid(o.beta * (x.dc / x.chosen_tokens - x.dr / x.rejected_tokens))
 
 
 @register("robust", check=lambda o: None if o.label_smoothing < 0.5 else
@@ -338,6 +397,20 @@ def orpo(x, o):
     return _chosen_nll(x) - o.beta * log_sigmoid(_orpo_log_odds(x))
 
 
+@register("unlikelihood", reference_free=True)
+def unlikelihood(x, o):
+    """Unlikelihood training (Welleck et al. 2019, arXiv 1908.04319), the DPO paper's baseline:
+    raise the chosen completion's likelihood and push each rejected token's probability down,
+    NLL(chosen) - alpha sum_t log(1 - p(yr_t)), both token-weighted over the batch; alpha is
+    beta. Needs the per-token sums of the trainer's pass (``logprobs.STATS``: ``unlikely``)."""
+    if x.rejected_unlikely is None:
+        raise ValueError("loss_type 'unlikelihood' needs rejected_unlikely, the sums of "
+                         "log(1 - p) over rejected tokens (the trainer's pass computes them)")
+    v = x.valid
+    mean_tokens = jnp.sum(x.rejected_tokens * v) / jnp.maximum(jnp.sum(v), 1)
+    return _chosen_nll(x) - o.beta * x.rejected_unlikely / jnp.maximum(mean_tokens, 1)
+
+
 @register("sft", reference_free=True)
 def sft(x, o):
     """Supervised fine-tuning on the chosen completions: their NLL, token-weighted over the batch."""
@@ -356,7 +429,15 @@ def pair_losses(x: PairLogps, o: LossConfig):
     if o.reference_free:
         x = x._replace(ref_chosen=jnp.zeros_like(x.ref_chosen),
                        ref_rejected=jnp.zeros_like(x.ref_rejected))
-    losses = sum(w * LOSSES[name].fn(x, o) for name, w in zip(o.loss_type, o.weights))
+    scored = x
+    if o.f_divergence_type != "reverse_kl":  # the log-ratios become f'(ratio) scores
+        scored = x._replace(policy_chosen=f_divergence_scores(x.dc, o),
+                            policy_rejected=f_divergence_scores(x.dr, o),
+                            ref_chosen=jnp.zeros_like(x.dc), ref_rejected=jnp.zeros_like(x.dr))
+    losses = sum(w * LOSSES[name].fn(x if LOSSES[name].reference_free else scored, o)
+                 for name, w in zip(o.loss_type, o.weights))
+    if o.use_weighting and x.weight is not None:  # WPO (Zhou et al. 2024, arXiv 2406.11827)
+        losses = losses * x.weight
     if o.rpo_alpha:
         losses = losses + o.rpo_alpha * _chosen_nll(x)
     if o.rewards == "policy_mean":  # TRL's CPO / ORPO trainers
@@ -367,20 +448,24 @@ def pair_losses(x: PairLogps, o: LossConfig):
 
 def _inputs(loss_type, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
             ref_rejected_logps, *, chosen_tokens, rejected_tokens, beta, label_smoothing=0.0,
-            valid=None, **options):
+            valid=None, weight=None, rejected_unlikely=None, **options):
     o = LossConfig(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, **options)
     pc = jnp.asarray(policy_chosen_logps)
     x = PairLogps(pc, jnp.asarray(policy_rejected_logps), jnp.asarray(ref_chosen_logps),
                   jnp.asarray(ref_rejected_logps), jnp.asarray(chosen_tokens, pc.dtype),
                   jnp.asarray(rejected_tokens, pc.dtype),
-                  jnp.ones_like(pc) if valid is None else jnp.asarray(valid, pc.dtype))
+                  jnp.ones_like(pc) if valid is None else jnp.asarray(valid, pc.dtype),
+                  None if weight is None else jnp.asarray(weight, pc.dtype),
+                  None if rejected_unlikely is None else jnp.asarray(rejected_unlikely, pc.dtype))
     return x, o
 
 
 def compute(loss_type, *args, **kwargs):
     """(losses, chosen_rewards, rejected_rewards), each (B,), from the per-pair log-probs
     (policy chosen, policy rejected, reference chosen, reference rejected) and token counts.
-    Keywords: chosen_tokens, rejected_tokens, beta, label_smoothing, valid, and the other
+    Keywords: chosen_tokens, rejected_tokens, beta, label_smoothing, valid, weight (WPO's
+    per-pair weight, applied when ``use_weighting``), rejected_unlikely (the unlikelihood loss's
+    sums of log(1 - p) over rejected tokens), and the other
     LossConfig fields (loss_weights, reference_free, rpo_alpha, simpo_gamma, discopop_tau)."""
     return pair_losses(*_inputs(loss_type, *args, **kwargs))
 
@@ -389,6 +474,20 @@ def compute_metrics(loss_type, *args, **kwargs) -> dict:
     """The metrics the trainer logs for these inputs (the arguments of ``compute``)."""
     x, o = _inputs(loss_type, *args, **kwargs)
     return metrics(x, o, *pair_losses(x, o))
+
+
+def token_metrics(chosen: dict, rejected: dict, valid) -> dict:
+    """TRL's per-token metrics from the policy's per-completion sums (``logprobs.STATS``),
+    token-weighted over the valid pairs: the mean entropy of the next-token distribution over
+    all completion tokens, the mean logit over the vocabulary on chosen and on rejected tokens,
+    and the share of chosen tokens that are the argmax (``mean_token_accuracy``)."""
+    tot = lambda d, k: jnp.sum(d[k] * valid)
+    per = lambda num, den: num / jnp.maximum(den, 1)
+    nc, nr = tot(chosen, "tokens"), tot(rejected, "tokens")
+    return {"entropy": per(tot(chosen, "entropy") + tot(rejected, "entropy"), nc + nr),
+            "logits/chosen": per(tot(chosen, "mean_logits"), nc),
+            "logits/rejected": per(tot(rejected, "mean_logits"), nr),
+            "mean_token_accuracy": per(tot(chosen, "top1"), nc)}
 
 
 def metrics(x: PairLogps, o: LossConfig, losses, chosen_rewards, rejected_rewards) -> dict:

@@ -67,10 +67,10 @@ def precompute_for_run(run):
     config = run.config
     replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
     ref_fn = steps.make_ref_logps_fn(run.tuning, run.layout, out_shardings=replicated,
-                                     **run.step_kw())
+                                     ld_alpha=run.loss_cfg.ld_alpha, **run.step_kw())
     key = fingerprint(checkpoint.model_config_record(run.model_cfg), config.model_name_or_path,
                       config.seed, config.ref_dtype, config.dtype, config.logprob_chunk_size,
-                      run.n_proc)
+                      run.n_proc, run.loss_cfg.ld_alpha)
     for pairs, batches in ((run.train_pairs, run.train_batches),
                            (run.eval_pairs, run.eval_batches)):
         if pairs is not None:

@@ -21,31 +21,51 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dpo_jax.losses import LossConfig, PairLogps, metrics, pair_losses
+from dpo_jax.losses import LossConfig, PairLogps, metrics, pair_losses, token_metrics
 from dpo_jax.optim import accumulate_gradients
 from dpo_jax.tuning import FullTuning  # noqa: F401 (re-exported: steps.FullTuning)
 
 
+def completion_logps(sums: dict, ld_alpha: float = 1.0):
+    """A completion's log-prob for the loss: the sum over its tokens, or with LD-DPO
+    (``ld_alpha`` < 1; Liu et al. 2024, arXiv 2409.06411) the tokens past the shorter
+    completion's length (its verbose tail) weighted by ld_alpha, as TRL's ``ld_alpha``."""
+    if ld_alpha == 1.0:
+        return sums["logps"]
+    return sums["logps"] - (1.0 - ld_alpha) * sums["tail_logps"]
+
+
 def make_loss_fn(tuning, layout, loss_cfg: LossConfig, chunk_size: int, pair_blocks: int = 1):
     """loss_fn(trainable, frozen, batch, rng=None) -> (loss, metrics). ``rng``: the key of the
-    policy's randomness (LoRA dropout); None for evaluation."""
-
-    def logps(model, batch):
-        return layout.logps(model, batch, chunk_size=chunk_size, pair_blocks=pair_blocks)
+    policy's randomness (LoRA dropout); None for evaluation. The policy's pass also yields the
+    per-token statistics of TRL's metrics, WPO's weights and the unlikelihood loss
+    (``logprobs.STATS``) where the loss config asks for them (``needs_stats``)."""
+    ld = loss_cfg.ld_alpha
 
     def loss_fn(trainable, frozen, batch, rng=None):
-        pc, pr, nc, nr = logps(tuning.model(trainable, frozen, rng), batch)
+        c, r = layout.logps(tuning.model(trainable, frozen, rng), batch, chunk_size=chunk_size,
+                            pair_blocks=pair_blocks, stats=loss_cfg.needs_stats)
+        pc, pr = completion_logps(c, ld), completion_logps(r, ld)
         if "ref_chosen_logps" in batch:  # precomputed once over the data
             rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         elif loss_cfg.needs_reference:
-            rc, rr, _, _ = logps(tuning.reference(trainable, frozen), batch)
+            rc, rr = (completion_logps(v, ld) for v in layout.logps(
+                tuning.reference(trainable, frozen), batch, chunk_size=chunk_size,
+                pair_blocks=pair_blocks))
         else:
             rc = rr = jnp.zeros_like(pc)
         rc, rr = jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
         valid = batch["valid"].astype(pc.dtype)
-        x = PairLogps(pc, pr, rc, rr, nc, nr, valid)
+        weight = None
+        if loss_cfg.use_weighting:  # WPO: exp of each completion's mean aligned log-prob
+            weight = jax.lax.stop_gradient(
+                jnp.exp(c["wpo"] / jnp.maximum(c["tokens"], 1))
+                * jnp.exp(r["wpo"] / jnp.maximum(r["tokens"], 1)))
+        x = PairLogps(pc, pr, rc, rr, c["tokens"], r["tokens"], valid, weight, r.get("unlikely"))
         losses, chosen_rewards, rejected_rewards = pair_losses(x, loss_cfg)
         m = metrics(x, loss_cfg, losses, chosen_rewards, rejected_rewards)
+        if loss_cfg.token_metrics:
+            m.update(token_metrics(c, r, valid))
         return m["loss"], m
 
     return loss_fn
@@ -58,7 +78,7 @@ def init_state(trainable, optimizer) -> dict:
 
 def make_train_step(tuning, layout, loss_cfg: LossConfig, optimizer, lr_schedule, *,
                     chunk_size: int, pair_blocks: int = 1, in_shardings=None,
-                    out_shardings=None, seed: int = 0):
+                    out_shardings=None, seed: int = 0, sync: tuple[float, int] | None = None):
     """train_step(state, frozen, batch) -> (state, metrics); jitted, state donated.
 
     state = ``init_state(trainable, optimizer)``. Every batch leaf has a leading axis of
@@ -66,6 +86,11 @@ def make_train_step(tuning, layout, loss_cfg: LossConfig, optimizer, lr_schedule
     be 1. in/out_shardings, when given, pin the layouts over a mesh (what pjit did). The policy's
     randomness (LoRA dropout) draws from fold_in(seed, step, micro-batch): a resumed run draws
     the same.
+
+    ``sync`` = (alpha, every): TR-DPO (Gorbatovski et al. 2024, arXiv 2404.09656). The reference
+    is ``state["ref"]`` (``frozen`` is not read) and after every ``every``-th update becomes
+    alpha * policy + (1 - alpha) * reference, as TRL's SyncRefModelCallback does: in the
+    program, and checkpointed with the state.
     """
     loss_fn = make_loss_fn(tuning, layout, loss_cfg, chunk_size, pair_blocks)
     grad_fn = jax.value_and_grad(loss_fn, argnums=0, has_aux=True)
@@ -73,6 +98,8 @@ def make_train_step(tuning, layout, loss_cfg: LossConfig, optimizer, lr_schedule
 
     def train_step(state, frozen, batch):
         params = state["params"]
+        if sync is not None:
+            frozen = state["ref"]
         weights = batch["valid"].sum(axis=-1)
         step_key = jax.random.fold_in(base_key, state["step"])
         (_, m), grads = accumulate_gradients(
@@ -82,6 +109,12 @@ def make_train_step(tuning, layout, loss_cfg: LossConfig, optimizer, lr_schedule
         m = dict(m, grad_norm=optax.tree.norm(grads), learning_rate=lr_schedule(state["step"]))
         new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                "step": state["step"] + 1, "bad_step": state["bad_step"]}
+        if sync is not None:
+            alpha, every = sync
+            now = new["step"] % every == 0
+            new["ref"] = jax.tree.map(
+                lambda r, p: jnp.where(now, (alpha * p + (1 - alpha) * r.astype(p.dtype))
+                                       .astype(r.dtype), r), state["ref"], new["params"])
         # The first non-finite step is recorded on the device; the loop reads it whenever it
         # fetches metrics, and always before a save. (Selecting the old state here instead
         # would change XLA's fusion of the update, and with it the last bits of every run.)
@@ -102,11 +135,12 @@ def make_eval_step(tuning, layout, loss_cfg: LossConfig, *, chunk_size: int,
 
 
 def make_ref_logps_fn(tuning, layout, *, chunk_size: int, pair_blocks: int = 1,
-                      in_shardings=None, out_shardings=None):
+                      in_shardings=None, out_shardings=None, ld_alpha: float = 1.0):
     """ref_fn(trainable, frozen, batch) -> (chosen_logps, rejected_logps): for precomputing."""
     def ref_fn(trainable, frozen, batch):
         model = tuning.reference(trainable, frozen)
-        return layout.logps(model, batch, chunk_size=chunk_size, pair_blocks=pair_blocks)[:2]
+        c, r = layout.logps(model, batch, chunk_size=chunk_size, pair_blocks=pair_blocks)
+        return completion_logps(c, ld_alpha), completion_logps(r, ld_alpha)
     return jax.jit(ref_fn, **_shardings(in_shardings, out_shardings))
 
 

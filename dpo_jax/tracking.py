@@ -1,38 +1,58 @@
-"""Where a run's numbers go: ``metrics.jsonl`` in the workdir, TensorBoard, and train.log."""
+"""Where a run's numbers go: ``metrics.jsonl`` and ``samples.jsonl`` in the workdir, always; the
+trackers of config key ``report_to`` (TensorBoard event files in workdir/tensorboard, wandb
+through its own library, offline with ``WANDB_MODE=offline``); and train.log."""
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 
+TRACKERS = ("tensorboard", "wandb")
+
+
+def _keep_until(path: Path, resume_step: int | None):
+    """Drops the lines of steps after ``resume_step`` (all of them for a fresh run)."""
+    from dpo_jax.workdir import read_jsonl
+    if path.exists():
+        keep = [row for row in read_jsonl(path)
+                if resume_step is not None and row.get("step", 1 << 62) <= resume_step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(k) + "\n" for k in keep))
+        os.replace(tmp, path)
+
+
 class MetricsLog:
-    """workdir/metrics.jsonl (one line per logged step) and TensorBoard event files.
+    """workdir/metrics.jsonl (one line per logged step), workdir/samples.jsonl (one line per
+    eval step: pi_ref and pi_theta completions) and the trackers of ``report_to``.
 
     On resume, lines of steps after the checkpoint being resumed are dropped, so every step is
     logged once; a torn line (a crash or a full disk mid-write) is dropped with a warning. A
-    write that fails names the file.
+    write that fails names the file. wandb resumes the same run (its id is kept in the workdir).
     """
 
-    def __init__(self, workdir: Path, resume_step: int | None):
-        from dpo_jax.workdir import read_jsonl
-        self.path = workdir / "metrics.jsonl"
-        if self.path.exists():
-            keep = [row for row in read_jsonl(self.path)
-                    if resume_step is not None and row.get("step", 1 << 62) <= resume_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(k) + "\n" for k in keep))
-            os.replace(tmp, self.path)
+    def __init__(self, workdir: Path, resume_step: int | None, report_to: str = "tensorboard",
+                 config=None):
+        self.path, self.samples_path = workdir / "metrics.jsonl", workdir / "samples.jsonl"
+        for path in (self.path, self.samples_path):
+            _keep_until(path, resume_step)
         self.file = open(self.path, "a")
-        try:
-            from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(str(workdir / "tensorboard"))
-        except ImportError:
-            self.tb = None
+        trackers = {t.strip() for t in report_to.split(",")} - {"none", ""}
+        self.tb = self.wandb = None
+        if "tensorboard" in trackers:
+            try:
+                from tensorboardX import SummaryWriter
+                self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            except ImportError:
+                log.warning("report_to names tensorboard, but tensorboardX is not installed: "
+                            "metrics.jsonl only")
+        if "wandb" in trackers:
+            self.wandb = _wandb_run(workdir, config)
 
     def write(self, step: int, scalars: dict):
         try:
@@ -43,11 +63,52 @@ class MetricsLog:
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def write_samples(self, step: int, samples: list[dict]):
+        """One eval step's completions: a line of samples.jsonl, a TensorBoard text, a wandb
+        table."""
+        try:
+            with open(self.samples_path, "a") as f:
+                f.write(json.dumps({"step": step, "samples": samples}) + "\n")
+        except OSError as e:
+            raise OSError(e.errno, f"{e.strerror}: writing {self.samples_path}") from None
+        if self.tb is not None:
+            rows = "\n".join(f"| {s['prompt']!r} | {s['pi_ref']!r} | {s['pi_theta']!r} |"
+                             for s in samples)
+            self.tb.add_text("samples", "| prompt | pi_ref | pi_theta |\n|---|---|---|\n" + rows,
+                             step)
+        if self.wandb is not None:
+            import wandb
+            table = wandb.Table(columns=["step", "prompt", "pi_ref", "pi_theta"],
+                                data=[[step, s["prompt"], s["pi_ref"], s["pi_theta"]]
+                                      for s in samples])
+            self.wandb.log({"samples": table}, step=step)
 
     def close(self):
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _wandb_run(workdir: Path, config):
+    """A wandb run for this workdir: named after it, the run's config logged, resumed under the
+    same id on a rerun (kept in workdir/wandb_id)."""
+    from dpo_jax.errors import ConfigError
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("config key report_to names wandb, but wandb is not installed "
+                          "(pip install wandb, or pip install 'dpo_jax[wandb]')") from None
+    id_file = workdir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+    id_file.write_text(run_id + "\n")
+    return wandb.init(project=config.wandb_project if config is not None else "dpo_jax",
+                      name=workdir.resolve().name, id=run_id, resume="allow", dir=str(workdir),
+                      config=config.to_dict() if config is not None else None)
 
 
 def file_logging(workdir: Path) -> logging.Handler:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpo_jax import (checkpoint, data, evaluation, hf, hub, layouts, lora, models, optim,
+from dpo_jax import (checkpoint, data, evaluation, hf, hub, layouts, lora, models, optim, plan,
                      reference, sharding, steps, tracking, tuning, validate,
                      workdir as workdirs)
 from dpo_jax.errors import ConfigError, DpoError, NonFiniteError, Stopped
@@ -34,13 +34,6 @@ log = logging.getLogger(__name__)
 
 
 # =========================================================================== setup
-
-def scoring_window(config) -> int:
-    """The static completion window of the completion-only head (0 = head on every position)."""
-    if config.layout == "prefix_sharing" or config.completion_only_head:
-        return config.max_completion_length
-    return 0
-
 
 @dataclasses.dataclass
 class Run:
@@ -73,6 +66,14 @@ class Run:
     batch: dict | None = None   # the next update's micro-batches, drawn ahead
     last_train: dict = dataclasses.field(default_factory=dict)
     last_eval: dict = dataclasses.field(default_factory=dict)
+    num_tokens: int = 0         # TRL's num_tokens: the tokens of every trained sequence so far
+    last_samples: tuple = (0, None)  # (step, pi_ref / pi_theta completions) of the last eval
+    samples_skipped: bool = False    # why samples cannot be drawn was logged
+
+    @property
+    def reference_params(self) -> dict:
+        """The reference's params now (TR-DPO keeps them in the train state)."""
+        return self.state["ref"] if "ref" in self.state else self.frozen
 
     @property
     def n_proc(self) -> int:
@@ -87,7 +88,8 @@ class Run:
 
     def record(self, cursor: dict) -> dict:
         return {"data": cursor, "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),
-                "step": int(self.state["step"]), "run": self.settings, **self.expect}
+                "step": int(self.state["step"]), "run": self.settings,
+                "num_tokens": self.num_tokens, **self.expect}
 
     def last_checkpoint(self) -> str:
         """The newest complete checkpoint, in words (after any save in flight has finished)."""
@@ -133,35 +135,13 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
                               f"{field}={limit}")
     for key in ("train_batch_size", "eval_batch_size"):
         sharding.check_model_fits(mesh, model_cfg, config[key])
-    layout = layouts.make(config.layout, scoring_window(config))
+    layout = plan.layout(config)
+    model_cfg = plan.attention(config, model_cfg, layout, mesh)
 
     train_pairs, eval_pairs = data.load_splits(config, tokenizer, shard=(proc, n_proc))
     phase_done()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batch_kw = dict(max_length=config.max_length, pad_id=pad_id, buckets=config.length_buckets,
-                    layout=layout)
-    train_batches = data.PairBatches(train_pairs, batch_size=config.train_batch_size // n_proc,
-                                     seed=config.seed, source=config.dataset_name,
-                                     batch_key="train_batch_size", **batch_kw)
-    eval_batches = (data.PairBatches(eval_pairs, batch_size=config.eval_batch_size // n_proc,
-                                     shuffle=False, source=config.eval_dataset_name or
-                                     config.dataset_name, batch_key="eval_batch_size", **batch_kw)
-                    if eval_pairs else None)
-    log.info("train data: %s; padding %.1f%%", data.summary_line(train_pairs.stats),
-             100 * train_batches.padding_fraction())
-
-    accum = config.gradient_accumulation_steps
-    micro_per_epoch = train_batches.steps_per_epoch
-    if n_proc > 1:  # every process must run the same number of steps
-        from jax.experimental import multihost_utils
-        micro_per_epoch = int(multihost_utils.process_allgather(np.int32(micro_per_epoch)).min())
-    updates_per_epoch = micro_per_epoch // accum
-    if updates_per_epoch == 0:
-        raise ConfigError(f"{config.dataset_name}: {micro_per_epoch} micro-batches of "
-                          f"train_batch_size={config.train_batch_size} per epoch make no update of "
-                          f"gradient_accumulation_steps={accum} (lower one of these config keys)")
-    total_steps = config.max_steps if config.max_steps > 0 else \
-        config.num_train_epochs * updates_per_epoch
+    train_batches, eval_batches, total_steps = plan.batches(config, tokenizer, layout,
+                                                            train_pairs, eval_pairs, mesh)
     parts = tuning.split(config, mesh, family, model_cfg, params)
     del params
     optimizer, lr_schedule = optim.build(config, total_steps, parts.decay_mask)
@@ -169,12 +149,15 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
     frozen = parts.frozen if parts.frozen is not None else (
         tuning.reference_copy(state, state_sh, config.ref_dtype) if loss_cfg.needs_reference
         else {})
+    if config.sync_ref_model:  # TR-DPO: the reference moves, so it is train state
+        state["ref"], state_sh["ref"], frozen = frozen, state_sh["params"], {}
     expect = {"model_config": checkpoint.model_config_record(model_cfg),
               "lora": parts.lora_record}
 
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.save_total_limit)
     run = Run(config=config, workdir=workdir, mesh=mesh, lead=lead, tokenizer=tokenizer,
-              model_cfg=model_cfg, tuning=parts.tuning, layout=layout, loss_cfg=loss_cfg,
+              model_cfg=model_cfg, tuning=parts.tuning, layout=train_batches.layout,
+              loss_cfg=loss_cfg,
               train_pairs=train_pairs, eval_pairs=eval_pairs, train_batches=train_batches,
               eval_batches=eval_batches, total_steps=total_steps, state=state, frozen=frozen,
               ckpt=ckpt, start=0, rng=jax.random.key(config.seed), expect=expect,
@@ -206,6 +189,7 @@ def _resume(run: Run):
     run.state = state
     run.train_batches.restore(record["data"])
     run.rng = jax.random.wrap_key_data(jnp.asarray(record["rng"], jnp.uint32))
+    run.num_tokens = int(record.get("num_tokens", 0))
     run.start = start
     log.info("resumed from %s at step %d", run.ckpt.directory / str(start), start)
 
@@ -219,7 +203,9 @@ def _compile(run: Run, optimizer, lr_schedule, state_sh):
         run.train_step = steps.make_train_step(
             run.tuning, run.layout, run.loss_cfg, optimizer, lr_schedule, **run.step_kw(),
             in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, replicated),
-            seed=run.config.seed)
+            seed=run.config.seed, sync=(run.config.ref_model_mixup_alpha,
+                                        run.config.ref_model_sync_steps)
+            if run.config.sync_ref_model else None)
     run.eval_step = steps.make_eval_step(run.tuning, run.layout, run.loss_cfg,
                                          out_shardings=replicated, **run.step_kw())
 
@@ -236,6 +222,7 @@ def loop(run: Run, metrics_log: tracking.MetricsLog | None):
     t_last, s_last, tokens = time.perf_counter(), run.start, 0
     for s in range(run.start + 1, run.total_steps + 1):
         tokens += int(run.batch["attention_mask"].sum()) * n_proc
+        run.num_tokens += int((run.batch["num_tokens"] * run.batch["valid"]).sum()) * n_proc
         run.state, m = run.train_step(run.state, run.frozen,
                                       sharding.shard_batch(run.mesh, run.batch))
         # The cursor a checkpoint of step s must hold: where step s + 1's batch starts, so it is
@@ -263,14 +250,18 @@ def loop(run: Run, metrics_log: tracking.MetricsLog | None):
         now = time.perf_counter()
         m["step_time"] = (now - t_last) / (s - s_last)
         m["tokens_per_sec"] = tokens / (now - t_last)
+        m["num_tokens"] = float(run.num_tokens)
         t_last, s_last, tokens = now, s, 0
         run.last_train = m
         scalars = {f"train/{k}": v for k, v in m.items()} if log_now else {}
         if eval_now:
-            run.last_eval = evaluation.evaluate(run.eval_step, run.state["params"], run.frozen,
-                                                run.eval_batches, run.mesh)
+            run.last_eval = evaluation.evaluate(run.eval_step, run.state["params"],
+                                                run.reference_params, run.eval_batches, run.mesh)
             scalars.update({f"eval/{k}": v for k, v in run.last_eval.items()})
             log.info("step %d eval: %s", s, tracking.fmt(run.last_eval))
+            run.last_samples = (s, evaluation.run_samples(run))
+            if run.last_samples[1] and metrics_log is not None:
+                metrics_log.write_samples(s, run.last_samples[1])
         if scalars and metrics_log is not None:
             metrics_log.write(s, scalars)
         if progress is not None:
@@ -324,18 +315,11 @@ def finish(run: Run) -> dict:
         "checkpoint": str(run.ckpt.directory / str(run.total_steps)),
         "hf_export": str(hf_dir) if hf_dir else None,
     }
-    if config.sample_prompts and run.n_proc == 1:
-        if run.frozen:  # the reference in memory (see steps.FullTuning)
-            pairs = run.eval_pairs if run.eval_pairs is not None else run.train_pairs
-            prompts = [run.tokenizer.decode(p) for p in pairs.prompt[:config.sample_prompts]]
-            summary["samples"] = evaluation.compare_samples(
-                run.tuning.reference(run.state["params"], run.frozen),
-                run.tuning.model(run.state["params"], run.frozen), run.tokenizer, prompts,
-                max_new_tokens=config.sample_max_new_tokens)
-        else:
-            log.info("end-of-run samples skipped: the reference is not in memory (its log-probs "
-                     "were precomputed, or the loss needs none); python generate.py --workdir "
-                     "%s compares pi_ref and pi_theta", run.workdir)
+    step, samples = run.last_samples
+    if step != run.total_steps or samples is None:  # none drawn from the final params yet
+        samples = evaluation.run_samples(run)
+    if samples is not None:
+        summary["samples"] = samples
     if run.lead:
         tracking.print_summary(summary)
         tmp = summary_path.with_suffix(".tmp")
@@ -366,7 +350,8 @@ def train_and_evaluate(config, workdir) -> dict:
     try:
         run = setup(config, workdir, interrupts)
         if run.start < run.total_steps:
-            metrics_log = tracking.MetricsLog(workdir, run.start) if run.lead else None
+            metrics_log = (tracking.MetricsLog(workdir, run.start, config.report_to, config)
+                           if run.lead else None)
             try:
                 loop(run, metrics_log)
             finally:

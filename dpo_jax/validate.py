@@ -123,9 +123,28 @@ def _schedule(key, v, c):
     choice(key, v, SCHEDULES)
 
 
+def _attention(key, v, c):
+    from dpo_jax.models.attention import CHOICES
+    choice(key, v, CHOICES)
+
+
+def _packing(key, v, c):
+    choice(key, v, ("none", "exact", "balanced"))
+
+
 def _layout(key, v, c):
     from dpo_jax.layouts import LAYOUTS
     choice(key, v, tuple(LAYOUTS))
+
+
+def _report_to(key, v, c):
+    from dpo_jax.tracking import TRACKERS
+    _text(key, v, c)
+    names = [t.strip() for t in v.split(",") if t.strip()]
+    bad = [t for t in names if t not in TRACKERS + ("none",)]
+    if bad or not names or ("none" in names and len(names) > 1):
+        raise ConfigError(f"config key {key}={v!r}: a comma-separated list of "
+                          f"{', '.join(TRACKERS)}, or 'none'")
 
 
 def _allow_changes(key, v, c):
@@ -142,6 +161,7 @@ CHECKS = {
     # model
     "model_name_or_path": _text, "model": _model, "tokenizer_name_or_path": _text,
     "dtype": _dtype, "ref_dtype": _dtype, "remat": _flag, "remat_policy": _remat_policy,
+    "attention": _attention, "packing": _packing, "pack_rows": _int(0),
     # LoRA
     "lora_rank": _int(0, "0 = full fine-tuning"), "lora_alpha": _number(0, open_low=True),
     "lora_dropout": _number(0, 1, open_high=True), "lora_target": _regex, "lora_init": _text,
@@ -161,6 +181,9 @@ CHECKS = {
     "reference_free": _flag, "rpo_alpha": _loss, "simpo_gamma": _number(),
     "discopop_tau": _number(0, open_low=True), "precompute_ref_log_probs": _flag,
     "logprob_chunk_size": _int(0), "completion_only_head": _flag, "layout": _layout,
+    "ld_alpha": _number(0, 1), "use_weighting": _flag, "token_metrics": _flag, "f_divergence_type": _loss,
+    "f_alpha_divergence_coef": _number(), "sync_ref_model": _flag,
+    "ref_model_mixup_alpha": _number(0, 1, open_low=True), "ref_model_sync_steps": _int(1),
     # optimization
     "optim": _optim, "learning_rate": _number(0, open_low=True), "lr_scheduler_type": _schedule,
     "warmup_steps": _int(0), "min_lr_ratio": _number(0, 1), "weight_decay": _number(0),
@@ -174,7 +197,10 @@ CHECKS = {
     "eval_steps": _int(0, "0 = at the end only"), "save_steps": _int(1),
     "save_total_limit": _int(1, "a run keeps at least its last checkpoint"),
     "export_hf": _flag, "progress_bar": _flag, "sample_prompts": _int(0),
-    "sample_max_new_tokens": _int(1), "allow_resume_changes": _allow_changes,
+    "sample_max_new_tokens": _int(1), "sample_temperature": _number(0),
+    "sample_top_k": _int(0, "0 = off"), "sample_top_p": _number(0, 1, open_low=True),
+    "report_to": _report_to, "wandb_project": _nonempty,
+    "allow_resume_changes": _allow_changes,
 }
 
 
@@ -199,6 +225,22 @@ def check_config(config):
     if config.layout == "prefix_sharing" and config.max_completion_length <= 0:
         raise ConfigError("config key layout='prefix_sharing' needs max_completion_length > 0 "
                           "(the static window each completion is scored in)")
+    if config.packing != "none" and config.max_completion_length <= 0:
+        raise ConfigError(f"config key packing={config.packing!r} needs max_completion_length "
+                          "> 0 (the static window each completion is scored in)")
+    if config.packing != "none" and config.length_buckets:
+        raise ConfigError(f"config keys packing={config.packing!r} and length_buckets exclude "
+                          "each other (packed rows all have one length): drop one")
+    if config.sync_ref_model:
+        why = ("precompute_ref_log_probs=True fixes the reference's log-probs before training"
+               if config.precompute_ref_log_probs else
+               "lora_rank > 0: LoRA's reference is the base with the adapters off"
+               if config.lora_rank else "")
+        if not why and not LossConfig.from_config(config).needs_reference:
+            why = "this loss runs without a reference (reference_free, or loss_type)"
+        if why:
+            raise ConfigError(f"config key sync_ref_model=True (TR-DPO moves the reference "
+                              f"toward the policy) cannot apply: {why}")
     if config.max_steps <= 0 and config.num_train_epochs < 1:
         raise ConfigError(f"config keys max_steps={config.max_steps} and num_train_epochs="
                           f"{config.num_train_epochs}: the run would make no update (set "

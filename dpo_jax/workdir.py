@@ -48,7 +48,8 @@ RUN_KEYS = (
     "adam_beta2", "adam_epsilon", "max_grad_norm",
     # loss
     "loss_type", "loss_weights", "beta", "label_smoothing", "reference_free", "rpo_alpha",
-    "simpo_gamma", "discopop_tau",
+    "simpo_gamma", "discopop_tau", "ld_alpha", "use_weighting", "f_divergence_type",
+    "f_alpha_divergence_coef", "token_metrics", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps",
     # order
     "seed",
     # the training tokens themselves (a fingerprint): a data file edited in place

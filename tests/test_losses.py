@@ -1,6 +1,7 @@
 """Issue 4: every loss against an independent float64 numpy computation of its formula."""
 
 import math
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -26,12 +27,13 @@ def log_odds(m):
     return m - np.log(-np.expm1(m))
 
 
-def reference(name, pc, pr, rc, rr, nc, nr, beta, e, gamma=0.5, tau=0.05):
+def reference(name, pc, pr, rc, rr, nc, nr, beta, e, gamma=0.5, tau=0.05, ul=None):
     dc, dr = pc - rc, pr - rr
     h = dc - dr
     nll = -pc / nc.mean()
     return {
         "sigmoid": lambda: smoothed(beta * h, e),
+        "sigmoid_norm": lambda: -logsig(beta * (dc / nc - dr / nr)),
         "robust": lambda: (-(1 - e) * logsig(beta * h) + e * logsig(-beta * h)) / (1 - 2 * e),
         "hinge": lambda: np.maximum(0, 1 - beta * h),
         "ipo": lambda: (dc / nc - dr / nr - 1 / (2 * beta)) ** 2,
@@ -50,7 +52,18 @@ def reference(name, pc, pr, rc, rr, nc, nr, beta, e, gamma=0.5, tau=0.05):
         "simpo": lambda: smoothed(beta * (pc / nc - pr / nr) - gamma, e),
         "orpo": lambda: nll - beta * logsig(log_odds(pc / nc) - log_odds(pr / nr)),
         "sft": lambda: nll,
+        "unlikelihood": lambda: nll - beta * ul / nr.mean(),
     }[name]()
+
+
+def unlikely_sums(nr, seed=5):
+    """Sums of log(1 - p) over each rejected completion's tokens (each term < 0)."""
+    return -nr * np.random.default_rng(seed).uniform(0.01, 3.0, len(nr))
+
+
+def extra(name, nr) -> dict:
+    """The inputs a loss needs beyond the summed log-probs."""
+    return {"rejected_unlikely": unlikely_sums(nr)} if name == "unlikelihood" else {}
 
 
 SMOOTHING = {"exo_pair": 1e-3, "robust": 0.1, "sigmoid": 0.1, "aot": 0.1, "aot_unpaired": 0.1,
@@ -68,22 +81,23 @@ def random_inputs(rng, b=16, scale=1.0):
 
 
 def test_every_registered_loss_has_a_reference():
-    assert set(L.LOSSES) == {"sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair",
+    assert set(L.LOSSES) == {"sigmoid", "sigmoid_norm", "robust", "hinge", "ipo", "exo_pair", "nca_pair",
                              "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
-                             "apo_down", "discopop", "simpo", "orpo", "sft"}
+                             "apo_down", "discopop", "simpo", "orpo", "sft",
+                             "unlikelihood"}
 
 
 @pytest.mark.parametrize("name", sorted(L.LOSSES))
 @pytest.mark.parametrize("scale", [1.0, 300.0])  # 300: |beta * h| in the hundreds
 def test_loss_matches_float64_formula(name, scale):
-    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(name.encode()))  # fixed per loss
     pc, pr, rc, rr, nc, nr = random_inputs(rng, scale=scale)
     beta, e = 0.5, SMOOTHING.get(name, 0.0)
-    want = reference(name, pc, pr, rc, rr, nc, nr, beta, e)
+    want = reference(name, pc, pr, rc, rr, nc, nr, beta, e, ul=unlikely_sums(nr))
     assert np.isfinite(want).all()
     with jax.enable_x64(True):
         got, cr, rj = L.compute(name, pc, pr, rc, rr, chosen_tokens=nc, rejected_tokens=nr,
-                                beta=beta, label_smoothing=e)
+                                beta=beta, label_smoothing=e, **extra(name, nr))
         got = np.asarray(got)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
@@ -94,7 +108,7 @@ def test_loss_matches_float64_formula(name, scale):
     # and in float32, no overflow or NaN at large margins
     got32, _, _ = L.compute(name, *(np.float32(a) for a in (pc, pr, rc, rr)),
                             chosen_tokens=np.float32(nc), rejected_tokens=np.float32(nr),
-                            beta=beta, label_smoothing=e)
+                            beta=beta, label_smoothing=e, **extra(name, nr))
     assert np.isfinite(np.asarray(got32)).all()
     if scale == 1.0:
         np.testing.assert_allclose(np.asarray(got32), want, rtol=2e-4, atol=1e-5)
@@ -108,7 +122,7 @@ def test_gradient_matches_central_differences(name):
     with jax.enable_x64(True):
         def total(p):
             return L.compute(name, p[0], p[1], rc, rr, chosen_tokens=nc, rejected_tokens=nr,
-                             beta=beta, label_smoothing=e)[0].mean()
+                             beta=beta, label_smoothing=e, **extra(name, nr))[0].mean()
         p = jnp.asarray(np.stack([pc, pr]))
         g = np.asarray(jax.grad(total)(p))
         eps = 1e-6

@@ -44,7 +44,7 @@ def left_pad(b, k=3):
     """The same batch with k padding positions in front of every row."""
     out = dict(b)
     for key, fill in (("input_ids", 0), ("attention_mask", 0), ("loss_mask", 0),
-                      ("position_ids", 0), ("segment_ids", -1)):
+                      ("position_ids", 0), ("segment_ids", -1), ("tail_mask", 0)):
         if key in b:
             out[key] = np.pad(b[key], ((0, 0), (k, 0)), constant_values=fill)
     if "score_pos" in b:
@@ -110,7 +110,7 @@ def test_precomputed_reference_matches(models):
 def test_prefix_sharing_attention_mask():
     seg = np.array([[0, 0, 1, 1, 2, 2, 2, -1]])
     attn = (seg >= 0).astype(np.int32)
-    m = np.asarray(layouts.prefix_sharing_mask(jnp.asarray(attn), jnp.asarray(seg)))[0]
+    m = np.asarray(layouts.prefix_sharing_mask(jnp.asarray(attn), jnp.asarray(seg)).dense)[0]
     assert m[5].tolist() == [1, 1, 0, 0, 1, 1, 0, 0]   # rejected: prompt + itself, causal
     assert m[3].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]   # chosen: prompt + itself
     assert not m[:, 7].any()                           # padding is never a key

@@ -109,7 +109,9 @@ KILL_DRIVER = textwrap.dedent("""
     ("configs/tiny.py", []), ("configs/tiny_llama.py", []),
     ("configs/tiny_llama.py", ["--config.lora_rank=4", "--config.lora_dropout=0.1",
                                "--config.learning_rate=1e-2"]),
-], ids=["gpt2", "llama", "llama-lora"])
+    ("configs/tiny.py", ["--config.sync_ref_model=True", "--config.ref_model_sync_steps=3",
+                         "--config.ref_model_mixup_alpha=0.5"]),
+], ids=["gpt2", "llama", "llama-lora", "gpt2-tr-dpo"])
 def test_exact_resume_after_sigkill(tmp_path, config, extra):
     driver = tmp_path / "driver.py"
     driver.write_text(KILL_DRIVER)
@@ -128,7 +130,7 @@ def test_exact_resume_after_sigkill(tmp_path, config, extra):
     a = (straight / "hf" / "model.safetensors").read_bytes()
     b = (resumed / "hf" / "model.safetensors").read_bytes()
     assert a == b, "final params differ after resume"
-    if extra:  # LoRA: the adapters themselves, as PEFT's file holds them
+    if "--config.lora_rank=4" in extra:  # LoRA: the adapters themselves, as PEFT's file holds them
         adapter = lambda wd: (wd / "adapter" / "adapter_model.safetensors").read_bytes()
         assert adapter(straight) == adapter(resumed), "final adapters differ after resume"
     if "llama" in config:  # the family's export is a transformers model; generate.py serves it
@@ -142,9 +144,10 @@ def test_exact_resume_after_sigkill(tmp_path, config, extra):
         assert r.returncode == 0 and "pi_theta | The acting was" in r.stdout, r.stderr[-2000:]
     steps = [json.loads(l)["step"] for l in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 21))
-    losses = lambda wd: [json.loads(l)["train/loss"] for l in (wd / "metrics.jsonl").read_text()
-                         .splitlines()]
-    assert losses(straight) == losses(resumed)
+    logged = lambda wd, key: [json.loads(l)[key] for l in (wd / "metrics.jsonl").read_text()
+                              .splitlines()]
+    assert logged(straight, "train/loss") == logged(resumed, "train/loss")
+    assert logged(straight, "train/num_tokens") == logged(resumed, "train/num_tokens")
 
 
 def test_interrupted_save_is_never_picked_up(tmp_path):

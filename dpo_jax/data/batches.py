@@ -37,15 +37,17 @@ class PairBatches:
     def __init__(self, pairs: TokenizedPairs, *, batch_size: int, max_length: int, pad_id: int,
                  seed: int = 0, shuffle: bool = True, buckets=(), state: dict | None = None,
                  layout: str | layouts.Layout = "pair", completion_window: int = 0,
-                 source: str = "the data", batch_key: str = "batch_size", epochs: int = 1,
-                 pack_rows: int = 0):
+                 source: str = "the data", batch_key: str = "batch_size",
+                 epochs: int | None = 1, pack_rows: int = 0, balance: int = 0):
         """``source`` and ``batch_key`` only name the data and the config key in errors. A
-        packed layout is sized here: enough rows for every batch of the first ``epochs``
-        epochs (the run's; an eval's one pass), or ``pack_rows`` when it suffices."""
+        packed layout is sized here for the first ``epochs`` epochs (see ``fit_packing``; None
+        leaves that to the caller). ``balance`` > 0 regroups each window of that many shuffled
+        batches so that their token totals are even (``balanced``)."""
+        self.source, self.batch_key = source, batch_key
         if isinstance(layout, str):
             layout = layouts.make(layout, completion_window)
         self.pairs, self.batch_size, self.pad_id = pairs, batch_size, pad_id
-        self.seed, self.shuffle, self.layout = seed, shuffle, layout
+        self.seed, self.shuffle, self.layout, self.balance = seed, shuffle, layout, balance
         window = layout.window
         longest = max(max(len(c), len(r)) for c, r in zip(pairs.chosen, pairs.rejected))
         if window and longest > window:
@@ -59,6 +61,8 @@ class PairBatches:
             raise DataError(f"{source}: a pair needs {self.lengths.max()} tokens > the row length "
                             f"{max_length} (config key max_length)")
         self.bucket_of = np.searchsorted(self.buckets, self.lengths)
+        self.tokens = np.array([layout.real_tokens(len(p), len(c), len(r)) for p, c, r in
+                                zip(pairs.prompt, pairs.chosen, pairs.rejected)], np.int64)
         self.epoch, self.index = 0, 0
         self._plan_epoch = None
         if state is not None:
@@ -70,12 +74,8 @@ class PairBatches:
             if buckets:
                 raise DataError("length_buckets and packing exclude each other (packed rows "
                                 "have one length)")
-            rows, slots = self.packed_sizes(epochs)
-            if pack_rows and pack_rows < rows:
-                raise DataError(f"{source}: a batch of {batch_key}={batch_size} pairs needs "
-                                f"{rows} packed rows of {max_length}; config key pack_rows="
-                                f"{pack_rows} is too few (0 sizes it automatically)")
-            self.layout = layouts.Packed(layout.base, pack_rows or rows, slots)
+            if epochs is not None:
+                self.fit_packing(epochs, pack_rows=pack_rows)
 
     # ---- order
     def _plan(self, epoch: int, *, drop_remainder: bool = True,
@@ -93,21 +93,61 @@ class PairBatches:
                 batches.append(rows[n_full * self.batch_size:])
         if shuffle and len(self.buckets) > 1:
             batches = [batches[i] for i in rng.permutation(len(batches))]
+        if shuffle and self.balance:
+            batches = [b for w in range(0, len(batches), self.balance)
+                       for b in self.balanced(batches[w:w + self.balance])]
         return batches
 
-    def packed_sizes(self, epochs: int) -> tuple[int, int]:
-        """(rows, completion slots per row) the packed layout needs for every batch of the
-        first ``epochs`` epochs (training), or of the one eval pass (``shuffle`` False)."""
+    def balanced(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        """The same pairs regrouped into as many batches of as many pairs, their token totals
+        even: longest pair first, each to the lightest batch with room (ties: the first). A
+        packed batch then needs about the mean number of rows, not the unluckiest batch's."""
+        pairs = np.concatenate(batches)
+        pairs = pairs[np.argsort(-self.tokens[pairs], kind="stable")]
+        out, load = [[] for _ in batches], np.zeros(len(batches), np.int64)
+        for i in pairs:
+            room = [j for j in range(len(out)) if len(out[j]) < len(batches[j])]
+            j = min(room, key=lambda j: load[j])
+            out[j].append(i)
+            load[j] += self.tokens[i]
+        return [np.sort(np.asarray(b, pairs.dtype)) for b in out]
+
+    def packed_sizes(self, epochs: int, *, ordered: bool = False) -> tuple[int, int, int]:
+        """(rows, completion slots per row, scored positions per row) the packed layout needs for every batch of the
+        first ``epochs`` training epochs, and of the ordered pass (``eval_batches``) when
+        ``ordered`` or the batches are not shuffled."""
         p = self.pairs
-        plans = ([self._plan(e) for e in range(max(epochs, 1))] if self.shuffle
-                 else [self._plan(0, drop_remainder=False, shuffle=False)])
-        rows = slots = 1
+        plans = [self._plan(e) for e in range(epochs)] if self.shuffle else []
+        if ordered or not self.shuffle:
+            plans.append(self._plan(0, drop_remainder=False, shuffle=False))
+        sizes = (1, 1, 1)
         for plan in plans:
             for batch in plan:
-                r, k = self.layout.sizes([(len(p.prompt[i]), len(p.chosen[i]),
+                need = self.layout.sizes([(len(p.prompt[i]), len(p.chosen[i]),
                                            len(p.rejected[i])) for i in batch], self.buckets[-1])
-                rows, slots = max(rows, r), max(slots, k)
-        return rows, slots
+                sizes = tuple(map(max, sizes, need))
+        return sizes
+
+    def fit_packing(self, epochs: int, *, ordered: bool = False, pack_rows: int = 0,
+                    multiple: int = 1, agree=None):
+        """Sizes the packed layout: the fewest rows (rounded up to ``multiple``, the devices a
+        process's rows split over), completion slots and scored positions per row that hold
+        every batch of the first ``epochs`` epochs (see ``packed_sizes``), or ``pack_rows``
+        rows when they suffice. ``agree`` maps the sizes to the values all processes use
+        (their maximum)."""
+        rows, slots, scored = self.packed_sizes(epochs, ordered=ordered)
+        rows = -(-rows // multiple) * multiple
+        if agree is not None:
+            rows, slots, scored = agree(rows, slots, scored)
+        if pack_rows and pack_rows < rows:
+            raise DataError(f"{self.source}: a batch of {self.batch_key}={self.batch_size} "
+                            f"pairs needs {rows} packed rows of {self.buckets[-1]} positions; "
+                            f"config key pack_rows={pack_rows} is too few (0 sizes it "
+                            "automatically)")
+        if pack_rows and pack_rows % multiple:
+            raise DataError(f"config key pack_rows={pack_rows} does not divide over the "
+                            f"{multiple} devices a process's rows are split over")
+        self.layout = layouts.Packed(self.layout.base, pack_rows or rows, slots, scored)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -157,6 +197,10 @@ class PairBatches:
         valid = np.zeros((b,), np.float32)
         valid[:len(rows)] = 1
         batch["valid"] = valid
+        # TRL's num_tokens counts: the prompt + completion tokens of both sequences of each pair
+        batch["num_tokens"] = np.zeros((b,), np.int32)
+        batch["num_tokens"][:len(rows)] = [2 * len(p.prompt[r]) + len(p.chosen[r]) +
+                                           len(p.rejected[r]) for r in rows]
         if p.ref_chosen is not None:
             for key, values in (("ref_chosen_logps", p.ref_chosen),
                                 ("ref_rejected_logps", p.ref_rejected)):
@@ -167,12 +211,10 @@ class PairBatches:
     def padding_fraction(self) -> float:
         """Share of token positions in one epoch's batches that are padding."""
         real = total = 0
-        p = self.pairs
         for rows in self._plan(0):
             total += self.layout.batch_rows(self.batch_size) * \
                 self.buckets[int(self.bucket_of[rows].max())]
-            real += sum(self.layout.real_tokens(len(p.prompt[r]), len(p.chosen[r]),
-                                                len(p.rejected[r])) for r in rows)
+            real += int(self.tokens[rows].sum())
         return 1.0 - real / max(total, 1)
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dpo_jax.errors import choice
+from dpo_jax.models import attention as attention_lib
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ REMAT = {
     "dots_with_no_batch_dims_saveable":
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
 }
-ATTENTION = ("xla", "cudnn")  # implementations of dot-product attention (see ``attention``)
+ATTENTION = attention_lib.IMPLEMENTATIONS  # dot-product attention kernels (models/attention.py)
 # Fields of a family config that are compute options, not architecture: they are not written to
 # config.json and do not fix parameter shapes (a checkpoint restores under any of them).
 COMPUTE_FIELDS = ("dtype", "remat", "remat_policy", "attention")
@@ -149,11 +150,9 @@ def positions_from_mask(attention_mask_bt):
     return jnp.maximum(jnp.cumsum(attention_mask_bt, axis=-1) - 1, 0).astype(jnp.int32)
 
 
-def causal_padding_mask(attention_mask_bt):
-    """(B, T, T): query t may attend to key s <= t that is a real token."""
-    t = attention_mask_bt.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    return causal[None] & attention_mask_bt.astype(bool)[:, None, :]
+def causal_padding_mask(attention_mask_bt) -> attention_lib.Mask:
+    """Query t may attend to key s <= t that is a real token (left or right padding: dense)."""
+    return attention_lib.Mask.causal_padded(attention_mask_bt).dense_only()
 
 
 def decode_mask(key_mask_bs, t: int, index):
@@ -163,20 +162,10 @@ def decode_mask(key_mask_bs, t: int, index):
     return causal[None] & key_mask_bs.astype(bool)[:, None, :]
 
 
-def attention(q, k, v, mask_bts, *, scale: float, implementation: str = "xla", causal=False):
-    """Dot-product attention of (B, T, H, D) queries over (B, S, K, D) keys and values (K divides
-    H: grouped-query attention), masked by (B, T, S) booleans.
-
-    The one place attention runs, so the implementation is chosen here for every family and
-    layout. ``xla`` computes the logits and softmax in float32 for bfloat16 inputs. ``cudnn`` is
-    the fused flash-attention kernel (a GPU, bfloat16 or float16, head dim a multiple of 8): the
-    mask goes in as an additive bias, and ``causal`` (the mask is known to lie within the causal
-    triangle) lets it skip the blocks above the diagonal.
-    """
-    if implementation == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask_bts[:, None], scale=scale,
-                                            is_causal=causal, implementation="cudnn")
-    return jax.nn.dot_product_attention(q, k, v, mask=mask_bts[:, None], scale=scale)
+def attention(q, k, v, mask, *, scale: float, implementation: str = "xla"):
+    """The one place attention runs, for every family and layout (``models/attention.py``):
+    ``mask`` is an ``attention.Mask`` or a dense (B, T, S) boolean array."""
+    return attention_lib.attend(q, k, v, mask, scale=scale, implementation=implementation)
 
 
 def stacked(make, n: int, rngs: nnx.Rngs):

@@ -72,6 +72,10 @@ class GPT2Config(common.ComputeOptions):
     def max_positions(self) -> int:
         return self.n_positions
 
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
     def length_limits(self) -> dict[str, int]:
         return {"n_positions": self.n_positions}
 
@@ -115,8 +119,7 @@ class Attention(nnx.Module):
         if self.by_layer:  # GPT-2 variant option: scale by 1 / (layer_idx + 1) as well
             q = q / (layer_idx + 1).astype(q.dtype)
         y = common.attention(q, k, v, mask_bts, scale=self.scale,
-                             implementation="xla" if kv is not None else self.implementation,
-                             causal=True)
+                             implementation="xla" if kv is not None else self.implementation)
         return self.c_proj(y.reshape(b, t, c)), kv
 
 

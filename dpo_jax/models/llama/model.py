@@ -75,6 +75,10 @@ class LlamaConfig(common.ComputeOptions):
     def max_positions(self) -> int:
         return min(self.length_limits().values())
 
+    @property
+    def head_size(self) -> int:
+        return self.head_dim
+
     def length_limits(self) -> dict[str, int]:
         """The sequence-length limits, by config field (a clear error names the one exceeded)."""
         limits = {"max_position_embeddings": self.max_position_embeddings}
@@ -154,8 +158,7 @@ class Attention(nnx.Module):
                   jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), at))
             k, v = kv
         y = common.attention(q, k, v, mask_bts, scale=self.head_dim ** -0.5,
-                             implementation="xla" if kv is not None else self.implementation,
-                             causal=True)
+                             implementation="xla" if kv is not None else self.implementation)
         return self.o_proj(y.reshape(b, t, self.heads * self.head_dim)), kv
 
 

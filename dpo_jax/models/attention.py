@@ -1,0 +1,183 @@
+"""Dot-product attention: who attends to whom (``Mask``), and the kernel that computes it.
+
+A layout describes its attention as a ``Mask``: always the dense (B, T, S) truth, plus, where the
+pattern has one, the compact form a fused kernel takes:
+
+- ``lengths`` (B,): causal attention over the first n tokens of each right-padded row (the plain
+  pair layout);
+- ``segment_ids`` (B, T): causal attention within runs of equal ids (packed pair rows; padding is
+  its own segment, whose outputs nobody reads).
+
+Prefix sharing's rule (the rejected tokens see the prompt but not the chosen ones) has neither:
+it is dense only, but it lies inside the causal triangle (``causal``), which lets cuDNN skip the
+blocks above the diagonal.
+
+Implementations (config key ``attention``; ``auto`` picks one per platform, see ``resolve``):
+
+- ``xla``: ``jax.nn.dot_product_attention`` on the dense mask; runs everywhere, the reference.
+- ``cudnn``: cuDNN's fused flash attention (GPU; bfloat16/float16; head dim a multiple of 8, at
+  most 128): lengths become its padding-causal mode; other masks go in as an additive bias with
+  the causal flag.
+- ``splash``: the Pallas splash-attention kernel (TPU) with a causal mask and segment ids;
+  interpreted (slow, exact) off TPU, which is how the tests run it on a CPU. Dense-only masks
+  fall back to ``xla``.
+
+Decoding with a KV cache always runs ``xla`` (one query at a time: no kernel to gain from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+CHOICES = ("auto",) + IMPLEMENTATIONS
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Mask:
+    dense: jax.Array                      # (B, T, S) bool: True where query t sees key s
+    lengths: jax.Array | None = None      # (B,) int32: causal over each row's first n tokens
+    segment_ids: jax.Array | None = None  # (B, T) int32: causal within equal ids
+    causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    @classmethod
+    def causal_padded(cls, attention_mask_bt) -> "Mask":
+        """Causal over the real tokens of right- or left-padded rows. Only right padding (every
+        real token before every pad, as layouts collate) gives the lengths form; generation's
+        left-padded prompts use this with ``lengths`` dropped (see ``dense_only``)."""
+        t = attention_mask_bt.shape[1]
+        dense = jnp.tril(jnp.ones((t, t), bool))[None] & attention_mask_bt.astype(bool)[:, None, :]
+        return cls(dense, lengths=attention_mask_bt.astype(jnp.int32).sum(-1), causal=True)
+
+    @classmethod
+    def segments(cls, segment_ids_bt, attention_mask_bt) -> "Mask":
+        """Causal within segments (-1 marks padding) of packed rows."""
+        t = segment_ids_bt.shape[1]
+        same = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+        dense = jnp.tril(jnp.ones((t, t), bool))[None] & same & \
+            attention_mask_bt.astype(bool)[:, None, :]
+        return cls(dense, segment_ids=segment_ids_bt.astype(jnp.int32), causal=True)
+
+    def dense_only(self) -> "Mask":
+        return Mask(self.dense, causal=self.causal)
+
+
+def as_mask(mask) -> Mask:
+    """A ``Mask`` from a Mask or a bare dense (B, T, S) array (causal unknown: ``xla`` only)."""
+    return mask if isinstance(mask, Mask) else Mask(mask)
+
+
+def attend(q, k, v, mask, *, scale: float, implementation: str = "xla"):
+    """Attention of (B, T, H, D) queries over (B, S, K, D) keys and values (K divides H:
+    grouped-query attention) under ``mask`` (a ``Mask`` or a dense (B, T, S) array). ``xla``
+    computes the logits and softmax in float32 for bfloat16 inputs."""
+    mask = as_mask(mask)
+    if implementation == "cudnn" and mask.causal:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn",
+                                            **cudnn_arguments(mask))
+    if implementation == "splash" and (mask.segment_ids is not None or mask.lengths is not None):
+        return _splash(q, k, v, mask, scale)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask.dense[:, None], scale=scale)
+
+
+def cudnn_arguments(mask: Mask) -> dict:
+    """How a causal ``Mask`` reaches cuDNN: lengths as its padding-causal mode (no mask tensor),
+    anything else as the dense mask (an additive bias) with the causal flag. The same arguments
+    with ``implementation="xla"`` are the reference the CPU tests check them against."""
+    if mask.lengths is not None:
+        return dict(is_causal=True, query_seq_lengths=mask.lengths,
+                    key_value_seq_lengths=mask.lengths)
+    return dict(mask=mask.dense[:, None], is_causal=True)
+
+
+# ---------------------------------------------------------------------------- splash (TPU)
+
+def splash_block(t: int) -> int:
+    """The block size splash attention tiles a length-t sequence with (0: none fits; the
+    kernel's blocks are multiples of 128 lanes, interpreted or not)."""
+    for block in (512, 256, 128):
+        if t % block == 0:
+            return block
+    return 0
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(heads: int, t: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as sk, splash_attention_mask as sm)
+    b = splash_block(t)
+    blocks = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
+                           block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(heads)])
+    return sk.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                              interpret=interpret), sk.SegmentIds
+
+
+def _splash(q, k, v, mask: Mask, scale: float):
+    b, t, h, d = q.shape
+    if k.shape[2] != h:  # grouped-query: the kernel takes one key head per query head
+        k, v = (jnp.repeat(a, h // k.shape[2], axis=2) for a in (k, v))
+    kernel, segment_type = _splash_kernel(h, t, jax.default_backend() != "tpu")
+    if mask.segment_ids is not None:
+        seg = mask.segment_ids
+    else:  # lengths: real tokens are segment 0, padding segment 1
+        seg = (jnp.arange(t)[None, :] >= mask.lengths[:, None]).astype(jnp.int32)
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q * jnp.asarray(scale, q.dtype), k, v))
+    out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=segment_type(s, s)))(
+        q, k, v, seg)
+    return out.transpose(0, 2, 1, 3).astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------- choice
+
+def resolve(requested: str, *, platform: str, dtype: str, head_dim: int, mask_forms: set,
+            lengths: tuple[int, ...] = (), devices: int = 1) -> tuple[str, str]:
+    """(implementation, why) for config key ``attention`` on this platform, compute dtype, head
+    size, a layout whose masks come in ``mask_forms`` ({"lengths", "segments", "dense"}) and
+    rows of ``lengths`` tokens. ``auto`` takes the fused kernel where it applies and says why
+    not otherwise; an explicit choice that cannot run raises ``ValueError`` with the reason."""
+    reasons = []
+    if requested in ("auto", "cudnn"):
+        if platform != "gpu":
+            reasons.append(f"cudnn needs a GPU (platform {platform})")
+        if dtype not in ("bfloat16", "float16"):
+            reasons.append(f"cudnn needs bfloat16 or float16 compute (dtype={dtype})")
+        if head_dim % 8 or head_dim > 128:
+            reasons.append(f"cudnn needs a head size that is a multiple of 8 up to 128 "
+                           f"(head size {head_dim})")
+        if requested == "cudnn" and reasons:
+            raise ValueError("attention='cudnn': " + "; ".join(reasons))
+        if platform == "gpu" and not reasons:
+            return "cudnn", "cuDNN flash attention" + (
+                " (the mask as a bias)" if mask_forms == {"dense"} else "")
+    if requested in ("auto", "splash"):
+        why = []
+        if requested == "auto" and platform != "tpu":
+            why.append(f"splash needs a TPU (platform {platform})")
+        if "dense" in mask_forms:
+            why.append("this layout's mask (prefix sharing: rejected tokens skip the chosen "
+                       "ones) has no segment form")
+        if any(t % 128 for t in lengths):
+            why.append(f"splash needs row lengths that are multiples of 128 ({lengths})")
+        if devices > 1:
+            why.append(f"splash runs per device and this mesh has {devices} devices "
+                       "(its inputs would be gathered)")
+        if requested == "splash" and why:
+            raise ValueError("attention='splash': " + "; ".join(why))
+        if not why:
+            return "splash", "Pallas splash attention with segment ids" + (
+                "" if platform == "tpu" else " (interpreted: exact but slow off a TPU)")
+        if platform == "tpu":
+            reasons += why
+    if requested == "xla":
+        return "xla", "XLA attention (config key attention='xla')"
+    return "xla", "XLA attention" + (f": {'; '.join(reasons)}" if reasons and
+                                     platform != "cpu" else " (the CPU's)")

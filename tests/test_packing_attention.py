@@ -1,0 +1,145 @@
+"""Issue 17: packed runs against unpacked ones, the fused-attention paths against XLA's, and the
+choice between them. (The step-level exactness of packed rows, per pair, for both families and
+both layouts, is in test_savings.py.)"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from trainutil import tiny_config
+from dpo_jax import data, layouts, validate
+from dpo_jax.errors import ConfigError
+from dpo_jax.models import attention
+from dpo_jax.models.attention import Mask
+from dpo_jax.trainer import train_and_evaluate
+
+
+def qkv(b=3, t=128, h=4, k=2, d=8, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(ks[0], (b, t, h, d)), jax.random.normal(ks[1], (b, t, k, d)),
+            jax.random.normal(ks[2], (b, t, k, d)))
+
+
+def masks(t=128):
+    """The three mask forms on rows of unequal content: (name, Mask, real-query (B, T))."""
+    attn = (jnp.arange(t)[None] < jnp.array([t, 73, 5])[:, None]).astype(jnp.int32)
+    seg = jnp.array([[0] * 37 + [1] * 59 + [-1] * (t - 96), [0] * t,
+                     [0] * 3 + [1] * 3 + [2] * 100 + [-1] * (t - 106)])
+    parts = jnp.where(jnp.arange(t)[None] < 40, 0, jnp.where(jnp.arange(t)[None] < 90, 1, 2))
+    parts = jnp.where(attn.astype(bool), parts, -1)
+    return [("lengths", Mask.causal_padded(attn), attn),
+            ("segments", Mask.segments(seg, (seg >= 0).astype(jnp.int32)), seg >= 0),
+            ("prefix sharing", layouts.prefix_sharing_mask(attn, parts), attn)]
+
+
+def outputs(impl, q, k, v, mask, real, **kw):
+    """Attention outputs at real queries, and the gradient of their sum w.r.t. q, k, v."""
+    def f(q, k, v):
+        out = impl(q, k, v, mask, **kw)
+        return (out * real[:, :, None, None]).sum(), out * real[:, :, None, None]
+    (_, out), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    return out, grads
+
+
+@pytest.mark.parametrize("form", [0, 1])  # lengths, segments: the forms splash takes
+def test_splash_kernel_matches_xla(form):
+    """The TPU kernel itself (Pallas, interpreted on the CPU) against XLA: 1e-5 (float32;
+    measured 5e-7), forward and gradients, GQA heads."""
+    q, k, v = qkv()
+    _, mask, real = masks()[form]
+    ref = outputs(attention.attend, q, k, v, mask, real, scale=0.35, implementation="xla")
+    got = outputs(attention.attend, q, k, v, mask, real, scale=0.35, implementation="splash")
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+
+
+@pytest.mark.parametrize("form", [0, 1, 2])
+def test_cudnn_arguments_mean_the_same_mask(form):
+    """What cuDNN receives (padding-causal lengths, or the mask as a bias with the causal flag),
+    run through XLA's reference of the same arguments, equals the dense mask: 1e-6."""
+    q, k, v = qkv(seed=1)
+    _, mask, real = masks()[form]
+
+    def through_cudnn_arguments(q, k, v, mask, scale):
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla",
+                                            **attention.cudnn_arguments(mask))
+    ref = outputs(attention.attend, q, k, v, mask, real, scale=0.35)
+    got = outputs(through_cudnn_arguments, q, k, v, mask, real, scale=0.35)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)
+
+
+def test_auto_picks_the_kernel_and_says_why():
+    kw = dict(dtype="bfloat16", head_dim=64, mask_forms={"lengths"}, lengths=(512,))
+    assert attention.resolve("auto", platform="cpu", **kw)[0] == "xla"
+    assert attention.resolve("auto", platform="gpu", **kw)[0] == "cudnn"
+    impl, why = attention.resolve("auto", platform="gpu", **dict(kw, dtype="float32"))
+    assert impl == "xla" and "bfloat16 or float16" in why
+    impl, why = attention.resolve("auto", platform="gpu", **dict(kw, mask_forms={"dense"}))
+    assert impl == "cudnn" and "bias" in why
+    assert attention.resolve("auto", platform="tpu", **kw)[0] == "splash"
+    impl, why = attention.resolve("auto", platform="tpu", **dict(kw, mask_forms={"dense"}))
+    assert impl == "xla" and "prefix sharing" in why
+    impl, why = attention.resolve("auto", platform="tpu", **dict(kw, lengths=(500,)))
+    assert impl == "xla" and "multiples of 128" in why
+    assert attention.resolve("xla", platform="gpu", **kw)[0] == "xla"
+    with pytest.raises(ValueError, match="cudnn needs a GPU"):
+        attention.resolve("cudnn", platform="cpu", **kw)
+    with pytest.raises(ValueError, match="no segment form"):
+        attention.resolve("splash", platform="cpu", **dict(kw, mask_forms={"dense"}))
+
+
+def test_packing_settings_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="packing='exact' needs max_completion_length > 0"):
+        validate.check_config(tiny_config(tmp_path, packing="exact", max_completion_length=0,
+                                          layout="pair"))
+    with pytest.raises(ConfigError, match="packing='balanced' and length_buckets exclude"):
+        validate.check_config(tiny_config(tmp_path, packing="balanced", length_buckets=(32,)))
+    with pytest.raises(ConfigError, match="cudnn needs a GPU"):
+        train_and_evaluate(tiny_config(tmp_path, attention="cudnn"), tmp_path / "wd")
+    rng = np.random.default_rng(0)
+    tp = data.TokenizedPairs(*[[rng.integers(1, 50, 9).astype(np.int32) for _ in range(8)]
+                               for _ in range(3)], {})
+    with pytest.raises(data.DataError, match="pack_rows=1 is too few"):
+        data.PairBatches(tp, batch_size=8, max_length=30, pad_id=0,
+                         layout=layouts.make("pair", 9, packed=True), pack_rows=1)
+
+
+def test_balanced_batches_hold_the_same_pairs_in_fewer_rows():
+    """packing='balanced' regroups each window of shuffled batches by token totals: every
+    pair once per epoch, the same number per batch, and fewer packed rows than 'exact' on a
+    long-tailed length distribution."""
+    rng = np.random.default_rng(0)
+    n = 512
+    lens = np.minimum(np.exp(rng.normal(3.0, 0.9, (3, n))).astype(int) + 1, 40)
+    tp = data.TokenizedPairs(*[[rng.integers(1, 50, k).astype(np.int32) for k in lens[i]]
+                               for i in range(3)], {})
+    kw = dict(batch_size=8, max_length=80, pad_id=0, seed=3)
+    exact = data.PairBatches(tp, layout=layouts.make("pair", 40, packed=True), **kw)
+    balanced = data.PairBatches(tp, layout=layouts.make("pair", 40, packed=True), balance=16,
+                                **kw)
+    plan, plain = balanced._plan(0), exact._plan(0)
+    assert [len(b) for b in plan] == [len(b) for b in plain]
+    assert sorted(np.concatenate(plan)) == sorted(np.concatenate(plain))
+    assert balanced.layout.rows < exact.layout.rows
+    assert balanced.padding_fraction() < exact.padding_fraction()
+
+
+def run_weights(tmp_path, name, **kw):
+    wd = tmp_path / name
+    train_and_evaluate(tiny_config(tmp_path, max_steps=8, eval_steps=4, save_steps=4,
+                                   sample_prompts=0, **kw), wd)
+    return load_file(wd / "hf" / "model.safetensors")
+
+
+@pytest.mark.parametrize("layout", ["pair", "prefix_sharing"])
+def test_packed_run_ends_where_the_unpacked_run_ends(tmp_path, layout):
+    """Eight updates of 2 accumulated micro-batches, reference precomputed (the ordered pass is
+    packed too), eval packed: the weights equal the unpacked run's within float tolerance."""
+    kw = dict(layout=layout, gradient_accumulation_steps=2, precompute_ref_log_probs=True)
+    plain = run_weights(tmp_path, "plain", **kw)
+    packed = run_weights(tmp_path, "packed", packing="exact", **kw)
+    for name in plain:
+        np.testing.assert_allclose(packed[name], plain[name], atol=2e-5, err_msg=name)
