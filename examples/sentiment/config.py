@@ -4,8 +4,9 @@
     python examples/sentiment/demo.py --workdir runs/imdb \\
         --config examples/sentiment/config.py:full                                   # the paper's
 
-mini: offline, a few minutes on 2 CPU cores. Synthetic reviews (corpus.py), a byte-level BPE
-  tokenizer trained on them, a 4 x 128 GPT-2 trained from scratch by SFT, the lexicon reward.
+mini: offline, about ten minutes on 2 CPU cores. Synthetic reviews (corpus.py), a byte-level BPE
+  tokenizer trained on them, a 4 x 128 GPT-2 trained from scratch by SFT, the classifier reward;
+  DPO at four betas against IPO, SimPO, ORPO, Unlikelihood, Preferred-FT and best-of-N.
 full: the paper's setting where the hub is reachable. IMDb reviews, GPT-2 (pretrained) SFT on
   them, the sentiment classifier ``lvwerra/distilbert-imdb`` as the reward.
 tiny: the end-to-end test's (tests/test_sentiment_demo.py), seconds.
@@ -36,19 +37,30 @@ def get_config(preset: str = "mini"):
 
     # ---- preference pairs: two pi_ref samples per prompt, chosen = the higher reward
     c.prompt_tokens = (2, 8)        # prompts are review prefixes of this many tokens (whole words)
-    c.train_prompts = 1536
+    c.train_prompts = 1024
     c.eval_prompts = 256            # held out: eval pairs, and the reward / KL evaluation
     c.max_new_tokens = 24
     c.temperature = 1.0             # sampling temperature of pairs and evaluation (1 = pi itself)
-    c.reward = "lexicon"            # "lexicon" | "hf:<classifier id>" | "module:function"
+    c.reward = "classifier"         # "classifier" | "lexicon" | "hf:<classifier id>" |
+                                    # "module:function" (see reward.py)
 
-    # ---- DPO: the normal trainer, one run per (beta, seed)
-    c.betas = (0.05, 0.1, 0.5, 1.0)
+    # ---- DPO and the baselines: the normal trainer, one run per (method, swept value, seed).
+    # A method is "loss_type:config_key=v1,v2,..." (the swept key) plus optional fixed keys
+    # ";key=value"; every run starts from pi_ref on the same pairs.
+    c.methods = ml_collections.ConfigDict(dict(
+        dpo="sigmoid:beta=0.1,0.3,1,4",
+        ipo="ipo:beta=0.5,2",
+        simpo="simpo:beta=1,2.5;simpo_gamma=0.5",
+        orpo="orpo:beta=0.1,1",
+        unlikelihood="unlikelihood:beta=0.1,0.3",
+        preferred_ft="sft:learning_rate=3e-4,1e-3",
+    ))
     c.seeds = (0, 1)
     c.dpo_epochs = 2
     c.dpo_batch_size = 32
     c.dpo_learning_rate = 3e-4
-    c.loss_type = "sigmoid"
+    c.best_of_n = (1, 2, 4, 8, 16)  # best-of-N from pi_ref: KL = log N - (N - 1) / N
+    c.matched_kl = (0.25, 0.5, 1.0, 1.5, 2.0, 4.0, 8.0)  # KLs (nats) where methods are ranked
 
     # ---- evaluation
     c.eval_samples = 2              # samples per held-out prompt, per model
@@ -63,7 +75,9 @@ def get_config(preset: str = "mini"):
         c.train_prompts = 384
         c.eval_prompts = 64
         c.max_new_tokens = 12
-        c.betas = (0.5,)
+        c.methods = ml_collections.ConfigDict(dict(dpo="sigmoid:beta=0.5",
+                                                   preferred_ft="sft:learning_rate=1e-3"))
+        c.best_of_n = (1, 4)
         c.seeds = (0,)
         c.dpo_epochs = 4
         c.dpo_batch_size = 16

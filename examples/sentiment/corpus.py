@@ -69,8 +69,14 @@ def review(rng, sentiment: str) -> str:
     return text
 
 
+def labelled(n: int, seed: int, mix=(0.4, 0.4, 0.2)) -> tuple[list[str], list[str]]:
+    """n reviews and their kinds, positive / negative / mixed in the proportions ``mix``."""
+    rng = np.random.default_rng(seed)
+    kinds = [str(k) for k in rng.choice(["positive", "negative", "mixed"], size=n,
+                                        p=np.asarray(mix) / sum(mix))]
+    return [review(rng, k) for k in kinds], kinds
+
+
 def reviews(n: int, seed: int, mix=(0.4, 0.4, 0.2)) -> list[str]:
     """n reviews, positive / negative / mixed in the proportions ``mix``."""
-    rng = np.random.default_rng(seed)
-    kinds = rng.choice(["positive", "negative", "mixed"], size=n, p=np.asarray(mix) / sum(mix))
-    return [review(rng, str(k)) for k in kinds]
+    return labelled(n, seed, mix)[0]

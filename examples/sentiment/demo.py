@@ -1,17 +1,26 @@
 """The DPO paper's controlled-sentiment experiment (Section 6.1, Figure 2 left), in miniature.
 
-    python examples/sentiment/demo.py --workdir runs/sentiment        # offline, ~5 min on 2 CPUs
+    python examples/sentiment/demo.py --workdir runs/sentiment        # offline, ~10 min on 2 CPUs
 
 Stages, each reported as it runs (a stage whose output is already in the workdir is not redone):
   1. corpus: seeded synthetic movie reviews (corpus.py) and a byte-level BPE tokenizer on them
   2. SFT: a small GPT-2 learns to write reviews (loss_type="sft", the normal trainer): pi_ref
-  3. pairs: two pi_ref samples per review prefix (2-8 tokens), scored by the reward (reward.py),
-     chosen = the higher; ties are dropped. Train prompts and held-out prompts are disjoint.
-  4. DPO: the normal trainer, from pi_ref, once per (beta, seed) of the config
+  3. pairs: two pi_ref samples per review prefix (2-8 tokens), scored by the reward (reward.py:
+     a classifier's log-odds, graded), chosen = the higher; ties are dropped. Train prompts and
+     held-out prompts are disjoint.
+  4. DPO and the baselines, the normal trainer from pi_ref on the same pairs, once per (method,
+     swept value, seed): DPO over beta; IPO, SimPO, ORPO (the package's losses); Unlikelihood
+     (Welleck et al., as the DPO paper's baseline); Preferred-FT (SFT on the chosen completions)
   5. evaluation on the held-out prompts: mean reward of samples (temperature 1) and the sequence
      KL(pi_theta || pi_ref) = E_{y ~ pi_theta}[log pi_theta(y|x) - log pi_ref(y|x)], estimated
-     from the same samples; the eval pairs' reward accuracy from the trainer
-  6. report: results.csv / results.md, reward_vs_kl.png, samples.md (pi_ref | pi_theta)
+     from the same samples; the eval pairs' reward accuracy from the trainer. Best-of-N from
+     pi_ref (N = 1..16), whose KL is log N - (N - 1) / N: the reference frontier
+  6. report: results.csv / results.md (with the ranking at matched KL), reward_vs_kl.png,
+     samples.md (pi_ref | each policy)
+
+PPO, the paper's other baseline, is not run: it needs a value model and on-policy sampling in
+the loop, which this package does not have (best-of-N stands in as the reward-model-using
+reference).
 
 ``--config examples/sentiment/config.py:full`` runs the paper's own setting (GPT-2, IMDb, a
 sentiment classifier) with the same code where the hub is reachable.
@@ -20,6 +29,7 @@ sentiment classifier) with the same code where the hub is reachable.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import sys
@@ -132,16 +142,21 @@ def stage_corpus(c, work: Path):
         _write_jsonl(out / "sft_eval.jsonl", rows[:n_eval])
         _write_jsonl(out / "sft_train.jsonl", rows[n_eval:])
 
-    prompts = []
-    for t in held:  # prompts, as in the paper: review prefixes of 2-8 tokens
-        cut = word_prefix(tokenizer, t, rng, lo, hi)
-        if cut:
-            prompts.append(cut[0])
-        if len(prompts) == n_prompts:
-            break
-    if len(prompts) < n_prompts:
-        raise ValueError(f"only {len(prompts)} of {n_prompts} prompts of {lo}-{hi} tokens could "
-                         f"be cut from {len(held)} held-out reviews (config key reviews)")
+    prompts_path = out / "prompts.json"  # kept: a rerun evaluates on the very same prompts
+    if prompts_path.exists():
+        prompts = json.loads(prompts_path.read_text())
+    else:
+        prompts = []
+        for t in held:  # prompts, as in the paper: review prefixes of 2-8 tokens
+            cut = word_prefix(tokenizer, t, rng, lo, hi)
+            if cut:
+                prompts.append(cut[0])
+            if len(prompts) == n_prompts:
+                break
+        if len(prompts) < n_prompts:
+            raise ValueError(f"only {len(prompts)} of {n_prompts} prompts of {lo}-{hi} tokens "
+                             f"could be cut from {len(held)} held-out reviews (config key reviews)")
+        prompts_path.write_text(json.dumps(prompts))
     n_rows = sum(1 for _ in (out / "sft_train.jsonl").open())
     print(f"  {len(texts)} reviews: {n_rows} SFT rows, {c.train_prompts} train and "
           f"{c.eval_prompts} held-out prompts; tokenizer of {len(tokenizer)} tokens\n"
@@ -151,9 +166,56 @@ def stage_corpus(c, work: Path):
 
 # =========================================================================== 2./4. training
 
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One curve of the plot: a loss of the package, a config key swept over values, and fixed
+    keys (config key ``methods.<name>`` = "loss_type:key=v1,v2;other_key=value")."""
+
+    name: str
+    loss_type: str
+    key: str
+    values: tuple[float, ...]
+    fixed: tuple[tuple[str, float], ...] = ()
+
+    LABELS = {"dpo": "DPO", "ipo": "IPO", "simpo": "SimPO", "orpo": "ORPO",
+              "unlikelihood": "Unlikelihood", "preferred_ft": "Preferred-FT"}
+
+    @property
+    def label(self) -> str:
+        return self.LABELS.get(self.name, self.name)
+
+    def run_name(self, value: float, seed: int) -> str:
+        return f"{self.name}_{self.key}{value:g}_seed{seed}"
+
+
+def methods(c) -> list[Method]:
+    """The config's methods, parsed; a malformed one is a ValueError naming its config key."""
+    from configs import default
+    keys = default.get_config()
+    out = []
+    for name, spec in c.methods.items():
+        where = f"config key methods.{name}={spec!r}"
+        try:
+            head, *rest = [part.strip() for part in spec.split(";")]
+            loss_type, swept = head.split(":")
+            key, values = swept.split("=")
+            fixed = tuple((k.strip(), float(v)) for k, v in (r.split("=") for r in rest if r))
+            m = Method(name, loss_type.strip(), key.strip(),
+                       tuple(float(v) for v in values.split(",")), fixed)
+        except ValueError:
+            raise ValueError(f"{where}: write 'loss_type:key=v1,v2[;key=value]'") from None
+        for k in (m.key, *(k for k, _ in m.fixed)):
+            if k not in keys:
+                raise ValueError(f"{where}: {k!r} is not a trainer config key")
+        out.append(m)
+    return out
+
+
 def trainer_config(c, *, stage: str, tokenizer, dataset: Path, eval_dataset: Path,
-                   model_name_or_path: str, beta: float = 0.1, seed: int = 0):
-    """A config of the normal trainer (configs/default.py keys) for the SFT or a DPO run."""
+                   model_name_or_path: str, method: Method | None = None, value: float = 0.0,
+                   seed: int = 0):
+    """A config of the normal trainer (configs/default.py keys) for the SFT or a method's run
+    (``method.key`` = ``value``)."""
     from configs import default
     t = default.get_config()
     t.model_name_or_path = model_name_or_path
@@ -181,14 +243,18 @@ def trainer_config(c, *, stage: str, tokenizer, dataset: Path, eval_dataset: Pat
         t.train_batch_size = t.eval_batch_size = c.sft_batch_size
         t.num_train_epochs = c.sft_epochs
     else:
-        t.loss_type = c.loss_type
-        t.beta = beta
+        t.loss_type = method.loss_type
         t.max_completion_length = c.max_new_tokens + 1  # + EOS
         t.precompute_ref_log_probs = True
         t.learning_rate = c.dpo_learning_rate
         t.train_batch_size = t.eval_batch_size = c.dpo_batch_size
         t.num_train_epochs = c.dpo_epochs
+        for k, v in (*method.fixed, (method.key, value)):
+            t[k] = type(t[k])(v)
     t.max_length = t.max_prompt_length + t.max_completion_length
+    if stage != "sft":  # rows of 1/2, 3/4 and all of max_length: less padding
+        t.length_buckets = tuple(t.max_length * k // 4 for k in (2, 3))
+    t.token_metrics = False  # the demo reads rewards and losses only: a faster step
     t.warmup_steps = 10
     return t
 
@@ -312,45 +378,125 @@ def evaluate_model(c, sampler: Sampler, ref_sampler: Sampler, reward, prompts, s
     return float(np.mean(r)), kl, ys
 
 
+def best_of_n(c, ref_sampler: Sampler, reward, prompts, seed: int) -> dict[int, float]:
+    """Mean over ``prompts`` of the best reward among the first N of max(best_of_n) pi_ref
+    samples, for each N of the config."""
+    n_max = max(c.best_of_n)
+    ps = [p for p in prompts for _ in range(n_max)]
+    ys = ref_sampler.sample(ps, seed=20_000 + seed)
+    r = reward([p + ref_sampler.text(y) for p, y in zip(ps, ys)]).reshape(len(prompts), n_max)
+    return {n: float(np.mean(r[:, :n].max(1))) for n in c.best_of_n}
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-N || pi_ref) = log N - (N - 1) / N (the classic closed form, exact for
+    continuous rewards without ties; an upper bound otherwise)."""
+    return float(np.log(n) - (n - 1) / n)
+
+
 def _spread(xs) -> float:
     """Sample standard deviation (0 for one value)."""
     return float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
 
 
+def _point(method: str, key: str, value, results: list[tuple[float, float]], **extra) -> dict:
+    """A row of the table from one (reward, KL) per seed."""
+    rs, kls = [r for r, _ in results], [k for _, k in results]
+    return {"method": method, "key": key, "value": value, "seeds": len(results),
+            "reward": float(np.mean(rs)), "reward_spread": _spread(rs),
+            "kl": float(np.mean(kls)), "kl_spread": _spread(kls), **extra}
+
+
 # =========================================================================== 6. report
 
+def curves(rows: list[dict]) -> dict[str, list[dict]]:
+    """Each method's points sorted by KL (pi_ref excluded)."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["method"] != "pi_ref":
+            out.setdefault(r["method"], []).append(r)
+    return {m: sorted(pts, key=lambda r: r["kl"]) for m, pts in out.items()}
+
+
+def at_kl(points: list[dict], ref: dict, kl: float):
+    """(reward, spread) of a curve at ``kl``, linearly interpolated between its points (and
+    pi_ref at KL 0, where every curve starts); None beyond the curve's largest KL."""
+    pts = [ref] + points
+    xs = [p["kl"] for p in pts]
+    if kl > max(xs):
+        return None
+    order = np.argsort(xs)
+    x = np.asarray(xs)[order]
+    y = np.asarray([p["reward"] for p in pts])[order]
+    sd = np.asarray([p["reward_spread"] for p in pts])[order]
+    return float(np.interp(kl, x, y)), float(np.interp(kl, x, sd))
+
+
+def matched_kl(rows: list[dict], kls) -> list[tuple[float, list, list]]:
+    """At each KL of ``kls`` up to DPO's largest: (kl, [(method, (reward, sd))] best first,
+    [methods whose curves end before that KL])."""
+    ref = next(r for r in rows if r["method"] == "pi_ref")
+    cs = curves(rows)
+    top = max((p["kl"] for p in cs.get("DPO", [])), default=0.0)
+    out = []
+    for kl in (k for k in kls if k <= top):
+        scores = {m: at_kl(pts, ref, kl) for m, pts in cs.items()}
+        ranked = sorted(((m, v) for m, v in scores.items() if v is not None),
+                        key=lambda mv: -mv[1][0])
+        out.append((kl, ranked, [m for m, v in scores.items() if v is None]))
+    return out
+
+
 def write_report(c, work: Path, rows: list[dict], samples: list[dict]) -> dict:
-    fields = ["model", "beta", "seeds", "reward", "reward_spread", "kl", "kl_spread",
+    fields = ["method", "key", "value", "seeds", "reward", "reward_spread", "kl", "kl_spread",
               "eval_reward_accuracy", "eval_loss"]
     with (work / "results.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows({k: r.get(k, "") for k in fields} for r in rows)
-    lines = ["| model | beta | reward (mean +- sd over seeds) | KL(pi_theta ‖ pi_ref) | "
-             "eval reward accuracy | eval loss |", "|---|---|---|---|---|---|"]
+    fmt = lambda v, f: "-" if v in ("", None) else format(v, f)
+    lines = ["| method | swept key = value | reward (mean ± sd over seeds) | "
+             "KL(π ‖ π_ref) nats | eval reward accuracy | eval loss |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
-        acc = f"{r['eval_reward_accuracy']:.3f}" if r["model"] != "pi_ref" else "-"
-        loss = f"{r['eval_loss']:.3f}" if r["model"] != "pi_ref" else "-"
-        beta = f"{r['beta']:g}" if r["model"] != "pi_ref" else "-"
-        lines.append(f"| {r['model']} | {beta} | {r['reward']:+.3f} +- {r['reward_spread']:.3f} "
-                     f"| {r['kl']:.2f} +- {r['kl_spread']:.2f} | {acc} | {loss} |")
+        setting = "-" if r["method"] == "pi_ref" else f"{r['key']} = {r['value']:g}"
+        kl_sd = "(closed form)" if r["method"] == "best-of-N" else f"± {r['kl_spread']:.2f}"
+        lines.append(f"| {r['method']} | {setting} | {r['reward']:+.3f} ± "
+                     f"{r['reward_spread']:.3f} | {r['kl']:.2f} {kl_sd} | "
+                     f"{fmt(r.get('eval_reward_accuracy'), '.3f')} | "
+                     f"{fmt(r.get('eval_loss'), '.3f')} |")
     table = "\n".join(lines)
-    (work / "results.md").write_text(table + "\n")
+    ranking = ["| KL (nats) | reward at that KL, best first (± seed sd) | curve ends before |",
+               "|---|---|---|"]
+    for kl, ranked, missing in matched_kl(rows, c.matched_kl):
+        cells = ", ".join(f"{'**' + m + '**' if m == 'DPO' else m} {v[0]:+.2f} ± {v[1]:.2f}"
+                          for m, v in ranked)
+        ranking.append(f"| {kl:g} | {cells} | {', '.join(missing) or '-'} |")
+    ranking = "\n".join(ranking)
+    (work / "results.md").write_text(
+        table + "\n\nRanking at matched KL (curves interpolated linearly between their points "
+        "and pi_ref at KL 0):\n\n" + ranking + "\n")
 
-    md = ["# pi_ref | pi_theta on held-out prompts", "",
-          f"One sample per model at temperature {c.temperature:g}. Every model draws with the same "
-          "random numbers, so where the texts differ, the policy moved.", ""]
+    md = ["# pi_ref | the policies, on held-out prompts", "",
+          f"One sample per model at temperature {c.temperature:g} (seed 0 of each run). Every "
+          "model draws with the same random numbers, so where the texts differ, the policy "
+          "moved.", ""]
     for s in samples:
         md += [f"**{s['prompt']}**", "", f"- pi_ref: {s['pi_ref']}"]
-        md += [f"- pi_theta (beta={b:g}): {t}" for b, t in s["policies"]]
+        md += [f"- {name}: {t}" for name, t in s["policies"]]
         md.append("")
     (work / "samples.md").write_text("\n".join(md))
     plot(rows, work / "reward_vs_kl.png", c.reward)
-    return {"table": table}
+    return {"table": table, "ranking": ranking}
+
+
+COLORS = {"DPO": "tab:blue", "IPO": "tab:orange", "SimPO": "tab:green", "ORPO": "tab:red",
+          "Unlikelihood": "tab:purple", "Preferred-FT": "tab:brown"}
 
 
 def plot(rows: list[dict], path: Path, reward_name: str):
-    """Reward against KL, a point per beta (error bars: sd over seeds) and the reference."""
+    """Reward against KL: a curve per method (error bars: sd over seeds, both axes), the
+    best-of-N frontier from pi_ref, and pi_ref itself."""
     try:
         import matplotlib
     except ImportError:
@@ -358,44 +504,76 @@ def plot(rows: list[dict], path: Path, reward_name: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
-    ref = next(r for r in rows if r["model"] == "pi_ref")
-    pol = sorted((r for r in rows if r["model"] != "pi_ref"), key=lambda r: r["kl"])
-    ax.errorbar([r["kl"] for r in pol], [r["reward"] for r in pol],
-                xerr=[r["kl_spread"] for r in pol], yerr=[r["reward_spread"] for r in pol],
-                fmt="o-", color="tab:blue", capsize=3, label="DPO (pi_theta)")
-    for r in pol:
-        ax.annotate(f"β={r['beta']:g}", (r["kl"], r["reward"]), textcoords="offset points",
-                    xytext=(6, -12), fontsize=8)
+    fig, ax = plt.subplots(figsize=(8, 5.2), dpi=120)
+    ref = next(r for r in rows if r["method"] == "pi_ref")
+    offsets = [(5, -11), (5, 4), (-34, 4), (-34, -11)]  # label positions, one per method in turn
+    for i, (method, pts) in enumerate(curves(rows).items()):
+        if method == "best-of-N":
+            ax.plot([p["kl"] for p in pts], [p["reward"] for p in pts], "k--", marker="^", ms=5, lw=1.2, label="best-of-N from pi_ref (KL closed form)")
+            ax.errorbar([p["kl"] for p in pts], [p["reward"] for p in pts],
+                        yerr=[p["reward_spread"] for p in pts], fmt="none", ecolor="k", capsize=2)
+            for p in pts:
+                ax.annotate(f"N={p['value']:g}", (p["kl"], p["reward"]), fontsize=7,
+                            textcoords="offset points", xytext=(-8, 7))
+            continue
+        ax.errorbar([p["kl"] for p in pts], [p["reward"] for p in pts],
+                    xerr=[p["kl_spread"] for p in pts], yerr=[p["reward_spread"] for p in pts],
+                    fmt="o-", color=COLORS.get(method), capsize=3, ms=5, lw=1.5 if method ==
+                    "DPO" else 1.0, label=f"{method} ({pts[0]['key']} sweep)")
+        for p in pts:
+            sym = {"beta": "β", "learning_rate": "lr"}.get(p["key"], p["key"])
+            ax.annotate(f"{sym}={p['value']:g}", (p["kl"], p["reward"]), fontsize=7,
+                        color=COLORS.get(method), textcoords="offset points",
+                        xytext=offsets[i % len(offsets)])
     ax.errorbar([0.0], [ref["reward"]], yerr=[ref["reward_spread"]], fmt="s", color="tab:gray",
                 capsize=3, label="pi_ref (SFT)")
-    ax.axhline(ref["reward"], color="tab:gray", lw=0.8, ls="--")
-    ax.set_xlabel("sequence KL(pi_theta ‖ pi_ref), nats (held-out prompts)")
+    ax.set_xlabel("sequence KL(π ‖ π_ref), nats, on held-out prompts")
     ax.set_ylabel(f"mean reward ({reward_name})")
-    ax.set_title("Controlled sentiment: reward vs KL (cf. DPO paper, Fig. 2 left)")
+    ax.set_title("Controlled sentiment: reward vs KL frontier (cf. DPO paper, Fig. 2 left)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def checks(rows: list[dict]) -> list[tuple[str, bool]]:
+def checks(c, rows: list[dict]) -> list[tuple[str, bool]]:
     """The demo's claims, each with whether this run bears it out."""
-    ref = next(r for r in rows if r["model"] == "pi_ref")
-    pol = sorted((r for r in rows if r["model"] != "pi_ref"), key=lambda r: r["beta"])
+    ref = next(r for r in rows if r["method"] == "pi_ref")
+    dpo = curves(rows).get("DPO", [])
     out = []
-    for r in pol:
+    for r in dpo:
         gain, spread = r["reward"] - ref["reward"], max(r["reward_spread"], ref["reward_spread"])
-        out.append((f"beta={r['beta']:g}: reward {r['reward']:+.3f} vs pi_ref {ref['reward']:+.3f}"
-                    f" (gain {gain:+.3f} > spread {spread:.3f})", gain > spread))
-    kls = [r["kl"] for r in pol]
-    out.append(("KL grows as beta shrinks: " + ", ".join(f"beta={r['beta']:g}: {r['kl']:.2f}"
-                                                       for r in pol),
-                all(a > b for a, b in zip(kls, kls[1:]))))
-    for r in pol:
-        out.append((f"beta={r['beta']:g}: eval reward accuracy {r['eval_reward_accuracy']:.3f} "
-                    "> 0.5", r["eval_reward_accuracy"] > 0.5))
+        out.append((f"DPO beta={r['value']:g}: reward {r['reward']:+.3f} vs pi_ref "
+                    f"{ref['reward']:+.3f} (gain {gain:+.3f} > spread {spread:.3f})", gain > spread))
+    if len(dpo) > 1:
+        by_beta = sorted(dpo, key=lambda r: r["value"])
+        kls = [r["kl"] for r in by_beta]
+        out.append(("DPO: KL grows as beta shrinks: " + ", ".join(
+            f"beta={r['value']:g}: {r['kl']:.2f}" for r in by_beta),
+            all(a > b for a, b in zip(kls, kls[1:]))))
+        lo, hi = dpo[0], dpo[-1]
+        rise = hi["reward"] - lo["reward"]
+        spread = lo["reward_spread"] + hi["reward_spread"]
+        out.append((f"DPO: reward rises with KL, {lo['reward']:+.3f} at KL {lo['kl']:.2f} to "
+                    f"{hi['reward']:+.3f} at KL {hi['kl']:.2f} (rise {rise:+.3f} > the two "
+                    f"points' seed sds {spread:.3f})", rise > spread))
+    for kl, ranked, _ in matched_kl(rows, c.matched_kl):
+        d = dict(ranked)["DPO"]
+        above = lambda keep: [f"{m} {v[0]:+.3f}" for m, v in ranked if keep(m) and m != "DPO"
+                              and v[0] - d[0] > d[1] + v[1]]
+        trained = above(lambda m: m != "best-of-N")
+        out.append((f"at KL {kl:g}: no trained method above DPO ({d[0]:+.3f} ± {d[1]:.3f}) "
+                    "beyond the seed spread" + (f"; above: {', '.join(trained)}" if trained
+                                                else ""), not trained))
+        if "best-of-N" in dict(ranked):  # sampling N from pi_ref and keeping the best
+            bon = dict(ranked)["best-of-N"]
+            out.append((f"at KL {kl:g}: DPO on or above best-of-N ({bon[0]:+.3f} ± "
+                        f"{bon[1]:.3f}) within the seed spread",
+                        not above(lambda m: m == "best-of-N")))
+    for r in dpo:
+        out.append((f"DPO beta={r['value']:g}: eval reward accuracy "
+                    f"{r['eval_reward_accuracy']:.3f} > 0.5", r["eval_reward_accuracy"] > 0.5))
     return out
 
 
@@ -417,7 +595,8 @@ def run(c, workdir) -> dict:
     record.write_text(cfg_json)
     t0 = time.perf_counter()
     print(f"controlled-sentiment demo ({c.preset}) in {work} on {jax.devices()[0].platform}; "
-          f"betas {tuple(c.betas)}, seeds {tuple(c.seeds)}", flush=True)
+          f"methods {', '.join(m.label for m in methods(c))}, seeds {tuple(c.seeds)}",
+          flush=True)
     reward = rewards.load(c.reward)
 
     with Stage(1, "corpus and tokenizer"):
@@ -442,70 +621,76 @@ def run(c, workdir) -> dict:
     with Stage(3, "preference pairs from pi_ref samples"):
         stage_pairs(c, work, ref_sampler, reward, train_prompts, eval_prompts)
 
+    ms = methods(c)
+    n_runs = sum(len(m.values) for m in ms) * len(c.seeds)
     runs = {}
-    with Stage(4, f"DPO x {len(c.betas)} betas x {len(c.seeds)} seeds"):
-        for beta in c.betas:
-            for seed in c.seeds:
-                name = f"beta{beta:g}_seed{seed}"
-                print(f"  DPO {name}", flush=True)
-                t = trainer_config(c, stage="dpo", tokenizer=tokenizer,
-                                   dataset=work / "pairs" / "train.jsonl",
-                                   eval_dataset=work / "pairs" / "eval.jsonl",
-                                   model_name_or_path=str(ref_path), beta=beta, seed=seed)
-                s = run_trainer(t, work / "dpo" / name)
-                runs[beta, seed] = s
-                print(f"    eval reward accuracy {s['eval/rewards/accuracies']:.3f}, "
-                      f"margin {s['eval/rewards/margins']:.3f}, loss {s['eval/loss']:.3f}",
-                      flush=True)
+    with Stage(4, f"DPO and baselines: {n_runs} runs ({', '.join(m.label for m in ms)}; "
+                  f"seeds {tuple(c.seeds)})"):
+        for m in ms:
+            for value in m.values:
+                for seed in c.seeds:
+                    name = m.run_name(value, seed)
+                    print(f"  {m.label} ({m.loss_type}) {m.key}={value:g} seed {seed}",
+                          flush=True)
+                    t = trainer_config(c, stage="dpo", tokenizer=tokenizer,
+                                       dataset=work / "pairs" / "train.jsonl",
+                                       eval_dataset=work / "pairs" / "eval.jsonl",
+                                       model_name_or_path=str(ref_path), method=m, value=value,
+                                       seed=seed)
+                    s = run_trainer(t, work / "runs" / name)
+                    runs[name] = s
+                    print(f"    eval reward accuracy {s['eval/rewards/accuracies']:.3f}, "
+                          f"margin {s['eval/rewards/margins']:.3f}, loss {s['eval/loss']:.3f}",
+                          flush=True)
 
-    rows, samples_by_model = [], {}
-    with Stage(5, "evaluation on held-out prompts (reward, KL)"):
+    rows, first_samples = [], {}
+    with Stage(5, "evaluation on held-out prompts (reward, KL; best-of-N from pi_ref)"):
         ref_r = [evaluate_model(c, ref_sampler, ref_sampler, reward, eval_prompts, s)
                  for s in c.seeds]
-        rows.append({"model": "pi_ref", "beta": "", "seeds": len(c.seeds),
-                     "reward": float(np.mean([r[0] for r in ref_r])),
-                     "reward_spread": _spread([r[0] for r in ref_r]), "kl": 0.0, "kl_spread": 0.0,
-                     "eval_reward_accuracy": "", "eval_loss": ""})
-        samples_by_model["pi_ref"] = ref_r[0][2]
+        rows.append(_point("pi_ref", "", "", [(r, kl) for r, kl, _ in ref_r]))
+        first_samples["pi_ref"] = (ref_sampler, ref_r[0][2])
         print(f"  pi_ref: reward {rows[-1]['reward']:+.3f}", flush=True)
-        for beta in c.betas:
-            res = []
-            for seed in c.seeds:
-                model = hf.load_pretrained(work / "dpo" / f"beta{beta:g}_seed{seed}" / "hf")
-                sampler = Sampler(model, tokenizer, c.prompt_tokens[1], c.max_new_tokens,
-                                  c.temperature)
-                res.append(evaluate_model(c, sampler, ref_sampler, reward, eval_prompts, seed))
-                if seed == c.seeds[0]:
-                    samples_by_model[beta] = (sampler, res[-1][2])
-            acc = [runs[beta, s]["eval/rewards/accuracies"] for s in c.seeds]
-            rows.append({"model": "pi_theta", "beta": beta, "seeds": len(c.seeds),
-                         "reward": float(np.mean([r[0] for r in res])),
-                         "reward_spread": _spread([r[0] for r in res]),
-                         "kl": float(np.mean([r[1] for r in res])),
-                         "kl_spread": _spread([r[1] for r in res]),
-                         "eval_reward_accuracy": float(np.mean(acc)),
-                         "eval_loss": float(np.mean([runs[beta, s]["eval/loss"]
-                                                     for s in c.seeds]))})
-            print(f"  beta={beta:g}: reward {rows[-1]['reward']:+.3f}, KL {rows[-1]['kl']:.2f}",
-                  flush=True)
+        bon = [best_of_n(c, ref_sampler, reward, eval_prompts, s) for s in c.seeds]
+        for n in c.best_of_n:
+            rows.append(_point("best-of-N", "N", n, [(b[n], best_of_n_kl(n)) for b in bon]))
+        print("  best-of-N from pi_ref: " + ", ".join(
+            f"N={n}: {np.mean([b[n] for b in bon]):+.3f} (KL {best_of_n_kl(n):.2f})"
+            for n in c.best_of_n), flush=True)
+        for m in ms:
+            for value in m.values:
+                res, names = [], [m.run_name(value, s) for s in c.seeds]
+                for seed, name in zip(c.seeds, names):
+                    sampler = Sampler(hf.load_pretrained(work / "runs" / name / "hf"), tokenizer,
+                                      c.prompt_tokens[1], c.max_new_tokens, c.temperature)
+                    res.append(evaluate_model(c, sampler, ref_sampler, reward, eval_prompts,
+                                              seed))
+                    if seed == c.seeds[0]:
+                        first_samples[f"{m.label} {m.key}={value:g}"] = (sampler, res[-1][2])
+                rows.append(_point(
+                    m.label, m.key, value, [(r, kl) for r, kl, _ in res],
+                    eval_reward_accuracy=float(np.mean(
+                        [runs[n]["eval/rewards/accuracies"] for n in names])),
+                    eval_loss=float(np.mean([runs[n]["eval/loss"] for n in names]))))
+                print(f"  {m.label} {m.key}={value:g}: reward {rows[-1]['reward']:+.3f}, "
+                      f"KL {rows[-1]['kl']:.2f}", flush=True)
 
     with Stage(6, "report"):
         samples = []
         for i in range(min(c.side_by_side, len(eval_prompts))):
             k = i * c.eval_samples  # the first sample of prompt i
-            samples.append({
-                "prompt": eval_prompts[i],
-                "pi_ref": ref_sampler.text(samples_by_model["pi_ref"][k]),
-                "policies": [(b, s.text(ys[k])) for b, (s, ys) in
-                             ((b, samples_by_model[b]) for b in c.betas)]})
+            samples.append({"prompt": eval_prompts[i],
+                            "pi_ref": ref_sampler.text(first_samples["pi_ref"][1][k]),
+                            "policies": [(name, s.text(ys[k])) for name, (s, ys) in
+                                         first_samples.items() if name != "pi_ref"]})
         report = write_report(c, work, rows, samples)
-        verdicts = checks(rows)
+        verdicts = checks(c, rows)
 
-    print("\n" + report["table"] + "\n")
+    print("\n" + report["table"] + "\n\n" + report["ranking"] + "\n")
     for s in samples[:3]:
         print(f"{s['prompt']!r}\n  pi_ref:   {s['pi_ref']!r}")
-        for b, t in s["policies"]:
-            print(f"  beta={b:<5g} {t!r}")
+        for name, t in s["policies"]:
+            if name.startswith("DPO"):
+                print(f"  {name:<14} {t!r}")
     print()
     for text, ok in verdicts:
         print(f"  [{'ok' if ok else 'NOT MET'}] {text}")
@@ -528,7 +713,7 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)  # progress is the stage lines and bars
     logging.getLogger().setLevel(logging.WARNING)
     import jax
-    # Runs of one beta differ only in their data order, so the second one compiles nothing; set
+    # Runs that differ only in their data order or seed compile nothing the second time; set
     # before the first compilation (JAX reads it once).
     jax.config.update("jax_compilation_cache_dir",
                       str(Path(flags.FLAGS.workdir).absolute() / "jax_cache"))
