@@ -129,7 +129,7 @@ def main():
         rows_ = 2 * a.pairs
         batch = {k: jax.ShapeDtypeStruct((1, rows_, a.seq), jnp.int32,
                                          sharding=sharding.batch_sharding(mesh, 3))
-                 for k in ("input_ids", "attention_mask", "loss_mask")}
+                 for k in ("input_ids", "attention_mask", "loss_mask", "tail_mask")}
         batch["valid"] = jax.ShapeDtypeStruct((1, a.pairs), jnp.float32,
                                               sharding=sharding.batch_sharding(mesh, 2))
         replicated = NamedSharding(mesh, P())

@@ -151,11 +151,29 @@ def cases(ctx):
            ("allow_resume_changes=colour", "'colour'] are not keys that a resume checks"),
            ("model.model_type=bert", "model_type is 'bert', which is not supported"),
            ("eval_steps=-1", "eval_steps=-1: must be >= 0"),
-           ("sample_max_new_tokens=0", "sample_max_new_tokens=0")]
+           ("sample_max_new_tokens=0", "sample_max_new_tokens=0"),
+           # the keys of issues 17 and 18
+           ("packing=yes", "config key packing='yes'"),
+           ("packing=balanced --config.max_completion_length=0", "needs max_completion_length"),
+           ("packing=balanced --config.length_buckets=(32,)", "exclude each other"),
+           ("packing=balanced --config.pack_rows=1", "pack_rows=1 is too few"),
+           ("packing=balanced", "rc=0"), ("attention=flash", "config key attention='flash'"),
+           ("attention=cudnn", "attention='cudnn': cudnn needs a GPU"),
+           ("attention=splash", "attention='splash': this layout's mask"),
+           ("report_to=mlflow", "config key report_to='mlflow'"),
+           ("report_to=none,wandb", "config key report_to='none,wandb'"),
+           ("ld_alpha=2", "ld_alpha"), ("f_divergence_type=kl", "f_divergence_type"),
+           ("f_divergence_type=js_divergence --config.loss_type=nca_pair",
+            "applies to the losses"),
+           ("use_weighting=True --config.loss_type=aot", "does not apply to aot"),
+           ("sync_ref_model=True --config.precompute_ref_log_probs=True", "cannot apply"),
+           ("sync_ref_model=True --config.ref_model_sync_steps=0", "ref_model_sync_steps=0"),
+           ("sync_ref_model=True --config.ref_model_mixup_alpha=1.5", "ref_model_mixup_alpha"),
+           ("sample_top_p=0", "sample_top_p"), ("token_metrics=maybe", "token_metrics")]
     for override, expect in bad:
         extra = ["--config.loss_weights=1,0.5"] if override.startswith("loss_type=sigmoid,") else []
-        yield f"config: {override}", (SHORT + [ctx.cache, f"--config.{override}", *extra,
-                                               "--workdir", ctx.wd()], expect)
+        yield f"config: {override}", (SHORT + [ctx.cache, *f"--config.{override}".split(),
+                                               *extra, "--workdir", ctx.wd()], expect)
     yield "config: missing file", (["--config", "nope.py", "--workdir", ctx.wd()],
                                    "config file nope.py does not exist")
     yield "config: misspelled key", (TINY + ["--config.bta=1", "--workdir", ctx.wd()],
