@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import os
+import secrets
 from pathlib import Path
 
 log = logging.getLogger(__name__)
