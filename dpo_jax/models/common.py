@@ -155,6 +155,18 @@ def causal_padding_mask(attention_mask_bt) -> attention_lib.Mask:
     return attention_lib.Mask.causal_padded(attention_mask_bt).dense_only()
 
 
+def trunk_inputs(input_ids, attention_mask=None, position_ids=None, attn_mask=None):
+    """(position_ids, attn_mask) of a family's ``hidden_states``, the defaults filled in: every
+    token real, positions counting real tokens only, the causal-and-padding mask."""
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    if position_ids is None:
+        position_ids = positions_from_mask(attention_mask)
+    if attn_mask is None:
+        attn_mask = causal_padding_mask(attention_mask)
+    return position_ids, attn_mask
+
+
 def decode_mask(key_mask_bs, t: int, index):
     """(B, T, S) for T new tokens written at cache positions [index, index + T)."""
     s = key_mask_bs.shape[1]

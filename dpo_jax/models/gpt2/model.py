@@ -172,16 +172,12 @@ class GPT2(nnx.Module):
 
         attention_mask: (B, T), 1 for real tokens, 0 for padding (left or right). Position ids are
           derived from it unless given, so a left-padded row gives the logits of the unpadded one.
-        attn_mask: optional (B, T, T) boolean, True where query t may attend to key s. It replaces
-          the causal-and-padding mask (layouts such as prefix sharing and packing pass their own).
+        attn_mask: optional ``attention.Mask`` (lengths, segments or a dense (B, T, T) boolean,
+          True where query t may attend to key s). It replaces the causal-and-padding mask
+          (layouts such as prefix sharing and packing pass their own).
         """
-        b, t = input_ids.shape
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, t), jnp.int32)
-        if position_ids is None:
-            position_ids = common.positions_from_mask(attention_mask)
-        if attn_mask is None:
-            attn_mask = common.causal_padding_mask(attention_mask)
+        position_ids, attn_mask = common.trunk_inputs(input_ids, attention_mask, position_ids,
+                                                      attn_mask)
         return self._trunk(input_ids, position_ids, attn_mask)[0]
 
     def _trunk(self, input_ids, position_ids, mask_bts, cache=None, index=None):

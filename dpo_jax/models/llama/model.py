@@ -213,13 +213,8 @@ class Llama(nnx.Module):
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, *, attn_mask=None):
         """Final (post ``norm``) hidden states, (B, T, C) in the compute dtype (see the GPT-2
         module for the arguments: the contract is the same)."""
-        b, t = input_ids.shape
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, t), jnp.int32)
-        if position_ids is None:
-            position_ids = common.positions_from_mask(attention_mask)
-        if attn_mask is None:
-            attn_mask = common.causal_padding_mask(attention_mask)
+        position_ids, attn_mask = common.trunk_inputs(input_ids, attention_mask, position_ids,
+                                                      attn_mask)
         return self._trunk(input_ids, position_ids, attn_mask)[0]
 
     def _trunk(self, input_ids, position_ids, mask_bts, cache=None, index=None):
