@@ -26,6 +26,6 @@ else
     grep -v "^I1\|^W1" "$OUT/mfu_qwen3_$attn.txt" | tail -6
   done
   timeout 200 python bench/packing.py --model gpt2-medium --dtype bfloat16 --pairs 16 \
-    --modes pair+buckets,pair+packed,shared+buckets,shared+packed > "$OUT/packing_gpt2m.txt" 2>&1
+    --modes pair+buckets,pair+budget,shared+buckets,shared+budget > "$OUT/packing_gpt2m.txt" 2>&1
   grep -v "^I1\|^W1" "$OUT/packing_gpt2m.txt" | grep "^|"
 fi

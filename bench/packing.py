@@ -15,6 +15,8 @@ LM head, reference forward in the step, AdamW, float32 unless --dtype):
   pair+packed-exact  packing="exact": the unpacked run's batches (rows for the worst of them)
   shared+buckets     prefix sharing (prompt once per pair), buckets as above
   shared+packed      prefix sharing, packing="balanced"
+  pair+budget        packing="budget": as many pairs as fill the rows a mean batch fills
+  shared+budget      prefix sharing, packing="budget"
 
 Every step function has static shapes, so a step's time depends only on its shape. The script
 times each distinct shape a mode uses (best of --reps, all shapes of all modes interleaved
@@ -46,6 +48,8 @@ MODES = {  # name: (layout, packing, buckets)
     "pair+packed-exact": ("pair", "exact", ()),
     "shared+buckets": ("prefix_sharing", "none", BUCKETS),
     "shared+packed": ("prefix_sharing", "balanced", ()),
+    "pair+budget": ("pair", "budget", ()),
+    "shared+budget": ("prefix_sharing", "budget", ()),
 }
 
 
@@ -108,7 +112,8 @@ def main():
         layout = layouts.make(base, WINDOW, packed=packing != "none")
         b = data.PairBatches(pairs, batch_size=a.pairs, max_length=MAX_LENGTH, pad_id=0,
                              buckets=buckets, layout=layout, seed=0,
-                             balance=64 if packing == "balanced" else 0)
+                             balance=64 if packing == "balanced" else 0,
+                             budget=packing == "budget")
         impl, why = attention.resolve(a.attention, platform=jax.default_backend(), dtype=a.dtype,
                                       head_dim=shape.head_dim, mask_forms={b.layout.mask_form},
                                       lengths=b.buckets)
@@ -145,9 +150,9 @@ def main():
 
     print(f"\n{a.model} shape ({shape.layers} layers), {a.dist}-like lengths, {a.pairs} pairs per "
           f"batch, {a.data} pairs, {jax.devices()[0].device_kind}, {a.dtype}\n")
-    print("| mode | batch shapes (rows x length: batches) | padding | epoch time | real tok/s "
-          "| vs pair+buckets |")
-    print("|---|---|---|---|---|---|")
+    print("| mode | batch shapes (rows x length: batches) | pairs per batch | padding "
+          "| epoch time | real tok/s | vs pair+buckets |")
+    print("|---|---|---|---|---|---|---|")
     out = {}
     for name in info:
         epoch = sum(count * min(times[(name, key)]) for n, key, count, _, _ in runs
@@ -159,8 +164,9 @@ def main():
     for name, o in out.items():
         shapes_txt = ", ".join(f"{k}: {v}" for k, v in o["shapes"].items())
         vs = f"{o['tok_s'] / ref_tok:.2f}x" if ref_tok else "-"
-        print(f"| {name} | {shapes_txt} | {100 * o['padding']:.1f}% | {o['epoch_s']:.1f} s "
-              f"| {o['tok_s']:.0f} | {vs} |")
+        per = o["pairs"] / sum(o["shapes"].values())
+        print(f"| {name} | {shapes_txt} | {per:.2f} | {100 * o['padding']:.1f}% "
+              f"| {o['epoch_s']:.1f} s | {o['tok_s']:.0f} | {vs} |")
     print("\n" + json.dumps(out))
 
 

@@ -90,9 +90,12 @@ def get_config():
     c.logprob_chunk_size = 1024    # positions per LM-head chunk; 0 = whole batch at once
     c.completion_only_head = True  # LM head only where completions are scored (needs the cap)
     c.layout = "pair"              # "pair": 2 rows per pair; "prefix_sharing": 1 row, prompt once
-    c.packing = "none"             # several pairs per row (needs max_completion_length > 0):
-    #   "exact": the unpacked run's batches; "balanced": batches regrouped to even token totals
-    c.pack_rows = 0                # packed rows per micro-batch; 0 = the fewest that fit every batch
+    c.packing = "none"             # pairs packed into rows: none | exact | balanced | budget
+    #   (needs max_completion_length > 0) "exact": the unpacked run's batches; "balanced":
+    #   batches regrouped to even token totals; "budget": as many pairs as fill the rows
+    #   (at most 2 x the batch size; the fastest, pairs per update vary)
+    c.pack_rows = 0                # packed rows per micro-batch; 0 = sized from the data
+    #   (the fewest that fit every batch; "budget": what a batch of mean-length pairs fills)
 
     # ---- optimization (dpo_jax/optim.py)
     c.optim = "adamw"              # adamw | rmsprop | adafactor | sgd

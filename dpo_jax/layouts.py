@@ -242,10 +242,11 @@ class Packed(Layout):
     """Several pairs per row: the units of ``base`` (pair: prompt + chosen and prompt + rejected
     sequences; prefix sharing: prompt + chosen + rejected triples) packed first-fit-decreasing
     into ``rows`` rows, positions restarting in each unit, attention within its unit (plus the
-    prefix-sharing rule). A batch still holds the same ``batch_size`` pairs as unpacked: only
-    the rows change. The LM head runs on one flat list of ``scored`` positions per row (the
-    completion tokens the row holds, each tagged with its completion's slot), not on a window
-    per completion. ``rows``, ``slots`` (the most completions a row holds) and ``scored`` are
+    prefix-sharing rule). A batch holds the pairs it is given (``batch_size`` slots; fewer
+    leave slots empty): the same pairs as unpacked, or, with a token budget, as many as fill
+    the rows (``PairBatches``). The LM head runs on one flat list of ``scored`` positions per
+    row (the completion tokens the row holds, each tagged with its completion's slot), not on a
+    window per completion. ``rows``, ``slots`` (the most completions a row holds) and ``scored`` are
     static, sized from the batches a run will see (``PairBatches.fit_packing``)."""
 
     name = "packed"

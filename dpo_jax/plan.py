@@ -62,8 +62,10 @@ def batches(config, tokenizer, layout, train_pairs, eval_pairs, mesh):
     n_proc = jax.process_count()
     pad_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
               else tokenizer.eos_token_id)
+    budget = config.packing == "budget"
+    multiple = max(1, mesh.shape["data"] * mesh.shape["fsdp"] // n_proc)
     kw = dict(max_length=config.max_length, pad_id=pad_id, buckets=config.length_buckets,
-              layout=layout, epochs=None)
+              layout=layout, epochs=None, budget=budget)
     train = data.PairBatches(train_pairs, batch_size=config.train_batch_size // n_proc,
                              seed=config.seed, source=config.dataset_name,
                              batch_key="train_batch_size",
@@ -72,6 +74,9 @@ def batches(config, tokenizer, layout, train_pairs, eval_pairs, mesh):
                               shuffle=False, source=config.eval_dataset_name or
                               config.dataset_name, batch_key="eval_batch_size", **kw)
              if eval_pairs else None)
+    if budget:  # the rows come first: they decide the batches
+        for b in (train, evals) if evals is not None else (train,):
+            b.fit_budget(config.pack_rows, multiple)
     accum = config.gradient_accumulation_steps
     micro_per_epoch, = agree(train.steps_per_epoch, op=np.min)  # the same steps everywhere
     updates_per_epoch = micro_per_epoch // accum
@@ -85,15 +90,17 @@ def batches(config, tokenizer, layout, train_pairs, eval_pairs, mesh):
         if config.pack_rows % n_proc:
             raise ConfigError(f"config key pack_rows={config.pack_rows} does not divide over "
                               f"{n_proc} processes")
-        multiple = max(1, mesh.shape["data"] * mesh.shape["fsdp"] // n_proc)
         kw = dict(pack_rows=config.pack_rows // n_proc, multiple=multiple, agree=agree)
         train.fit_packing(-(-total_steps * accum // train.steps_per_epoch),
                           ordered=config.precompute_ref_log_probs, **kw)
         if evals is not None:
             evals.fit_packing(0, **kw)
-        log.info("packing (%s): %d rows of %d positions per micro-batch of %d pairs (%s)",
-                 config.packing, train.layout.rows * n_proc, train.buckets[-1],
-                 config.train_batch_size, train.layout.base.name)
+        per = (f"as many pairs as fit, at most {2 * config.train_batch_size}; "
+               f"{train.mean_pairs():.1f} on average" if budget else
+               f"{config.train_batch_size} pairs")
+        log.info("packing (%s): %d rows of %d positions per micro-batch of %s (%s)",
+                 config.packing, train.layout.rows * n_proc, train.buckets[-1], per,
+                 train.layout.base.name)
     log.info("train data: %s; padding %.1f%%", data.summary_line(train_pairs.stats),
              100 * train.padding_fraction())
     return train, evals, total_steps

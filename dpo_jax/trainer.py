@@ -120,6 +120,9 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
     if n_proc > 1 and config.length_buckets:
         raise ConfigError("config key length_buckets needs one process: hosts would pick "
                           "different shapes for the same step")
+    if n_proc > 1 and config.packing == "budget":
+        raise ConfigError("config key packing='budget' needs one process: hosts would hold "
+                          "different numbers of pairs in the same step (use 'balanced')")
     for key in ("train_batch_size", "eval_batch_size"):
         if config[key] % n_proc:
             raise ConfigError(f"config key {key}={config[key]} does not divide over {n_proc} "

@@ -129,7 +129,7 @@ def _attention(key, v, c):
 
 
 def _packing(key, v, c):
-    choice(key, v, ("none", "exact", "balanced"))
+    choice(key, v, ("none", "exact", "balanced", "budget"))
 
 
 def _layout(key, v, c):

@@ -42,8 +42,8 @@ RUN_KEYS = (
     "tokenization", "max_length", "max_prompt_length", "max_completion_length", "add_bos",
     "on_bad_row", "length_buckets",
     # batches and optimizer
-    "train_batch_size", "gradient_accumulation_steps", "optim", "learning_rate",
-    "lr_scheduler_type", "warmup_steps", "min_lr_ratio", "weight_decay",
+    "train_batch_size", "gradient_accumulation_steps", "packing", "pack_rows", "optim",
+    "learning_rate", "lr_scheduler_type", "warmup_steps", "min_lr_ratio", "weight_decay",
     "decay_biases_and_norms", "adam_beta1",
     "adam_beta2", "adam_epsilon", "max_grad_norm",
     # loss
@@ -114,8 +114,9 @@ def check_resume(record: dict, settings: dict, allow: str, where: Path):
                     "checking them", where)
         return
     allowed = {k.strip() for k in allow.split(",") if k.strip()}
-    diff = {k: (saved.get(k), v) for k, v in settings.items()
-            if saved.get(k) != v and "all" not in allowed and k not in allowed}
+    # A key the record lacks was added to RUN_KEYS after the checkpoint was written.
+    diff = {k: (saved[k], v) for k, v in settings.items()
+            if k in saved and saved[k] != v and "all" not in allowed and k not in allowed}
     if diff:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
         raise CheckpointMismatch(

@@ -2,6 +2,8 @@
 choice between them. (The step-level exactness of packed rows, per pair, for both families and
 both layouts, is in test_savings.py.)"""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,3 +145,60 @@ def test_packed_run_ends_where_the_unpacked_run_ends(tmp_path, layout):
     packed = run_weights(tmp_path, "packed", packing="exact", **kw)
     for name in plain:
         np.testing.assert_allclose(packed[name], plain[name], atol=2e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("base", ["pair", "prefix_sharing"])
+def test_budget_batches_fill_their_rows(base):
+    """packing='budget': every pair once per epoch, as many per batch as fill the rows (at
+    most 2 x batch_size, so the count varies), each batch within the rows collate plans, far
+    less padding than packing a fixed count; a saved cursor gives the same batches again."""
+    rng = np.random.default_rng(1)
+    n = 512
+    lens = np.minimum(np.exp(rng.normal(3.0, 0.9, (3, n))).astype(int) + 1, 40)
+    tp = data.TokenizedPairs(*[[rng.integers(1, 50, k).astype(np.int32) for k in lens[i]]
+                               for i in range(3)], {})
+    kw = dict(batch_size=8, max_length=80, pad_id=0, seed=3, epochs=2)
+    layout = lambda: layouts.make(base, 40, packed=True)
+    budget = data.PairBatches(tp, layout=layout(), budget=True, **kw)
+    balanced = data.PairBatches(tp, layout=layout(), balance=16, **kw)
+    plans = [budget._plan(e) for e in (0, 1)]
+    for plan in plans:
+        assert sorted(np.concatenate(plan).tolist()) == list(range(n))
+        counts = [len(b) for b in plan]
+        assert max(counts) <= 16 and min(counts) < max(counts)
+        for rows in plan:
+            b = budget.collate(rows)  # fits: collate raises if it does not
+            assert b["valid"].sum() == len(rows) and b["valid"].shape == (16,)
+    assert [b.tolist() for b in plans[0]] != [b.tolist() for b in plans[1]]
+    assert budget.padding_fraction() < 0.1 < balanced.padding_fraction()
+    assert budget.layout.rows == -(-8 * budget.tokens.mean() // budget.buckets[-1])
+    for _ in range(5):
+        next(budget)
+    state, expected = budget.state(), next(budget)
+    again = data.PairBatches(tp, layout=layout(), budget=True, state=state, **kw)
+    got = next(again)
+    assert set(got) == set(expected)
+    for key in got:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    with pytest.raises(data.DataError, match="pack_rows=1 is too few") if base == "pair" \
+            else contextlib.nullcontext():  # a pair of two 40-token sequences needs 2 rows of 80
+        data.PairBatches(tp, layout=layout(), budget=True, pack_rows=1, **kw)
+
+
+def test_budget_run_resumes_exactly(tmp_path, monkeypatch):
+    """A budget run stopped after 4 updates and resumed to 8 ends bitwise where a straight
+    8-update run ends (the plan is a function of seed and epoch; the cursor counts batches).
+    Several processes are refused: they would hold different pair counts in one step."""
+    kw = dict(packing="budget", layout="prefix_sharing", gradient_accumulation_steps=2,
+              lr_scheduler_type="constant", warmup_steps=0)
+    straight = run_weights(tmp_path, "straight", **kw)
+    wd = tmp_path / "resumed"
+    for steps in (4, 8):
+        train_and_evaluate(tiny_config(tmp_path, max_steps=steps, eval_steps=4, save_steps=4,
+                                       sample_prompts=0, **kw), wd)
+    resumed = load_file(wd / "hf" / "model.safetensors")
+    for name in straight:
+        np.testing.assert_array_equal(resumed[name], straight[name], err_msg=name)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ConfigError, match="packing='budget' needs one process"):
+        train_and_evaluate(tiny_config(tmp_path, **kw), tmp_path / "two")

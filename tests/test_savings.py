@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dpo_jax import data, layouts, steps
+from dpo_jax import data, layouts, optim, steps
 from dpo_jax.losses import LossConfig
 from dpo_jax.models import common
 from dpo_jax.models.gpt2 import GPT2, GPT2Config
@@ -129,6 +129,26 @@ def packed(tp, layout):
                          layout=layouts.make(layout, W, packed=True))
     assert b.layout.rows < b.layout.base.batch_rows(len(tp))  # really packed: fewer rows
     return b.layout, b.collate(np.arange(len(tp)))
+
+
+@pytest.mark.parametrize("layout", ["pair", "prefix_sharing"])
+def test_budget_batches_accumulate_to_the_plain_step(models, layout):
+    """packing='budget': micro-batches holding different numbers of pairs, accumulated as a
+    train step accumulates them (each weighted by its pair count), give the loss, metrics and
+    gradients of one plain batch of all those pairs, within 1e-5."""
+    tp = pairs(n=11, seed=7)
+    b = data.PairBatches(tp, batch_size=3, max_length=20, pad_id=0, shuffle=False,
+                         layout=layouts.make(layout, W, packed=True), budget=True, pack_rows=2)
+    plan = b._plan(0, drop_remainder=False, shuffle=False)
+    assert len({len(rows) for rows in plan}) > 1  # uneven pair counts
+    micro = data.stack_batches([b.collate(rows) for rows in plan])
+    graphdef, policy, ref = models
+    fn = steps.make_loss_fn(steps.FullTuning(graphdef), b.layout,
+                            LossConfig(loss_type="sigmoid", beta=0.3), 5)
+    grad_fn = jax.value_and_grad(lambda p, mb, i: fn(p, ref, mb), has_aux=True)
+    (loss, m), g = jax.jit(lambda p, mb: optim.accumulate_gradients(
+        grad_fn, p, mb, mb["valid"].sum(axis=-1)))(policy, micro)
+    assert_same(loss_and_grads(models, batch(tp)), (float(loss), m, g))
 
 
 @pytest.mark.parametrize("layout", ["pair", "prefix_sharing"])

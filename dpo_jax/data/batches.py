@@ -6,7 +6,8 @@ training iterates epochs forever and drops each epoch's incomplete batches, and 
 (epoch, batch index within the epoch) is ``state()``: ``PairBatches(..., state=s)`` resumes
 exactly there. Rows are padded to ``max_length`` or, with length buckets, to the smallest bucket
 that fits every pair of the batch (pairs are grouped by bucket, so there are at most
-len(buckets) shapes and compilations).
+len(buckets) shapes and compilations). With a packed layout a batch is a few rows that hold
+``batch_size`` pairs, or, with ``budget``, as many pairs as fill its rows (a token budget).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import numpy as np
 from dpo_jax import layouts
 from dpo_jax.data.sources import DataError
 from dpo_jax.data.tokenize import TokenizedPairs
+
+BUDGET_WINDOW = 64  # budget packing fills micro-batches from windows of 64 x batch_size pairs
 
 
 def bucket_lengths(max_length: int, buckets=()) -> tuple[int, ...]:
@@ -38,16 +41,20 @@ class PairBatches:
                  seed: int = 0, shuffle: bool = True, buckets=(), state: dict | None = None,
                  layout: str | layouts.Layout = "pair", completion_window: int = 0,
                  source: str = "the data", batch_key: str = "batch_size",
-                 epochs: int | None = 1, pack_rows: int = 0, balance: int = 0):
+                 epochs: int | None = 1, pack_rows: int = 0, balance: int = 0,
+                 budget: bool = False):
         """``source`` and ``batch_key`` only name the data and the config key in errors. A
         packed layout is sized here for the first ``epochs`` epochs (see ``fit_packing``; None
         leaves that to the caller). ``balance`` > 0 regroups each window of that many shuffled
-        batches so that their token totals are even (``balanced``)."""
+        batches so that their token totals are even (``balanced``). ``budget`` (packed layouts)
+        fills each batch's ``pack_rows`` rows with as many pairs as fit, at most 2 x
+        ``batch_size`` (see ``fit_budget``)."""
         self.source, self.batch_key = source, batch_key
         if isinstance(layout, str):
             layout = layouts.make(layout, completion_window)
         self.pairs, self.batch_size, self.pad_id = pairs, batch_size, pad_id
         self.seed, self.shuffle, self.layout, self.balance = seed, shuffle, layout, balance
+        self.budget = budget
         window = layout.window
         longest = max(max(len(c), len(r)) for c, r in zip(pairs.chosen, pairs.rejected))
         if window and longest > window:
@@ -63,10 +70,16 @@ class PairBatches:
         self.bucket_of = np.searchsorted(self.buckets, self.lengths)
         self.tokens = np.array([layout.real_tokens(len(p), len(c), len(r)) for p, c, r in
                                 zip(pairs.prompt, pairs.chosen, pairs.rejected)], np.int64)
+        self.dims = [(len(p), len(c), len(r)) for p, c, r in
+                     zip(pairs.prompt, pairs.chosen, pairs.rejected)]
         self.epoch, self.index = 0, 0
         self._plan_epoch = None
         if state is not None:
             self.restore(state)
+        if budget:
+            if not isinstance(layout, layouts.Packed):
+                raise DataError("a token budget per batch needs a packed layout")
+            self.fit_budget(pack_rows)
         if self.steps_per_epoch == 0:
             raise DataError(f"{source}: {len(pairs)} usable pairs make no full batch of "
                             f"{batch_key}={batch_size} (lower that config key, or add data)")
@@ -84,6 +97,8 @@ class PairBatches:
         shuffle = self.shuffle if shuffle is None else shuffle
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.lengths)) if shuffle else np.arange(len(self.lengths))
+        if self.budget:
+            return self._budget_plan(order, rng if shuffle else None)
         batches = []
         for b in range(len(self.buckets)):
             rows = order[self.bucket_of[order] == b]
@@ -112,6 +127,61 @@ class PairBatches:
             load[j] += self.tokens[i]
         return [np.sort(np.asarray(b, pairs.dtype)) for b in out]
 
+    def _budget_plan(self, order: np.ndarray, rng) -> list[np.ndarray]:
+        """Batches of as many pairs as fit the packed rows: each window of BUDGET_WINDOW x
+        batch_size pairs of ``order``, longest first, each pair to the first batch of the
+        window whose rows it fits (as ``collate`` will plan them) with fewer than
+        ``pair_slots`` pairs, else to a new batch; the window's batches in a random order
+        (``rng``) or as made. Every pair is in one batch; only a window's last batches are
+        left part-full."""
+        rows, length, layout = self.layout.rows, self.buckets[-1], self.layout
+        room = rows * length
+        units = [[n for n, _ in layout.units(*d)] for d in self.dims]
+        out = []
+        step = BUDGET_WINDOW * self.batch_size
+        for start in range(0, len(order), step):
+            window = order[start:start + step]
+            window = window[np.argsort(-self.tokens[window], kind="stable")]
+            smallest = int(self.tokens[window].min())
+            batches, load, lengths, open_ = [], [], [], []  # open_: batches with room left
+            for i in window:
+                for j in open_:
+                    if (load[j] + self.tokens[i] <= room
+                            and len(layout.plan(lengths[j] + units[i], length)) <= rows):
+                        batches[j].append(i)
+                        lengths[j] += units[i]
+                        load[j] += self.tokens[i]
+                        if len(batches[j]) == self.pair_slots or room - load[j] < smallest:
+                            open_.remove(j)
+                        break
+                else:
+                    open_.append(len(batches))
+                    batches.append([i])
+                    lengths.append(list(units[i]))
+                    load.append(self.tokens[i])
+            if rng is not None:
+                batches = [batches[k] for k in rng.permutation(len(batches))]
+            out += [np.asarray(b, order.dtype) for b in batches]
+        return out
+
+    def fit_budget(self, pack_rows: int = 0, multiple: int = 1):
+        """The rows of a budget batch: ``pack_rows``, or 0: the rows ``batch_size`` pairs of
+        this data's mean size fill, rounded up to ``multiple`` (the devices rows split over)
+        and to what its largest pair needs on its own."""
+        length = self.buckets[-1]
+        rows = pack_rows or -(-int(np.ceil(self.batch_size * self.tokens.mean())) // length)
+        need = self.layout.sizes([self.dims[int(np.argmax(self.tokens))]], length)[0]
+        if pack_rows and pack_rows < need:
+            raise DataError(f"{self.source}: a pair needs {need} packed rows of {length} "
+                            f"positions; config key pack_rows={pack_rows} is too few (0 sizes "
+                            "it automatically)")
+        if pack_rows and pack_rows % multiple:
+            raise DataError(f"config key pack_rows={pack_rows} does not divide over the "
+                            f"{multiple} devices a process's rows are split over")
+        rows = -(-max(rows, need) // multiple) * multiple
+        self.layout = layouts.Packed(self.layout.base, rows, 1, 1)  # fit_packing sizes the rest
+        self._plan_epoch = None
+
     def packed_sizes(self, epochs: int, *, ordered: bool = False) -> tuple[int, int, int]:
         """(rows, completion slots per row, scored positions per row) the packed layout needs for every batch of the
         first ``epochs`` training epochs, and of the ordered pass (``eval_batches``) when
@@ -134,8 +204,10 @@ class PairBatches:
         process's rows split over), completion slots and scored positions per row that hold
         every batch of the first ``epochs`` epochs (see ``packed_sizes``), or ``pack_rows``
         rows when they suffice. ``agree`` maps the sizes to the values all processes use
-        (their maximum)."""
+        (their maximum). A budget layout keeps its rows (``fit_budget``)."""
         rows, slots, scored = self.packed_sizes(epochs, ordered=ordered)
+        if self.budget:
+            rows = pack_rows = self.layout.rows
         rows = -(-rows // multiple) * multiple
         if agree is not None:
             rows, slots, scored = agree(rows, slots, scored)
@@ -148,6 +220,15 @@ class PairBatches:
             raise DataError(f"config key pack_rows={pack_rows} does not divide over the "
                             f"{multiple} devices a process's rows are split over")
         self.layout = layouts.Packed(self.layout.base, pack_rows or rows, slots, scored)
+
+    @property
+    def pair_slots(self) -> int:
+        """The most pairs a batch holds (its per-pair arrays' length)."""
+        return 2 * self.batch_size if self.budget else self.batch_size
+
+    def mean_pairs(self) -> float:
+        """Pairs per training batch, on average over epoch 0."""
+        return sum(len(b) for b in self._plan(0)) / max(self.steps_per_epoch, 1)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -190,10 +271,9 @@ class PairBatches:
     def collate(self, rows: np.ndarray) -> dict:
         p = self.pairs
         length = self.buckets[int(self.bucket_of[rows].max())]
+        b = self.pair_slots
         batch = self.layout.collate([p.prompt[r] for r in rows], [p.chosen[r] for r in rows],
-                                    [p.rejected[r] for r in rows], self.batch_size, length,
-                                    self.pad_id)
-        b = self.batch_size
+                                    [p.rejected[r] for r in rows], b, length, self.pad_id)
         valid = np.zeros((b,), np.float32)
         valid[:len(rows)] = 1
         batch["valid"] = valid
