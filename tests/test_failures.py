@@ -217,6 +217,18 @@ def test_a_refused_resume_leaves_the_workdir_as_it_was(straight, cache, tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+def test_resume_checks_the_keys_its_record_holds(tmp_path):
+    """packing changes which pairs go together, so a resume that changes it is refused; a
+    record written before a key joined RUN_KEYS resumes (the key is not compared)."""
+    from dpo_jax import workdir
+    from dpo_jax.checkpoint import CheckpointMismatch
+    new = {"packing": "budget", "pack_rows": 0, "learning_rate": 0.1}
+    with pytest.raises(CheckpointMismatch, match="packing: 'none' -> 'budget'"):
+        workdir.check_resume({"run": dict(new, packing="none")}, new, "", tmp_path)
+    workdir.check_resume({"run": {"learning_rate": 0.1}}, new, "", tmp_path)  # an older record
+    workdir.check_resume({"run": dict(new, packing="none")}, new, "packing", tmp_path)
+
+
 def test_a_second_run_on_a_workdir_in_use_stops_at_once(tmp_path, cache):
     from dpo_jax import workdir
     wd = workdir.make(tmp_path / "wd")
