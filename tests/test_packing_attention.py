@@ -185,10 +185,11 @@ def test_budget_batches_fill_their_rows(base):
         data.PairBatches(tp, layout=layout(), budget=True, pack_rows=1, **kw)
 
 
-def test_budget_run_resumes_exactly(tmp_path, monkeypatch):
+def test_budget_run_resumes_exactly(tmp_path, monkeypatch, caplog):
     """A budget run stopped after 4 updates and resumed to 8 ends bitwise where a straight
     8-update run ends (the plan is a function of seed and epoch; the cursor counts batches).
     Several processes are refused: they would hold different pair counts in one step."""
+    caplog.set_level("INFO")
     kw = dict(packing="budget", layout="prefix_sharing", gradient_accumulation_steps=2,
               lr_scheduler_type="constant", warmup_steps=0)
     straight = run_weights(tmp_path, "straight", **kw)
@@ -196,6 +197,8 @@ def test_budget_run_resumes_exactly(tmp_path, monkeypatch):
     for steps in (4, 8):
         train_and_evaluate(tiny_config(tmp_path, max_steps=steps, eval_steps=4, save_steps=4,
                                        sample_prompts=0, **kw), wd)
+    assert f"resumed from {wd / 'checkpoints' / '4'} at step 4" in caplog.text  # (a fresh
+    # second run would match the straight one too)
     resumed = load_file(wd / "hf" / "model.safetensors")
     for name in straight:
         np.testing.assert_array_equal(resumed[name], straight[name], err_msg=name)
