@@ -12,6 +12,7 @@ len(buckets) shapes and compilations). With a packed layout a batch is a few row
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Iterator
 
 import numpy as np
@@ -21,6 +22,7 @@ from dpo_jax.data.sources import DataError
 from dpo_jax.data.tokenize import TokenizedPairs
 
 BUDGET_WINDOW = 64  # budget packing fills micro-batches from windows of 64 x batch_size pairs
+PLANS_KEPT = 8  # epoch plans kept: setup reads epoch 0 several times, a budget plan is Python
 
 
 def bucket_lengths(max_length: int, buckets=()) -> tuple[int, ...]:
@@ -73,7 +75,7 @@ class PairBatches:
         self.dims = [(len(p), len(c), len(r)) for p, c, r in
                      zip(pairs.prompt, pairs.chosen, pairs.rejected)]
         self.epoch, self.index = 0, 0
-        self._plan_epoch = None
+        self._plans = OrderedDict()  # (epoch, drop_remainder, shuffle) -> plan, newest last
         if state is not None:
             self.restore(state)
         if budget:
@@ -93,8 +95,17 @@ class PairBatches:
     # ---- order
     def _plan(self, epoch: int, *, drop_remainder: bool = True,
               shuffle: bool | None = None) -> list[np.ndarray]:
-        """The batches (arrays of pair indices) of one epoch, in order."""
+        """The batches (arrays of pair indices) of one epoch, in order (kept: do not modify)."""
         shuffle = self.shuffle if shuffle is None else shuffle
+        key = (epoch, drop_remainder, shuffle)
+        if key not in self._plans:
+            self._plans[key] = self._make_plan(epoch, drop_remainder, shuffle)
+            if len(self._plans) > PLANS_KEPT:
+                self._plans.popitem(last=False)
+        self._plans.move_to_end(key)
+        return self._plans[key]
+
+    def _make_plan(self, epoch: int, drop_remainder: bool, shuffle: bool) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.lengths)) if shuffle else np.arange(len(self.lengths))
         if self.budget:
@@ -180,7 +191,7 @@ class PairBatches:
                             f"{multiple} devices a process's rows are split over")
         rows = -(-max(rows, need) // multiple) * multiple
         self.layout = layouts.Packed(self.layout.base, rows, 1, 1)  # fit_packing sizes the rest
-        self._plan_epoch = None
+        self._plans.clear()  # budget plans depend on the rows
 
     def packed_sizes(self, epochs: int, *, ordered: bool = False) -> tuple[int, int, int]:
         """(rows, completion slots per row, scored positions per row) the packed layout needs for every batch of the
@@ -242,15 +253,12 @@ class PairBatches:
             raise DataError(f"data cursor was saved with seed {state['seed']}, this run has "
                             f"seed {self.seed}")
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
-        self._plan_epoch = None
 
     def __iter__(self) -> Iterator[dict]:
         return self
 
     def __next__(self) -> dict:
-        if self._plan_epoch is None or self._plan_epoch[0] != self.epoch:
-            self._plan_epoch = (self.epoch, self._plan(self.epoch))
-        plan = self._plan_epoch[1]
+        plan = self._plan(self.epoch)
         rows = plan[self.index]
         self.index += 1
         if self.index == len(plan):
