@@ -509,7 +509,8 @@ def plot(rows: list[dict], path: Path, reward_name: str):
     offsets = [(5, -11), (5, 4), (-34, 4), (-34, -11)]  # label positions, one per method in turn
     for i, (method, pts) in enumerate(curves(rows).items()):
         if method == "best-of-N":
-            ax.plot([p["kl"] for p in pts], [p["reward"] for p in pts], "k--", marker="^", ms=5, lw=1.2, label="best-of-N from pi_ref (KL closed form)")
+            ax.plot([p["kl"] for p in pts], [p["reward"] for p in pts], "k--", marker="^", ms=5,
+                    lw=1.2, label="best-of-N from pi_ref (KL closed form)")
             ax.errorbar([p["kl"] for p in pts], [p["reward"] for p in pts],
                         yerr=[p["reward_spread"] for p in pts], fmt="none", ecolor="k", capsize=2)
             for p in pts:
