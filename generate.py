@@ -31,10 +31,10 @@ flags.mark_flag_as_required("workdir")
 
 
 def load_policy(config, workdir: Path, reference):
-    """The trained policy: the latest checkpoint's params (a LoRA run's adapters on the base),
-    restored without an optimizer, or the HF export with --from_export."""
-    from flax import nnx
-    from dpo_jax import checkpoint, hf, lora, models
+    """The trained policy: the latest checkpoint's trainable params on the reference's (the
+    run's tuning method assembles them; no optimizer is built), or the HF export with
+    --from_export."""
+    from dpo_jax import checkpoint, hf, models, tuning
     from dpo_jax.errors import DpoError
     from dpo_jax.models import common
     if FLAGS.from_export:
@@ -43,27 +43,21 @@ def load_policy(config, workdir: Path, reference):
     s = ckpt.latest_step()
     if s is None:
         raise DpoError(f"{workdir}: no complete checkpoint (train first, or --from_export)")
-    base = common.params_of(reference)
     expect = {"model_config": checkpoint.model_config_record(reference.config)}
     print(f"policy: {workdir / 'checkpoints' / str(s)}", file=sys.stderr)
-    if not config.lora_rank:
-        params = ckpt.restore_params(s, checkpoint.abstract_like(base), expect=expect)
-        return nnx.merge(nnx.graphdef(reference), params)
-    family = models.family_of(reference.config)
-    tuning = lora.LoRATuning(family, reference.config, lora.LoRAConfig.from_config(config, family))
-    template = tuning.init_adapters(config.seed)()
-    adapters = ckpt.restore_params(s, checkpoint.abstract_like(template), expect=expect)
-    return tuning.model(adapters, base)
+    method = tuning.for_config(config, models.family_of(reference.config), reference.config)
+    return method.restore_policy(ckpt, s, common.params_of(reference), expect)
 
 
 def run():
     import ml_collections
-    from dpo_jax import hf, hub, sampling
+    from dpo_jax import defaults, hf, hub, sampling
     from dpo_jax.errors import ConfigError, DpoError
     workdir = Path(FLAGS.workdir)
     if not (workdir / "config.json").is_file():
         raise DpoError(f"{workdir} is not the workdir of a training run (it has no config.json)")
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    config = defaults.config().copy_and_resolve_references()  # keys newer than the run's
+    config.update(ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text())))
     prompts = list(FLAGS.prompt)
     if FLAGS.prompts_file:
         prompts += [line.rstrip("\n") for line in Path(FLAGS.prompts_file).read_text()

@@ -22,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dpo_jax import data, layouts, steps  # noqa: E402
+from dpo_jax.tuning.full import FullTuning  # noqa: E402
 from dpo_jax.models import attention, common  # noqa: E402
 from dpo_jax.models.attention import Mask  # noqa: E402
 
@@ -101,7 +102,7 @@ def model_logps(impl):
             for im in ("xla", impl):
                 c = dataclasses.replace(cfg, attention=im)
                 fn = steps.make_ref_logps_fn(
-                    steps.FullTuning(nnx.graphdef(common.abstract(cls, c))), b.layout,
+                    FullTuning(nnx.graphdef(common.abstract(cls, c))), b.layout,
                     chunk_size=0)
                 got[im] = np.asarray(fn(None, params, batch)[0])
             res[f"{name} packed {layout_name}"] = {

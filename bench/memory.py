@@ -79,6 +79,7 @@ def main():
     from jax.sharding import NamedSharding, PartitionSpec as P
     from dpo_jax import layouts, models, sharding, steps
     from dpo_jax.losses import LossConfig
+    from dpo_jax.tuning.full import FullTuning
     from dpo_jax.models import common
 
     mesh = sharding.make_mesh(*[int(x) for x in a.mesh.split(",")])
@@ -107,10 +108,10 @@ def main():
         specs = sharding.param_specs(params, rules)
         sharding.check_divisible(mesh, params, specs)
         named = sharding.named(mesh, specs)
-        tuning = steps.FullTuning(graphdef)
+        tuning = FullTuning(graphdef)
         trainable, train_rules = params, rules
         if rank:  # trainable: the adapters; frozen: the base, which is the reference
-            from dpo_jax import lora
+            from dpo_jax.tuning import lora
             family = models.family_of(cfg)
             tuning = lora.LoRATuning(family, cfg, lora.LoRAConfig(rank, 2.0 * rank, 0.0,
                                                                    family.lora_target))

@@ -89,6 +89,7 @@ def main():
     from flax import nnx
     from dpo_jax import data, layouts, models, sharding, steps
     from dpo_jax.losses import LossConfig
+    from dpo_jax.tuning.full import FullTuning
     from dpo_jax.models import attention, common
 
     shape = SHAPES[a.model]
@@ -118,7 +119,7 @@ def main():
                                       head_dim=shape.head_dim, mask_forms={b.layout.mask_form},
                                       lengths=b.buckets)
         graphdef = nnx.graphdef(common.abstract(cls, dataclasses.replace(cfg0, attention=impl)))
-        step = steps.make_train_step(steps.FullTuning(graphdef), b.layout, LossConfig(beta=0.1),
+        step = steps.make_train_step(FullTuning(graphdef), b.layout, LossConfig(beta=0.1),
                                      optimizer, lambda s: 1e-6, chunk_size=1024)
         plan = b._plan(0)
         shapes = {}

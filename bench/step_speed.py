@@ -186,6 +186,7 @@ def run_jax(mode, a):
     from flax import nnx
     from dpo_jax import data, layouts, models, sharding, steps
     from dpo_jax.losses import LossConfig
+    from dpo_jax.tuning.full import FullTuning
     from dpo_jax.models import common
 
     cls, cfg = jax_model(shape_of(a), a.dtype, a.attention)
@@ -196,14 +197,14 @@ def run_jax(mode, a):
     mesh = sharding.make_mesh(1, 1, 1)
     family = models.family_of(cfg)
     if a.lora_rank:  # trainable: adapters; frozen: the base, which is the reference
-        from dpo_jax import lora
+        from dpo_jax.tuning import lora
         tuning = lora.LoRATuning(family, cfg, lora.LoRAConfig(a.lora_rank, 2.0 * a.lora_rank,
                                                                0.0, family.lora_target))
         state, state_sh = sharding.init_state(mesh, jax.jit(tuning.init_adapters(0))(),
                                               optimizer, tuning.rules(family.rules))
         ref = params  # the base: frozen, and the reference with the adapters off
     else:
-        tuning = steps.FullTuning(graphdef)
+        tuning = FullTuning(graphdef)
         state, state_sh = sharding.init_state(mesh, params, optimizer, family.rules)
         ref = jax.tree.map(lambda x, sh: jax.device_put(x, sh, may_alias=False), params,
                            state_sh["params"])

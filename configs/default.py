@@ -32,12 +32,13 @@ def get_config():
     c.remat_policy = "nothing_saveable"  # or dots_saveable / dots_with_no_batch_dims_saveable
     c.attention = "auto"           # auto (cudnn on GPU, splash on TPU, else xla) | xla | cudnn | splash
 
-    # ---- LoRA (dpo_jax/lora.py): adapters trained, the base frozen and (adapters off) the reference
+    # ---- LoRA and DoRA (dpo_jax/tuning/): adapters trained, the base frozen and (adapters off) the reference
     c.lora_rank = 0                # adapter rank r; 0 = full fine-tuning
     c.lora_alpha = 16.0            # adapters scale by alpha / r (PEFT's)
     c.lora_dropout = 0.0           # dropout on the adapters' input while training
     c.lora_target = ""             # regex over Linear paths; "" = the family's (attention + MLP)
     c.lora_init = ""               # a PEFT adapter folder to start from; "" = fresh (B = 0)
+    c.use_dora = False             # DoRA: a trained magnitude per output times LoRA's direction
 
     # ---- devices (dpo_jax/sharding.py)
     c.mesh_data = -1               # data-parallel axis size; -1 = the devices left over

@@ -1,7 +1,7 @@
 """Orbax checkpoints in the workdir: save every N steps, keep the last K, resume exactly.
 
 A checkpoint step holds three items:
-  params   the trainable params (the policy, or LoRA's adapters): ``restore_params`` reads them
+  params   the trainable params (the policy, or the adapters): ``restore_params`` reads them
            alone, with no optimizer built (generate.py, export)
   opt      the rest of the train state: optimizer state, step, the non-finite flag
   record   JSON: data cursor, rng, the model's architecture, the run's settings
@@ -135,45 +135,33 @@ class Checkpointer:
     def record(self, step: int) -> dict:
         return self._read(step, record=ocp.args.JsonRestore())["record"]
 
-    def check_record(self, step: int, record: dict, expect: dict | None):
-        """What the checkpoint must have been written for: ``model_config`` (the architecture)
-        and ``lora`` (LoRA's settings and the checksum of the base it adapts, or None for full
-        fine-tuning). A difference is a CheckpointMismatch naming it, before any state is read."""
+    def check_record(self, step: int, record: dict, expect: dict | None, check=None):
+        """What the checkpoint must have been written for: ``expect["model_config"]`` (the
+        architecture); ``check(record, where)``, the tuning method's own check of its record
+        (``dpo_jax.tuning``). A difference is a CheckpointMismatch naming it, before any state
+        is read."""
         where = self.directory / str(step)
-        for key, want in (expect or {}).items():
-            have = record.get(key)
-            if have == want:
-                continue
-            if key == "lora" and (have is None) != (want is None):
-                what = ("LoRA adapters (lora_rank={})".format(have["rank"]) if have
-                        else "a full fine-tuning run")
-                this = ("trains LoRA adapters (lora_rank={})".format(want["rank"]) if want
-                        else "fine-tunes fully (lora_rank=0)")
-                raise CheckpointMismatch(f"{where} holds {what}, and this run {this}; use a "
-                                         "fresh --workdir or the matching config")
-            if key == "lora" and have.get("base") != want.get("base"):
-                raise CheckpointMismatch(
-                    f"{where} holds adapters of another base model: the base weights' checksum "
-                    "differs (config key model_name_or_path, or its files changed)")
-            if key == "model_config" and have is None:
-                continue  # written before records held the architecture
-            have = have or {}
+        want = (expect or {}).get("model_config")
+        have = record.get("model_config")  # (none in records written before it was kept)
+        if want is not None and have is not None and have != want:
             diff = {k: (have.get(k), want.get(k)) for k in sorted(set(have) | set(want))
                     if have.get(k) != want.get(k)}
-            raise CheckpointMismatch(
-                f"{where} holds a checkpoint of another "
-                f"{'model' if key == 'model_config' else 'LoRA setting'} (saved vs this config: "
-                f"{diff}); use a fresh --workdir or the matching config")
+            raise CheckpointMismatch(f"{where} holds a checkpoint of another model (saved vs "
+                                     f"this config: {diff}); use a fresh --workdir or the "
+                                     "matching config")
+        if check is not None:
+            check(record, where)
 
     def _old_format(self, step: int) -> bool:
         return (self.directory / str(step) / _OLD_STATE).is_dir()
 
-    def restore(self, step: int, abstract_state: dict, *, expect: dict | None = None):
+    def restore(self, step: int, abstract_state: dict, *, expect: dict | None = None,
+                check=None):
         """(state, record) of ``step``; the state takes the shardings of ``abstract_state``'s
         leaves (jax.ShapeDtypeStruct with .sharding), so a run may resume on another mesh.
-        ``expect``: see ``check_record``."""
+        ``expect``, ``check``: see ``check_record``."""
         record = self.record(step)
-        self.check_record(step, record, expect)
+        self.check_record(step, record, expect, check)
         if self._old_format(step):
             target = {k: v for k, v in abstract_state.items() if k != "bad_step"}
             state = self._read(step, **{_OLD_STATE: ocp.args.StandardRestore(target)})[_OLD_STATE]
@@ -203,7 +191,8 @@ class Checkpointer:
                 raise DamagedCheckpoint(f"{self.directory / str(step)}: the {name} hold "
                                         "non-finite values")
 
-    def restore_latest_good(self, abstract_state: dict, *, expect: dict | None = None):
+    def restore_latest_good(self, abstract_state: dict, *, expect: dict | None = None,
+                            check=None):
         """(step, state, record) of the newest checkpoint that reads back intact, or None.
 
         A damaged step is reported, moved aside (``<step>.damaged``, kept for inspection) and
@@ -212,7 +201,7 @@ class Checkpointer:
         self._set_aside_incomplete()
         while (step := self.latest_step()) is not None:
             try:
-                state, record = self.restore(step, abstract_state, expect=expect)
+                state, record = self.restore(step, abstract_state, expect=expect, check=check)
                 return step, state, record
             except DamagedCheckpoint as e:
                 aside = self.directory / f"{step}.damaged"
@@ -223,10 +212,11 @@ class Checkpointer:
                 self.manager.reload()
         return None
 
-    def restore_params(self, step: int, abstract_params, *, expect: dict | None = None):
+    def restore_params(self, step: int, abstract_params, *, expect: dict | None = None,
+                       check=None):
         """The trainable params of ``step`` alone (no optimizer state is read or built)."""
         record = self.record(step)
-        self.check_record(step, record, expect)
+        self.check_record(step, record, expect, check)
         if self._old_format(step):
             # the old single item holds the optimizer state too: read it as saved, keep the params
             old = self._read(step, **{_OLD_STATE: ocp.args.StandardRestore()})[_OLD_STATE]

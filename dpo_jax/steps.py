@@ -2,7 +2,7 @@
 
 The parameters come in two parts: ``trainable`` (differentiated, updated by the optimizer, in
 the train state) and ``frozen`` (never differentiated, never updated). A *tuning*
-(``dpo_jax/tuning.py``: full fine-tuning, or LoRA with the base as the reference) says how the
+(``dpo_jax/tuning/``: full fine-tuning, or LoRA / DoRA with the base as the reference) says how the
 policy and the reference are assembled from them.
 
 The gradient is taken with respect to ``trainable`` only (``argnums=0``), so nothing frozen gets
@@ -23,7 +23,6 @@ import optax
 
 from dpo_jax.losses import LossConfig, PairLogps, metrics, pair_losses, token_metrics
 from dpo_jax.optim import accumulate_gradients
-from dpo_jax.tuning import FullTuning  # noqa: F401 (re-exported: steps.FullTuning)
 
 
 def completion_logps(sums: dict, ld_alpha: float = 1.0):

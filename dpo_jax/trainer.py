@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpo_jax import (checkpoint, data, evaluation, hf, hub, layouts, lora, models, optim, plan,
-                     reference, sharding, steps, tracking, tuning, validate,
+from dpo_jax import (checkpoint, data, evaluation, hf, hub, layouts, models, optim, plan,
+                     reference, sharding, steps, tracking, tuning as tunings, validate,
                      workdir as workdirs)
 from dpo_jax.errors import ConfigError, DpoError, NonFiniteError, Stopped
 from dpo_jax.interrupts import Interrupts
@@ -45,7 +45,7 @@ class Run:
     lead: bool                  # the process that logs and exports
     tokenizer: object
     model_cfg: object
-    tuning: tuning.FullTuning | lora.LoRATuning
+    tuning: tunings.Tuning
     layout: layouts.Layout
     loss_cfg: LossConfig
     train_pairs: data.TokenizedPairs
@@ -54,7 +54,8 @@ class Run:
     eval_batches: data.PairBatches | None
     total_steps: int
     state: dict
-    frozen: dict                # the reference (full tuning; {} once precomputed), or LoRA's base
+    frozen: dict                # the frozen params: full tuning's reference ({} once
+    #                             precomputed, or when no loss needs it), or the adapters' base
     ckpt: checkpoint.Checkpointer
     start: int                  # the step resumed from (0 for a fresh run)
     rng: jax.Array
@@ -145,21 +146,21 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
     phase_done()
     train_batches, eval_batches, total_steps = plan.batches(config, tokenizer, layout,
                                                             train_pairs, eval_pairs, mesh)
-    parts = tuning.split(config, mesh, family, model_cfg, params)
+    tuning = tunings.for_config(config, family, model_cfg)
+    parts = tuning.split(config, mesh, params)
     del params
     optimizer, lr_schedule = optim.build(config, total_steps, parts.decay_mask)
     state, state_sh = sharding.init_state(mesh, parts.trainable, optimizer, parts.rules)
     frozen = parts.frozen if parts.frozen is not None else (
-        tuning.reference_copy(state, state_sh, config.ref_dtype) if loss_cfg.needs_reference
-        else {})
+        tuning.frozen_copy(state, state_sh, config) if loss_cfg.needs_reference else {})
     if config.sync_ref_model:  # TR-DPO: the reference moves, so it is train state
         state["ref"], state_sh["ref"], frozen = frozen, state_sh["params"], {}
     expect = {"model_config": checkpoint.model_config_record(model_cfg),
-              "lora": parts.lora_record}
+              "tuning": tuning.record()}
 
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.save_total_limit)
     run = Run(config=config, workdir=workdir, mesh=mesh, lead=lead, tokenizer=tokenizer,
-              model_cfg=model_cfg, tuning=parts.tuning, layout=train_batches.layout,
+              model_cfg=model_cfg, tuning=tuning, layout=train_batches.layout,
               loss_cfg=loss_cfg,
               train_pairs=train_pairs, eval_pairs=eval_pairs, train_batches=train_batches,
               eval_batches=eval_batches, total_steps=total_steps, state=state, frozen=frozen,
@@ -179,7 +180,8 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
 def _resume(run: Run):
     """Restores the newest intact checkpoint over the freshly built run, after checking that it
     was written by a run of the same model and settings."""
-    found = run.ckpt.restore_latest_good(checkpoint.abstract_like(run.state), expect=run.expect)
+    found = run.ckpt.restore_latest_good(checkpoint.abstract_like(run.state), expect=run.expect,
+                                         check=run.tuning.check_record)
     if found is None:
         return
     start, state, record = found
@@ -295,10 +297,8 @@ def finish(run: Run) -> dict:
         return summary
     if run.start == run.total_steps:  # finished, but a kill cut the export or summary short
         run.last_train, run.last_eval = workdirs.last_metrics(run.workdir / "metrics.jsonl")
-    host_params = sharding.to_host(run.state["params"])
-    if isinstance(run.tuning, lora.LoRATuning):  # the export is the base with adapters merged
-        adapters, host_params = host_params, run.tuning.merged_params(
-            host_params, sharding.to_host(run.frozen))
+    trainable = sharding.to_host(run.state["params"])  # every process (multi-host: a gather)
+    host_params = run.tuning.merged_params(trainable, run.frozen)
     if not checkpoint.all_finite(host_params):
         raise NonFiniteError(f"the params at step {run.total_steps} are not finite: nothing is "
                              f"exported; the last complete checkpoint is {run.last_checkpoint()}")
@@ -306,9 +306,7 @@ def finish(run: Run) -> dict:
     if config.export_hf and run.lead:
         hf_dir = hf.save_params(run.model_cfg, host_params, run.workdir / "hf")
         run.tokenizer.save_pretrained(str(hf_dir))
-        if isinstance(run.tuning, lora.LoRATuning):  # and the adapter alone, as PEFT saves it
-            lora.save_peft(run.workdir / "adapter", run.tuning, adapters,
-                           config.model_name_or_path)
+        run.tuning.export(run.workdir, trainable, base_name=config.model_name_or_path)
     summary = {
         "steps": run.total_steps,
         "train/loss": run.last_train.get("loss"),

@@ -165,6 +165,7 @@ CHECKS = {
     # LoRA
     "lora_rank": _int(0, "0 = full fine-tuning"), "lora_alpha": _number(0, open_low=True),
     "lora_dropout": _number(0, 1, open_high=True), "lora_target": _regex, "lora_init": _text,
+    "use_dora": _flag,
     # devices
     "mesh_data": _mesh_axis, "mesh_fsdp": _mesh_axis, "mesh_tensor": _mesh_axis,
     "distributed": _flag, "coordinator_address": _text, "num_processes": _int(0),
@@ -252,6 +253,9 @@ def check_config(config):
     if config.add_bos and config.tokenization == "trl":
         raise ConfigError("config key add_bos=True applies to tokenization='separate'; with "
                           "'trl', BOS is what the tokenizer itself adds")
+    if config.use_dora and not config.lora_rank:
+        raise ConfigError("config key use_dora=True needs lora_rank > 0 (DoRA adapts the base "
+                          "with rank-r adapters, as LoRA)")
     if config.lora_init and not config.lora_rank:
         raise ConfigError("config key lora_init names an adapter, but lora_rank=0 (full "
                           "fine-tuning): set lora_rank to the adapter's rank")

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 RUN_KEYS = (
     # model and tokens
     "model_name_or_path", "tokenizer_name_or_path", "dtype", "ref_dtype",
-    "lora_rank", "lora_alpha", "lora_dropout", "lora_target",
+    "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_dora",
     # data
     "dataset_name", "dataset_train_split", "prompt_column", "chosen_column", "rejected_column",
     "tokenization", "max_length", "max_prompt_length", "max_completion_length", "add_bos",

@@ -21,6 +21,7 @@ from dpo_jax.errors import ConfigError
 from dpo_jax.models import common
 from dpo_jax.models.gpt2 import GPT2, GPT2Config
 from dpo_jax import validate
+from dpo_jax.tuning.full import FullTuning
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -226,7 +227,7 @@ def test_trl_metrics_and_ld_alpha_in_the_loss():
                          layout=layouts.make("pair", W))
     batch = {k: jnp.asarray(v) for k, v in b.collate(np.arange(6)).items()}
     cfg = L.LossConfig(beta=0.2, ld_alpha=0.3)
-    _, m = steps.make_loss_fn(steps.FullTuning(graphdef), b.layout, cfg, 0)(params, ref, batch)
+    _, m = steps.make_loss_fn(FullTuning(graphdef), b.layout, cfg, 0)(params, ref, batch)
     pol, refm = nnx.merge(graphdef, nnx.state(model)), GPT2(CFG, rngs=nnx.Rngs(0))
     nnx.update(refm, nnx.State(ref))  # the reference's weights
     wc = [direct(pol, tp.prompt[i], tp.chosen[i], len(tp.rejected[i])) for i in range(6)]
@@ -261,7 +262,7 @@ def test_token_metrics_off_skips_the_statistics_only():
     b = data.PairBatches(tp, batch_size=6, max_length=20, pad_id=0, shuffle=False,
                          layout=layouts.make("pair", W))
     batch = {k: jnp.asarray(v) for k, v in b.collate(np.arange(6)).items()}
-    run = lambda **kw: steps.make_loss_fn(steps.FullTuning(graphdef), b.layout,
+    run = lambda **kw: steps.make_loss_fn(FullTuning(graphdef), b.layout,
                                           L.LossConfig(beta=0.2, **kw), 0)(params, ref, batch)[1]
     on, off = run(), run(token_metrics=False)
     assert "entropy" in on and not {"entropy", "logits/chosen", "mean_token_accuracy"} & set(off)
@@ -286,7 +287,7 @@ def test_synced_reference_is_the_closed_form_mixture():
     state = steps.init_state(params, opt)
     state["ref"] = jax.tree.map(jnp.array, params)
     alpha, every = 0.6, 3
-    step = steps.make_train_step(steps.FullTuning(graphdef), b.layout, L.LossConfig(), opt,
+    step = steps.make_train_step(FullTuning(graphdef), b.layout, L.LossConfig(), opt,
                                  lambda s: 1e-2, chunk_size=0, sync=(alpha, every))
     snapshots = [jax.tree.map(np.asarray, params)]
     for s in range(1, 11):

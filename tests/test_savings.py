@@ -14,6 +14,7 @@ from dpo_jax.losses import LossConfig
 from dpo_jax.models import common
 from dpo_jax.models.gpt2 import GPT2, GPT2Config
 from dpo_jax.models.llama import Llama, LlamaConfig
+from dpo_jax.tuning.full import FullTuning
 
 FAMILIES = {
     "gpt2": (GPT2, GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4)),
@@ -66,7 +67,7 @@ def models(request):
 def loss_and_grads(models, layout_batch, loss_type="sigmoid"):
     graphdef, policy, ref = models
     layout, b = layout_batch
-    fn = steps.make_loss_fn(steps.FullTuning(graphdef), layout,
+    fn = steps.make_loss_fn(FullTuning(graphdef), layout,
                             LossConfig(loss_type=loss_type, beta=0.3), 5)
     (loss, m), g = jax.jit(jax.value_and_grad(fn, has_aux=True))(policy, ref, b)
     return float(loss), m, g
@@ -99,7 +100,7 @@ def test_precomputed_reference_matches(models):
     tp = pairs(seed=3)
     plain = loss_and_grads(models, batch(tp))
     layout, b = batch(tp, "prefix_sharing", window=W)  # computed in the fast layout
-    ref_fn = steps.make_ref_logps_fn(steps.FullTuning(graphdef), layout, chunk_size=0)
+    ref_fn = steps.make_ref_logps_fn(FullTuning(graphdef), layout, chunk_size=0)
     c, r = ref_fn(None, ref, b)
     tp.ref_chosen, tp.ref_rejected = np.asarray(c), np.asarray(r)
     b = batch(tp, "prefix_sharing", window=W)
@@ -143,7 +144,7 @@ def test_budget_batches_accumulate_to_the_plain_step(models, layout):
     assert len({len(rows) for rows in plan}) > 1  # uneven pair counts
     micro = data.stack_batches([b.collate(rows) for rows in plan])
     graphdef, policy, ref = models
-    fn = steps.make_loss_fn(steps.FullTuning(graphdef), b.layout,
+    fn = steps.make_loss_fn(FullTuning(graphdef), b.layout,
                             LossConfig(loss_type="sigmoid", beta=0.3), 5)
     grad_fn = jax.value_and_grad(lambda p, mb, i: fn(p, ref, mb), has_aux=True)
     (loss, m), g = jax.jit(lambda p, mb: optim.accumulate_gradients(
@@ -160,9 +161,9 @@ def test_packed_rows_match_the_plain_step(models, layout):
     pk = loss_and_grads(models, packed(tp, layout))
     assert_same(plain, pk)
     graphdef, policy, _ = models
-    fn = steps.make_ref_logps_fn(steps.FullTuning(graphdef), *packed(tp, layout)[:1],
+    fn = steps.make_ref_logps_fn(FullTuning(graphdef), *packed(tp, layout)[:1],
                                  chunk_size=0)
     per_pair = [np.asarray(x) for x in fn(None, policy, packed(tp, layout)[1])]
-    plain_fn = steps.make_ref_logps_fn(steps.FullTuning(graphdef), batch(tp)[0], chunk_size=0)
+    plain_fn = steps.make_ref_logps_fn(FullTuning(graphdef), batch(tp)[0], chunk_size=0)
     for a, b in zip(per_pair, plain_fn(None, policy, batch(tp)[1])):
         np.testing.assert_allclose(a, np.asarray(b), rtol=1e-5)  # each pair's log-probs

@@ -15,6 +15,7 @@ from dpo_jax import models
 from dpo_jax.models import common, gpt2
 from dpo_jax.models.gpt2 import GPT2, GPT2Config
 from dpo_jax.models.llama import Llama, LlamaConfig
+from dpo_jax.tuning.full import FullTuning
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
 
@@ -66,7 +67,7 @@ def run_steps(mesh, params, batches, state=None, n_steps=1, cfg=CFG):
     graphdef = nnx.graphdef(common.abstract(family.model_cls, cfg))
     batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batches[0].items()}
     replicated = jax.sharding.NamedSharding(mesh, P())
-    train_step = steps.make_train_step(steps.FullTuning(graphdef), layouts.make("pair"),
+    train_step = steps.make_train_step(FullTuning(graphdef), layouts.make("pair"),
                                        LossConfig(beta=0.5), opt, lr, chunk_size=16,
                                        in_shardings=(state_sh, state_sh["params"], batch_sh),
                                        out_shardings=(state_sh, replicated))
@@ -169,7 +170,7 @@ def test_bfloat16_reference_params():
     params = jax.tree.map(jnp.asarray, host_params())
     graphdef = nnx.graphdef(common.abstract(GPT2, CFG))
     b = {k: v[0] for k, v in pair_batch().items()}
-    loss_fn = steps.make_loss_fn(steps.FullTuning(graphdef), layouts.make("pair"),
+    loss_fn = steps.make_loss_fn(FullTuning(graphdef), layouts.make("pair"),
                                  LossConfig(beta=0.5), 0)
     f32 = loss_fn(params, params, b)[1]
     bf16 = loss_fn(params, jax.tree.map(lambda a: a.astype(jnp.bfloat16), params), b)[1]
@@ -230,9 +231,11 @@ def test_kv_heads_that_do_not_divide_the_tensor_axis_are_a_clear_error():
         sharding.check_model_fits(sharding.make_mesh(2, 1, 4), LLAMA, 8)
 
 
-def test_lora_gives_the_same_step_on_every_mesh(tmp_path):
-    """LoRA's adapters (sharded as their base matrices: A by its input, B by its output) and
-    the frozen base: the same loss and adapters on one device and on (1, 4, 2) / (2, 2, 2)."""
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_lora_gives_the_same_step_on_every_mesh(tmp_path, dora):
+    """LoRA's adapters (sharded as their base matrices: A by its input, B by its output; DoRA's
+    magnitudes by the output) and the frozen base: the same loss and adapters on one device and
+    on (1, 4, 2) / (2, 2, 2)."""
     from trainutil import tiny_config
     from dpo_jax import trainer
 
@@ -240,6 +243,7 @@ def test_lora_gives_the_same_step_on_every_mesh(tmp_path):
         c = tiny_config(tmp_path, **{"model.model_type": "llama"})
         c.model = __import__("configs.tiny_llama", fromlist=["x"]).get_config().model
         c.lora_rank, c.lora_dropout, c.learning_rate, c.warmup_steps = 4, 0.1, 1e-2, 0
+        c.use_dora = dora
         c.mesh_data, c.mesh_fsdp, c.mesh_tensor = mesh
         run = trainer.setup(c, tmp_path / f"wd{mesh}")
         ms = []

@@ -16,6 +16,7 @@ from dpo_jax import checkpoint, data, layouts, optim, sampling, steps
 from dpo_jax.losses import LossConfig
 from dpo_jax.models.gpt2 import GPT2, GPT2Config
 from dpo_jax.trainer import train_and_evaluate
+from dpo_jax.tuning.full import FullTuning
 
 ENV = CLI_ENV  # the CLI as a newcomer runs it
 
@@ -109,9 +110,11 @@ KILL_DRIVER = textwrap.dedent("""
     ("configs/tiny.py", []), ("configs/tiny_llama.py", []),
     ("configs/tiny_llama.py", ["--config.lora_rank=4", "--config.lora_dropout=0.1",
                                "--config.learning_rate=1e-2"]),
+    ("configs/tiny.py", ["--config.lora_rank=4", "--config.use_dora=True",
+                         "--config.learning_rate=1e-2"]),
     ("configs/tiny.py", ["--config.sync_ref_model=True", "--config.ref_model_sync_steps=3",
                          "--config.ref_model_mixup_alpha=0.5"]),
-], ids=["gpt2", "llama", "llama-lora", "gpt2-tr-dpo"])
+], ids=["gpt2", "llama", "llama-lora", "gpt2-dora", "gpt2-tr-dpo"])
 def test_exact_resume_after_sigkill(tmp_path, config, extra):
     driver = tmp_path / "driver.py"
     driver.write_text(KILL_DRIVER)
@@ -197,7 +200,7 @@ def test_accumulation_equals_one_big_batch():
     results = []
     for batch in (whole, micro):
         st = steps.init_state(jax.tree.map(jnp.copy, params), optimizer)
-        train_step = steps.make_train_step(steps.FullTuning(graphdef), layouts.make("pair"),
+        train_step = steps.make_train_step(FullTuning(graphdef), layouts.make("pair"),
                                            loss_cfg, optimizer, lr, chunk_size=0)
         st, m = train_step(st, params, batch)
         results.append((st["params"], m))

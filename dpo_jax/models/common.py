@@ -5,9 +5,9 @@ log-softmax run in float32. Every matrix is stored (in, out) so that ``y = x @ W
 ``Conv1D`` checkpoints load as they are, ``nn.Linear``'s (out, in) tensors are transposed by the
 family's name table (``params.py``), never in the layers.
 
-LoRA adapters (``dpo_jax.lora``) attach to ``Linear`` modules as ``nnx.LoRAParam`` variables
-``lora_a`` (in, r) and ``lora_b`` (r, out); a layer with them computes
-``x @ W + scale * (x @ A) @ B`` and one without is plain. The model code never asks which.
+Tuning methods (``dpo_jax.tuning``: LoRA, DoRA) wrap the ``Linear`` modules they adapt with
+modules of their own that keep the same ``weight`` and ``bias`` (so the same parameter paths);
+the layers here know nothing about them.
 """
 
 from __future__ import annotations
@@ -72,34 +72,34 @@ def normal(rngs: nnx.Rngs, shape, std: float) -> jax.Array:
 
 
 class Linear(nnx.Module):
-    """``y = x @ weight (+ bias)`` with ``weight`` stored (in, out), optional LoRA adapters."""
+    """``y = x @ weight (+ bias)`` with ``weight`` stored (in, out)."""
 
     def __init__(self, n_in: int, n_out: int, *, std: float, dtype, rngs: nnx.Rngs,
                  bias: bool = True):
         self.weight = nnx.Param(normal(rngs, (n_in, n_out), std))
         self.bias = nnx.Param(jnp.zeros((n_out,), jnp.float32)) if bias else None
         self.dtype = dtype
-        # LoRA (dpo_jax.lora sets these on the layers it adapts)
-        self.lora_a = self.lora_b = self.lora_key = None
-        self.lora_scale = self.lora_dropout = 0.0
 
     def __call__(self, x):
-        # Flatten (B, T) so the matmul and its weight gradient are plain 2-D GEMMs: XLA runs the
-        # weight gradient of a 3-D dot noticeably slower on CPU.
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        y = jnp.dot(x2, self.weight[...].astype(self.dtype))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        if self.lora_a is not None:
-            h = x2
-            if self.lora_dropout:  # PEFT's: dropout on the adapter's input only
-                keep = jax.random.bernoulli(jax.random.wrap_key_data(self.lora_key[...]),
-                                            1.0 - self.lora_dropout, h.shape)
-                h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0).astype(h.dtype)
-            a = jnp.dot(h, self.lora_a[...].astype(self.dtype))
-            y = y + self.lora_scale * jnp.dot(a, self.lora_b[...].astype(self.dtype))
-        return y.reshape(*lead, y.shape[-1])
+        return apply_2d(lambda x2: project(self, x2), x)
+
+
+def apply_2d(fn, x):
+    """``fn`` on x flattened to (tokens, features), the leading axes restored after. The matmul
+    and its weight gradient are then plain 2-D GEMMs: XLA runs the weight gradient of a 3-D dot
+    noticeably slower on CPU."""
+    lead = x.shape[:-1]
+    y = fn(x.reshape(-1, x.shape[-1]))
+    return y.reshape(*lead, y.shape[-1])
+
+
+def project(layer, x2, *, bias: bool = True):
+    """``x2 @ layer.weight (+ layer.bias)`` in the layer's compute dtype, for a 2-D ``x2``: the
+    matmul of ``Linear`` and of every wrapper a tuning method puts around one."""
+    y = jnp.dot(x2, layer.weight[...].astype(layer.dtype))
+    if bias and layer.bias is not None:
+        y = y + layer.bias[...].astype(layer.dtype)
+    return y
 
 
 class LayerNorm(nnx.Module):

@@ -1,0 +1,166 @@
+"""Tuning methods: how a run's params split into what trains and what stays frozen, and how the
+policy and the reference are assembled from the two.
+
+A method is a subclass of ``Tuning`` in a module of this folder that registers itself
+(``@register``); the trainer, the steps, ``generate.py`` and the checkpoints only speak the
+interface below and never ask which method they hold:
+
+- ``full.py``: the policy trains whole; the reference is its own frozen copy.
+- ``lora.py``: low-rank adapters wrap the matrices a regex picks (``LoRALinear``); the frozen
+  base with the adapters off is the reference (one copy of the base).
+- ``dora.py``: LoRA with a trained magnitude per output (Liu et al. 2024, ``use_dora``).
+
+``for_config(config, family, model_cfg)`` picks the method of a run config: the most recently
+registered one whose ``applies(config)`` holds (``full`` applies to every config, so a method
+registered later, LoRA's say, takes the configs it claims).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib
+import pkgutil
+
+from dpo_jax.checkpoint import CheckpointMismatch
+
+
+@dataclasses.dataclass
+class Parts:
+    """What ``Tuning.split`` gives the trainer to place and train."""
+
+    trainable: dict      # the params the optimizer updates (host or device arrays)
+    rules: tuple         # sharding rules of the trainable params
+    decay_mask: dict     # where weight decay applies (optim.build)
+    frozen: dict | None  # the frozen params, placed; None: ``frozen_copy`` makes them later
+
+
+class Tuning(abc.ABC):
+    """The tuning contract (see the module docstring)."""
+
+    name: str = ""
+    # once the reference's log-probs are precomputed, the frozen params can be dropped
+    frees_frozen_after_precompute: bool = False
+
+    def __init__(self, family, model_cfg):
+        self.family, self.model_cfg = family, model_cfg
+
+    @classmethod
+    @abc.abstractmethod
+    def applies(cls, config) -> bool:
+        """Whether a run config asks for this method."""
+
+    @classmethod
+    def from_config(cls, config, family, model_cfg) -> "Tuning":
+        return cls(family, model_cfg)
+
+    # ---- inside the jitted steps
+    @abc.abstractmethod
+    def model(self, trainable, frozen, rng=None):
+        """The policy (an NNX module); ``rng`` feeds its training randomness (dropout)."""
+
+    @abc.abstractmethod
+    def reference(self, trainable, frozen):
+        """The reference model."""
+
+    # ---- setup
+    @abc.abstractmethod
+    def split(self, config, mesh, params) -> Parts:
+        """The trainable / frozen split of the initial params (``params`` as loaded)."""
+
+    def frozen_copy(self, state, state_sh, config) -> dict:
+        """The frozen params when ``split`` left them to be made from the placed train state."""
+        raise NotImplementedError
+
+    def record(self) -> dict | None:
+        """What a checkpoint of this method must match on resume (None: nothing)."""
+        return None
+
+    def check_record(self, record: dict, where) -> None:
+        """Raises ``CheckpointMismatch`` where a checkpoint's record was written by another
+        method or setting (records before this package kept LoRA's under ``lora``)."""
+        have = record.get("tuning", record.get("lora"))
+        if have is not None:
+            have = {"method": "lora", **have}  # LoRA's records before DoRA named no method
+        want = self.record()
+        if have == want:
+            return
+        if have is None or want is None or have.get("method", "lora") != want.get("method"):
+            raise CheckpointMismatch(f"{where} holds {_describe(have)}, and this run trains "
+                                     f"{_describe(want)}; use a fresh --workdir or the matching "
+                                     "config")
+        if have.get("base") != want.get("base"):
+            raise CheckpointMismatch(
+                f"{where} holds adapters of another base model: the base weights' checksum "
+                "differs (config key model_name_or_path, or its files changed)")
+        diff = {k: (have.get(k), want.get(k)) for k in sorted(set(have) | set(want))
+                if have.get(k) != want.get(k)}
+        raise CheckpointMismatch(f"{where} holds a checkpoint of another {want['method']} "
+                                 f"setting (saved vs this config: {diff}); use a fresh --workdir "
+                                 "or the matching config")
+
+    # ---- export and restore
+    @abc.abstractmethod
+    def merged_params(self, trainable: dict, frozen) -> dict:
+        """The policy as one plain params dict of the family (host numpy): the HF export.
+        ``trainable``: host arrays; ``frozen``: as placed. Called on every process."""
+
+    def export(self, workdir, trainable: dict, *, base_name: str) -> None:
+        """Writes what this method exports besides the merged HF folder (an adapter), from the
+        host ``trainable`` params (the lead process only)."""
+
+    @abc.abstractmethod
+    def trainable_template(self, base_params: dict) -> dict:
+        """Arrays (or shapes) with the structure of the trainable params, for a restore."""
+
+    def restore_policy(self, ckpt, step: int, base_params: dict, expect: dict):
+        """The policy of a checkpoint, on ``base_params`` (generate.py): no optimizer built."""
+        from dpo_jax import checkpoint
+        template = checkpoint.abstract_like(self.trainable_template(base_params))
+        trainable = ckpt.restore_params(step, template, expect=expect,
+                                        check=self.check_record)
+        return self.model(trainable, base_params)
+
+
+def _describe(record: dict | None) -> str:
+    if record is None:
+        return "full fine-tuning (lora_rank=0)"
+    method = record.get("method", "lora")
+    return f"{method.upper()} adapters (lora_rank={record.get('rank')})"
+
+
+METHODS: list[type[Tuning]] = []
+
+
+def register(cls: type[Tuning]) -> type[Tuning]:
+    """Class decorator: adds a method (a later registration takes precedence for the configs
+    its ``applies`` claims)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    METHODS[:] = [m for m in METHODS if m.name != cls.name] + [cls]
+    return cls
+
+
+def unregister(name: str) -> None:
+    METHODS[:] = [m for m in METHODS if m.name != name]
+
+
+def method_for(config) -> type[Tuning]:
+    for cls in reversed(METHODS):
+        if cls.applies(config):
+            return cls
+    raise ValueError("no tuning method applies to this config")
+
+
+def for_config(config, family, model_cfg) -> Tuning:
+    """The tuning a run config asks for, built for this model."""
+    return method_for(config).from_config(config, family, model_cfg)
+
+
+def _discover():
+    """Imports every module of this folder: each registers its method."""
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_discover()
