@@ -58,9 +58,10 @@ def hf_state_dict(cfg, params: dict) -> dict[str, np.ndarray]:
     flat = models.flatten(params)
     out = {}
     for t in models.family_of(cfg).hf_tensors(cfg):
-        value = np.asarray(flat[t.ours], dtype=np.float32)
-        for i, part in enumerate(value if t.stacked else [value]):
-            out[t.hf.format(i=i)] = np.ascontiguousarray(part.T if t.transpose else part)
+        values = [np.asarray(flat[p], dtype=np.float32) for p in t.paths]
+        for i in range(len(values[0]) if t.stacked else 1):
+            parts = [v[i] for v in values] if t.stacked else values
+            out[t.hf.format(i=i)] = np.ascontiguousarray(t.to_hf(parts))
     return out
 
 
@@ -89,9 +90,9 @@ def load_pretrained_params(name_or_path: str | os.PathLike, *, dtype: str = "flo
                               f"{' ...' if len(missing) > 8 else ''} ({len(missing)} in all)")
     loaded = {}
     for t in table:
-        shape = shapes[t.ours][1:] if t.stacked else shapes[t.ours]
-        want = shape[::-1] if t.transpose else shape
-        parts = []
+        ours = [shapes[p][1:] if t.stacked else shapes[p] for p in t.paths]
+        want = t.hf_shape(ours)
+        layers = []
         for i in range(cfg.n_layers if t.stacked else 1):
             key = t.hf.format(i=i)
             a = tensors[key]
@@ -99,9 +100,10 @@ def load_pretrained_params(name_or_path: str | os.PathLike, *, dtype: str = "flo
                 raise CheckpointError(
                     f"{folder / origin[key]}: tensor {key!r} has shape {tuple(a.shape)}, "
                     f"but {hub.CONFIG_FILE} implies {want}")
-            a = np.asarray(a, dtype=np.float32)
-            parts.append(a.T if t.transpose else a)
-        loaded[t.ours] = np.stack(parts) if t.stacked else parts[0]
+            layers.append(t.to_ours(np.asarray(a, dtype=np.float32), ours))
+        for j, path in enumerate(t.paths):
+            loaded[path] = (np.stack([parts[j] for parts in layers]) if t.stacked
+                            else layers[0][j])
     unexpected = sorted(k for k in set(tensors) - expected
                         if not any(re.fullmatch(p, k) for p in family.hf_ignored))
     if unexpected:

@@ -160,10 +160,10 @@ class Pair(Layout):
         mask = Mask.causal_padded(batch["attention_mask"])  # rows are right-padded
         hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], attn_mask=mask)
         if not self.window:  # the LM head over every position, masked
-            f = features_from_hidden(hidden, model.head_weight(), batch["input_ids"],
+            f = features_from_hidden(hidden, model.logits_fn(), batch["input_ids"],
                                      batch["loss_mask"], batch["tail_mask"], chunk_size, stats)
         else:
-            f = features_at(hidden, model.head_weight(), batch["score_pos"],
+            f = features_at(hidden, model.logits_fn(), batch["score_pos"],
                             batch["score_label"], batch["score_mask"], batch["score_tail"],
                             chunk_size, stats)[:, 0]
         return split_columns(f, stats, pair_blocks)
@@ -233,7 +233,7 @@ class PrefixSharing(Layout):
         attn_mask = prefix_sharing_mask(batch["attention_mask"], batch["segment_ids"])
         hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"],
                                      batch["position_ids"], attn_mask=attn_mask)
-        f = features_at(hidden, model.head_weight(), batch["score_pos"], batch["score_label"],
+        f = features_at(hidden, model.logits_fn(), batch["score_pos"], batch["score_label"],
                         batch["score_mask"], batch["score_tail"], chunk_size, stats)
         return by_column(f[:, 0], stats), by_column(f[:, 1], stats)  # each row holds its pair
 
@@ -362,7 +362,7 @@ class Packed(Layout):
         hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"],
                                      batch["position_ids"], attn_mask=attn_mask)
         index = batch["score_index"]
-        f = features_by_slot(hidden, model.head_weight(), batch["score_pos"],
+        f = features_by_slot(hidden, model.logits_fn(), batch["score_pos"],
                              batch["score_label"], batch["score_slot"], index.shape[1],
                              batch["score_tail"], chunk_size, stats)  # (rows, k, F)
         # scatter each row's completions to their pairs: (blocks, 2 sides, pairs per block)

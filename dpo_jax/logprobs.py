@@ -39,11 +39,19 @@ def columns(stats: bool) -> tuple[str, ...]:
     return ("logps",) + (STATS if stats else ()) + ("tail_logps", "tokens")
 
 
+def head_logits(hidden_nc, head):
+    """(N, V) float32 logits: ``head`` is a model's output hook (``model.logits_fn()``: the
+    family's soft-cap included) or a bare (V, C) head matrix."""
+    if callable(head):
+        return head(hidden_nc)
+    return jnp.einsum("nc,vc->nv", hidden_nc, head.astype(hidden_nc.dtype),
+                      preferred_element_type=jnp.float32)
+
+
 def _label_features(hidden_nc, head_vc, labels_n, stats: bool):
     """(N, 1 + len(STATS) if stats else 1): log softmax(hidden @ head.T)[label] (logits in
     float32), then the statistics."""
-    logits = jnp.einsum("nc,vc->nv", hidden_nc, head_vc.astype(hidden_nc.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = head_logits(hidden_nc, head_vc)
     label_logits = jnp.take_along_axis(logits, labels_n[:, None], axis=-1)[:, 0]
     lse = jax.nn.logsumexp(logits, axis=-1)
     lp = label_logits - lse
@@ -63,8 +71,8 @@ def token_features(hidden_nc, head_vc, labels_n, chunk_size: int = DEFAULT_CHUNK
     """(N, F) float32 per-token log-probs of ``labels_n`` under the LM head (column 0) and, with
     ``stats``, the STATS columns, in chunks of positions.
 
-    hidden_nc: (N, C) final hidden states (any float dtype); head_vc: (V, C) the head matrix
-    (``model.head_weight()``: the embedding when tied, its own matrix when not).
+    hidden_nc: (N, C) final hidden states (any float dtype); head_vc: the model's output hook
+    (``model.logits_fn()``) or a (V, C) head matrix (``head_logits``).
     """
     n = hidden_nc.shape[0]
     if chunk_size <= 0 or chunk_size >= n:
@@ -158,7 +166,7 @@ def model_sequence_logprobs(model, input_ids, attention_mask, loss_mask, *,
                             position_ids=None):
     """``sequence_logprobs`` without its own ``jax.jit``: for use inside a jitted step."""
     hidden = model.hidden_states(input_ids, attention_mask, position_ids, attn_mask=attn_mask)
-    return sequence_logprobs_from_hidden(hidden, model.head_weight(), input_ids, loss_mask,
+    return sequence_logprobs_from_hidden(hidden, model.logits_fn(), input_ids, loss_mask,
                                          chunk_size)
 
 

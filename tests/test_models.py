@@ -1,5 +1,6 @@
-"""Issue 14: the model contract. A family registered from inside a test trains through the whole
-pipeline; checkpoints of the previous format are still read."""
+"""Issues 14 and 24: the model contract. A family registered from inside a test (its own names,
+a fused and a transposed tensor in its table) trains through the whole pipeline and exports and
+imports exactly; checkpoints of the previous format are still read."""
 
 import dataclasses
 import json
@@ -23,6 +24,8 @@ from dpo_jax.trainer import train_and_evaluate
 class ToyConfig(gpt2.GPT2Config):
     """GPT-2 with its own config.json spelling (and squared-ReLU MLPs, registered below)."""
 
+    final_logit_softcap: float = 0.0  # the output hook's soft-cap (trunk.CausalLM.logits_fn)
+
 
 def toy_family():
     def from_hf(hf_cfg, **compute):
@@ -36,11 +39,15 @@ def toy_family():
                 "width": c.n_embd, "depth": c.n_layer, "heads": c.n_head,
                 "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id}
 
-    def tensors(c):  # its own names: "decoder.layers.{i}.<ours>", embeddings renamed
+    def tensors(c):  # its own names: "decoder.layers.{i}.<ours>", embeddings renamed; the
+        # first norm's scale and bias fused into one tensor, the MLP's input matrix transposed
         names = models.flatten(common.params_of(common.abstract(gpt2.GPT2, c)))
         rename = {"wte.weight": "embed.tokens", "wpe.weight": "embed.positions"}
-        return [HFTensor(n, f"decoder.layers.{{i}}.{n[2:]}" if n.startswith("h.")
-                         else rename.get(n, f"decoder.{n}")) for n in names]
+        fused = ("h.ln_1.weight", "h.ln_1.bias")
+        return [HFTensor(fused, "decoder.layers.{i}.ln_1.packed")] + [
+            HFTensor(n, f"decoder.layers.{{i}}.{n[2:]}" if n.startswith("h.")
+                     else rename.get(n, f"decoder.{n}"), transpose=n == "h.mlp.c_fc.weight")
+            for n in names if n not in fused]
 
     return models.Family(name="toy", model_types=("toy",), config_cls=ToyConfig,
                          model_cls=gpt2.GPT2, config_from_hf=from_hf, config_to_hf=to_hf,
@@ -63,8 +70,19 @@ def test_a_family_registered_in_a_test_trains_one_step(tmp_path, monkeypatch):
     from safetensors import safe_open
     with safe_open(str(export / "model.safetensors"), "np") as f:
         keys = set(f.keys())
+        packed = f.get_tensor("decoder.layers.1.ln_1.packed")
+        fc = f.get_tensor("decoder.layers.0.mlp.c_fc.weight")
     assert {"embed.tokens", "decoder.layers.1.mlp.c_fc.weight", "decoder.ln_f.bias"} <= keys
+    assert "decoder.layers.0.ln_1.weight" not in keys and packed.shape == (64,)
+    assert fc.shape == (128, 32)  # (out, in): transposed from ours
     model = hf.load_pretrained(export)  # the table backwards, then forwards
+    from dpo_jax import checkpoint as ck
+    trained = ck.Checkpointer(tmp_path / "wd" / "checkpoints", async_save=False).restore_params(
+        1, ck.abstract_like(common.params_of(model)))
+    for k, v in models.flatten(common.params_of(model)).items():  # split back exactly
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(models.flatten(trained)[k]))
+    np.testing.assert_array_equal(packed, np.concatenate(
+        [np.asarray(trained["h"]["ln_1"][k][1]) for k in ("weight", "bias")]))
     assert type(model.config) is ToyConfig and model.config.activation_function == "squared_relu"
     mlp = gpt2_model.MLP(model.config, rngs=__import__("flax").nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (3, 32))
@@ -101,3 +119,31 @@ def test_checkpoint_of_the_previous_format_is_read(tmp_path):
     fresh = checkpoint.Checkpointer(tmp_path / "ckpt", async_save=False)  # as generate.py does
     alone = fresh.restore_params(7, checkpoint.abstract_like(params))  # no optimizer built
     np.testing.assert_array_equal(alone["b"], params["b"])
+
+
+def test_the_output_hook_caps_every_consumer_of_logits():
+    """A family's soft-cap lives in one place: the logits, the chunked log-probs (with and
+    without a completion window) and sampling all see it."""
+    from flax import nnx
+    from dpo_jax import logprobs, sampling
+    cfg = ToyConfig(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                    activation_function="gelu_new")
+    plain = gpt2.GPT2(cfg, rngs=nnx.Rngs(0))
+    capped = common.build(gpt2.GPT2, dataclasses.replace(cfg, final_logit_softcap=0.5),
+                          common.params_of(plain))
+    ids = np.random.default_rng(0).integers(0, 64, (2, 12))
+    mask, loss = np.ones_like(ids), np.ones_like(ids)
+    z = np.asarray(plain(ids, mask), np.float64)
+    want = 0.5 * np.tanh(z / 0.5)
+    np.testing.assert_allclose(np.asarray(capped(ids, mask)), want, atol=1e-6)
+    lp = want[:, :-1] - np.log(np.exp(want[:, :-1]).sum(-1, keepdims=True))
+    want_logps = np.take_along_axis(lp, ids[:, 1:, None], -1)[..., 0].sum(-1)
+    for chunk in (0, 5):
+        got, _ = logprobs.sequence_logprobs(capped, ids, mask, loss, chunk_size=chunk)
+        np.testing.assert_allclose(np.asarray(got), want_logps, rtol=1e-5)
+    greedy = sampling.SamplingConfig(max_new_tokens=3)
+    prompt = (ids[:, :4].astype(np.int32), np.ones((2, 4), np.int32))
+    out = sampling.generate(capped, *prompt, greedy)  # cached decode
+    ref = sampling.generate(capped, *prompt, greedy, use_cache=False)
+    np.testing.assert_array_equal(out, ref)
+    assert np.abs(np.asarray(capped.lm_head(capped.hidden_states(ids)))).max() <= 0.5

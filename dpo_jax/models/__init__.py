@@ -5,24 +5,18 @@ module in the family's own parameter names, ``params.py`` its Hugging Face side,
 the contract below. Nothing outside ``models/`` knows a family's field or parameter names: the
 trainer, log-probs, sampling, sharding, checkpoints and HF import/export ask the family.
 
-The module (``family.model_cls(config, rngs=...)``):
-  ``hidden_states(input_ids, attention_mask=None, position_ids=None, *, attn_mask=None)``
-      the trunk's final hidden states (B, T, C) in the compute dtype. ``attention_mask`` (B, T)
-      marks real tokens; ``position_ids`` default to counting them; ``attn_mask`` (B, T, T)
-      replaces the causal-and-padding mask (layouts pass their own: prefix sharing, packing).
-  ``head_weight()``  the LM head's (V, C) matrix, tied to the embedding or not; log-prob code
-      runs the head itself, in chunks and only where it scores (``dpo_jax.logprobs``).
-  ``lm_head(hidden)`` float32 logits; ``__call__`` = ``lm_head(hidden_states(...))``.
-  ``init_cache(batch, length)`` / ``decode(input_ids, position_ids, key_mask, cache, index)``
-      KV-cache generation (``dpo_jax.sampling``).
-  ``config``: the family config, a frozen dataclass of architecture fields followed by the
-      compute options of ``common.ComputeOptions`` (dtype, remat, remat_policy, attention), with
-      ``vocab_size``, ``bos_token_id``, ``eos_token_id``, ``n_layers``, ``max_positions``,
-      ``length_limits()`` (the sequence-length limits, by config field name) and
-      ``tensor_parallel_dims()`` (the sizes the tensor axis splits, by config field name).
+The module (``family.model_cls(config, rngs=...)``) subclasses ``trunk.CausalLM``, which owns
+the trunk plumbing once (``hidden_states``, ``decode``, the KV cache, ``lm_head``, ``__call__``
+and the output hook ``logits_fn``); a family supplies its embedding, stacked blocks, final norm
+and head (see ``trunk.py``). Its ``config`` is a frozen dataclass of architecture fields followed
+by the compute options of ``common.ComputeOptions`` (dtype, remat, remat_policy, attention), with
+``vocab_size``, ``bos_token_id``, ``eos_token_id``, ``n_layers``, ``n_kv_heads``, ``head_size``,
+``max_positions``, ``length_limits()`` (the sequence-length limits, by config field name) and
+``tensor_parallel_dims()`` (the sizes the tensor axis splits, by config field name).
 
 The family (``Family``, below): HF ``config.json`` <-> config, the HF tensor-name table for
-import and export, the sharding rules, and LoRA's default target. ``register`` adds one;
+import and export, the sharding rules, and LoRA's default target. Each folder's ``FAMILY`` is
+registered when this package is imported (``register`` adds one from elsewhere);
 ``family_for(model_type)`` finds it.
 """
 
@@ -31,18 +25,55 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class HFTensor:
-    """One row of a family's HF name table."""
+    """One row of a family's HF name table: one HF tensor and the param(s) of ours it holds.
 
-    ours: str               # our parameter path, e.g. "layers.self_attn.q_proj.weight"
+    Transforms, applied per layer on import and undone on export: ``transpose`` (HF's
+    nn.Linear stores (out, in); ours is (in, out)); several paths in ``ours`` are fused in the
+    checkpoint, concatenated along ``axis`` of HF's layout (after the transpose): a fused
+    ``qkv_proj`` or ``gate_up_proj`` split into our separate matrices on import and fused again
+    on export. A norm stored as (w - 1), as Gemma's, stays as stored: the module adds the one
+    (an exact round trip, where storing w + 1 would round)."""
+
+    ours: str | tuple[str, ...]  # our parameter path(s), e.g. "layers.self_attn.q_proj.weight"
     hf: str                 # the HF key; "{i}" stands for the layer index of a stacked param
-    transpose: bool = False  # HF's nn.Linear stores (out, in); ours is (in, out)
+    transpose: bool = False
+    axis: int = 0           # where fused params are concatenated, in HF's layout
 
     @property
     def stacked(self) -> bool:
         return "{i}" in self.hf
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (self.ours,) if isinstance(self.ours, str) else tuple(self.ours)
+
+    def hf_shape(self, shapes: list[tuple]) -> tuple:
+        """The HF tensor's shape (one layer) from our params' (one layer each)."""
+        shapes = [s[::-1] if self.transpose else s for s in shapes]
+        if len(shapes) == 1:
+            return tuple(shapes[0])
+        out = list(shapes[0])
+        out[self.axis] = sum(s[self.axis] for s in shapes)
+        return tuple(out)
+
+    def to_hf(self, parts: list):
+        """Our arrays (one layer each) -> the HF tensor."""
+        parts = [p.T if self.transpose else p for p in parts]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=self.axis)
+
+    def to_ours(self, a, shapes: list[tuple]) -> list:
+        """The HF tensor (one layer) -> our arrays, split where fused."""
+        if len(shapes) == 1:
+            parts = [a]
+        else:
+            sizes = [(s[::-1] if self.transpose else s)[self.axis] for s in shapes]
+            parts = np.split(a, np.cumsum(sizes)[:-1], axis=self.axis)
+        return [p.T if self.transpose else p for p in parts]
 
 
 def _same_key(key: str) -> str:
@@ -108,10 +139,15 @@ def unflatten_like(template: dict, flat: dict, prefix: str = "") -> dict:
                 else flat[f"{prefix}{k}"]) for k, v in template.items()}
 
 
-def _register_builtin():
-    from dpo_jax.models import gpt2, llama
-    register(gpt2.FAMILY)
-    register(llama.FAMILY)
+def _discover():
+    """Registers the ``FAMILY`` of every subpackage of this folder: a new family is a folder."""
+    import importlib
+    import pkgutil
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.ispkg:
+            family = getattr(importlib.import_module(f"{__name__}.{info.name}"), "FAMILY", None)
+            if family is not None:
+                register(family)
 
 
-_register_builtin()
+_discover()

@@ -270,10 +270,15 @@ class LoRATuning(Tuning):
 
 def _peft_names(tuning: LoRATuning) -> dict[str, tuple[str, bool]]:
     """Our adapted path -> (PEFT's module key template with {i} for the layer, stacked?)."""
-    table = {t.ours: t for t in tuning.family.hf_tensors(tuning.model_cfg)}
+    table = {p: t for t in tuning.family.hf_tensors(tuning.model_cfg) for p in t.paths}
     out = {}
     for path in tuning.paths:
         t = table[f"{path}.weight"]
+        if len(t.paths) > 1:
+            raise ConfigError(f"config key lora_target: {path} is fused with "
+                              f"{', '.join(p for p in t.paths if p != path + '.weight')} in the "
+                              f"checkpoint ({t.hf}), where PEFT puts one adapter on the fused "
+                              "matrix, not one per part: leave it out of lora_target")
         out[path] = ("base_model.model." + t.hf.removesuffix(".weight"), t.stacked)
     return out
 

@@ -6,9 +6,8 @@ so importing a checkpoint is a table of identical names (``params.py``). Paramet
 ``GPT2Config.dtype`` is the compute dtype. Layer norms, attention softmax and logits are computed
 in float32 whatever it is.
 
-The module knows nothing about DPO: ``hidden_states`` runs the trunk, ``lm_head`` maps hidden
-states to logits, and ``__call__`` is the two together. Log-prob code (``logprobs.py``) takes the
-head matrix (``head_weight``) and runs it itself, only where it needs it and in chunks.
+The module knows nothing about DPO: it supplies its embedding, blocks, final norm and head, and
+the trunk every family shares (``models/trunk.py``) runs them.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dpo_jax.models import common
+from dpo_jax.models.trunk import CausalLM
 
 ACTIVATIONS = {
     # GPT-2's "gelu_new" is the tanh approximation of GELU.
@@ -83,6 +83,10 @@ class GPT2Config(common.ComputeOptions):
     def n_layers(self) -> int:
         return self.n_layer
 
+    @property
+    def n_kv_heads(self) -> int:
+        return self.n_head
+
     def tensor_parallel_dims(self) -> dict[str, int]:
         """The sizes the tensor axis splits, by config field (for a clear mesh error)."""
         return {"n_head": self.n_head, "n_inner (MLP width)": self.d_ff, "n_embd": self.n_embd}
@@ -111,15 +115,10 @@ class Attention(nnx.Module):
         b, t, c = x_btc.shape
         q, k, v = jnp.split(self.c_attn(x_btc), 3, axis=-1)
         q, k, v = (a.reshape(b, t, self.n_head, c // self.n_head) for a in (q, k, v))
-        if kv is not None:
-            at = (0, index, 0, 0)
-            kv = (jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), at),
-                  jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), at))
-            k, v = kv
         if self.by_layer:  # GPT-2 variant option: scale by 1 / (layer_idx + 1) as well
             q = q / (layer_idx + 1).astype(q.dtype)
-        y = common.attention(q, k, v, mask_bts, scale=self.scale,
-                             implementation="xla" if kv is not None else self.implementation)
+        y, kv = common.attention(q, k, v, mask_bts, scale=self.scale,
+                                 implementation=self.implementation, kv=kv, index=index)
         return self.c_proj(y.reshape(b, t, c)), kv
 
 
@@ -145,18 +144,19 @@ class Block(nnx.Module):
         self.ln_2 = common.LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dt)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, mask_bts, layer_idx, kv=None, index=None):
+    def __call__(self, x, mask_bts, context, per_layer, kv=None, index=None):
+        (layer_idx,) = per_layer
         a, kv = self.attn(self.ln_1(x), mask_bts, layer_idx, kv, index)
         x = x + a
         return x + self.mlp(self.ln_2(x)), kv
 
 
-class GPT2(nnx.Module):
+class GPT2(CausalLM):
     """GPT-2 LM (HF ``GPT2LMHeadModel``) with the LM head tied to the token embedding ``wte``.
 
     The blocks are stacked: ``h`` is one Block whose params carry a leading layer axis
     (``h.attn.c_attn.weight`` is (n_layer, C, 3C); HF's ``h.{i}.attn.c_attn.weight`` is its
-    slice i), and the trunk is a scan over it (``common.scan_stack``).
+    slice i), and the trunk (``trunk.CausalLM``) is a scan over it.
     """
 
     def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
@@ -167,58 +167,19 @@ class GPT2(nnx.Module):
         self.ln_f = common.LayerNorm(config.n_embd, config.layer_norm_epsilon,
                                      config.compute_dtype)
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, *, attn_mask=None):
-        """Final (post ``ln_f``) hidden states, (B, T, C) in the compute dtype.
+    @property
+    def stack(self):
+        return self.h
 
-        attention_mask: (B, T), 1 for real tokens, 0 for padding (left or right). Position ids are
-          derived from it unless given, so a left-padded row gives the logits of the unpadded one.
-        attn_mask: optional ``attention.Mask`` (lengths, segments or a dense (B, T, T) boolean,
-          True where query t may attend to key s). It replaces the causal-and-padding mask
-          (layouts such as prefix sharing and packing pass their own).
-        """
-        position_ids, attn_mask = common.trunk_inputs(input_ids, attention_mask, position_ids,
-                                                      attn_mask)
-        return self._trunk(input_ids, position_ids, attn_mask)[0]
+    def embed(self, input_ids, position_ids):
+        return (self.wte(input_ids) + self.wpe(position_ids)).astype(self.config.compute_dtype)
 
-    def _trunk(self, input_ids, position_ids, mask_bts, cache=None, index=None):
-        c = self.config
-        x = (self.wte(input_ids) + self.wpe(position_ids)).astype(c.compute_dtype)
-        layers = jnp.arange(c.n_layer)
-        if cache is None:
-            x, _ = common.scan_stack(self.h, x, lambda blk, x, i: (blk(x, mask_bts, i)[0], None),
-                                     (layers,), remat=c.remat, remat_policy=c.remat_policy)
-            return self.ln_f(x), None
-        x, kv = common.scan_stack(
-            self.h, x, lambda blk, x, i, k, v: blk(x, mask_bts, i, (k, v), index),
-            (layers, *cache))
-        return self.ln_f(x), kv
+    def layer_inputs(self):
+        return (jnp.arange(self.config.n_layer),)  # each block's index (its own scaling option)
 
-    def init_cache(self, batch: int, length: int):
-        """An empty KV cache: (k, v), each (n_layer, B, S, H, D) in the compute dtype."""
-        c = self.config
-        shape = (c.n_layer, batch, length, c.n_head, c.n_embd // c.n_head)
-        return jnp.zeros(shape, c.compute_dtype), jnp.zeros(shape, c.compute_dtype)
-
-    def decode(self, input_ids, position_ids, key_mask, cache, index):
-        """New tokens (B, T) at cache positions [index, index + T) against a KV cache.
-
-        key_mask: (B, S) which cache positions hold real tokens (False for left padding).
-        Returns (hidden (B, T, C), updated cache).
-        """
-        mask = common.decode_mask(key_mask, input_ids.shape[1], index)
-        return self._trunk(input_ids, position_ids, mask, cache, index)
+    def final_norm(self, x):
+        return self.ln_f(x)
 
     def head_weight(self):
         """The LM head's (V, C) matrix: tied to the token embedding."""
         return self.wte.weight[...]
-
-    def lm_head(self, hidden):
-        """Logits in float32 from hidden states (..., C): the matmul runs in the compute dtype with
-        float32 accumulation, so a following log-softmax sees full-precision logits."""
-        w = self.head_weight().astype(hidden.dtype)
-        return jnp.einsum("...c,vc->...v", hidden, w, preferred_element_type=jnp.float32)
-
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, *, attn_mask=None):
-        """Logits (B, T, V), float32."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids,
-                                               attn_mask=attn_mask))

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from dpo_jax.models import common
+from dpo_jax.models.trunk import CausalLM
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -70,6 +71,10 @@ class LlamaConfig(common.ComputeOptions):
     @property
     def n_layers(self) -> int:
         return self.num_hidden_layers
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.num_key_value_heads
 
     @property
     def max_positions(self) -> int:
@@ -152,13 +157,8 @@ class Attention(nnx.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None:
-            at = (0, index, 0, 0)
-            kv = (jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), at),
-                  jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), at))
-            k, v = kv
-        y = common.attention(q, k, v, mask_bts, scale=self.head_dim ** -0.5,
-                             implementation="xla" if kv is not None else self.implementation)
+        y, kv = common.attention(q, k, v, mask_bts, scale=self.head_dim ** -0.5,
+                                 implementation=self.implementation, kv=kv, index=index)
         return self.o_proj(y.reshape(b, t, self.heads * self.head_dim)), kv
 
 
@@ -185,7 +185,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = common.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask_bts, kv=None, index=None):
+    def __call__(self, x, mask_bts, context, per_layer, kv=None, index=None):
+        cos, sin = context
         a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask_bts, kv, index)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), kv
@@ -198,7 +199,7 @@ class Head(nnx.Module):
         self.weight = nnx.Param(common.normal(rngs, (vocab, width), 0.02))
 
 
-class Llama(nnx.Module):
+class Llama(CausalLM):
     """``LlamaForCausalLM`` and its relatives (see the module docstring)."""
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
@@ -210,50 +211,22 @@ class Llama(nnx.Module):
         if not config.tie_word_embeddings:
             self.head = Head(config.vocab_size, config.hidden_size, rngs=rngs)
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, *, attn_mask=None):
-        """Final (post ``norm``) hidden states, (B, T, C) in the compute dtype (see the GPT-2
-        module for the arguments: the contract is the same)."""
-        position_ids, attn_mask = common.trunk_inputs(input_ids, attention_mask, position_ids,
-                                                      attn_mask)
-        return self._trunk(input_ids, position_ids, attn_mask)[0]
+    @property
+    def stack(self):
+        return self.layers
 
-    def _trunk(self, input_ids, position_ids, mask_bts, cache=None, index=None):
+    def embed(self, input_ids, position_ids):
+        return self.embed_tokens(input_ids).astype(self.config.compute_dtype)
+
+    def block_context(self, position_ids):
         c = self.config
-        x = self.embed_tokens(input_ids).astype(c.compute_dtype)
-        cos, sin = rope(position_ids, c.inv_freq(), c.compute_dtype)
-        if cache is None:
-            x, _ = common.scan_stack(self.layers, x,
-                                     lambda layer, x: (layer(x, cos, sin, mask_bts)[0], None),
-                                     remat=c.remat, remat_policy=c.remat_policy)
-            return self.norm(x), None
-        x, kv = common.scan_stack(
-            self.layers, x, lambda layer, x, k, v: layer(x, cos, sin, mask_bts, (k, v), index),
-            cache)
-        return self.norm(x), kv
+        return rope(position_ids, c.inv_freq(), c.compute_dtype)  # (cos, sin)
 
-    def init_cache(self, batch: int, length: int):
-        """An empty KV cache: (k, v), each (layers, B, S, KV heads, head_dim), compute dtype."""
-        c = self.config
-        shape = (c.num_hidden_layers, batch, length, c.num_key_value_heads, c.head_dim)
-        return jnp.zeros(shape, c.compute_dtype), jnp.zeros(shape, c.compute_dtype)
-
-    def decode(self, input_ids, position_ids, key_mask, cache, index):
-        """New tokens (B, T) at cache positions [index, index + T) against a KV cache."""
-        mask = common.decode_mask(key_mask, input_ids.shape[1], index)
-        return self._trunk(input_ids, position_ids, mask, cache, index)
+    def final_norm(self, x):
+        return self.norm(x)
 
     def head_weight(self):
         """The LM head's (V, C) matrix: the token embedding when tied, ``head`` when not."""
         if self.config.tie_word_embeddings:
             return self.embed_tokens.weight[...]
         return self.head.weight[...]
-
-    def lm_head(self, hidden):
-        """Logits in float32 from hidden states (..., C) (matmul in the compute dtype)."""
-        w = self.head_weight().astype(hidden.dtype)
-        return jnp.einsum("...c,vc->...v", hidden, w, preferred_element_type=jnp.float32)
-
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, *, attn_mask=None):
-        """Logits (B, T, V), float32."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids,
-                                               attn_mask=attn_mask))

@@ -1,0 +1,119 @@
+"""The model contract as code: ``CausalLM``, the trunk every family shares.
+
+A family's module subclasses ``CausalLM`` and supplies only what is its own:
+
+- ``embed(input_ids, position_ids)``: the token (and position) embedding, (B, T, C) in the
+  compute dtype;
+- ``stack``: its blocks, stacked (``common.stacked``); a block is called
+  ``block(x, mask, context, per_layer, kv=None, index=None) -> (x, kv)``;
+- ``block_context(position_ids)``: what every block gets (RoPE's cos / sin), and
+  ``layer_inputs()``: arrays with a leading layer axis scanned with the blocks (a layer index);
+- ``final_norm(x)`` and ``head_weight()`` (the (V, C) LM head, tied or not);
+- on its config: ``n_layers``, ``n_kv_heads``, ``head_size``, and optionally
+  ``final_logit_softcap`` (Gemma 2's ``final_logit_softcapping``: logits = cap * tanh(z / cap)).
+
+The trunk here runs them: positions from the mask, the scanned stack with remat, the KV cache and
+``decode``, and the output hook ``logits_fn()``, used by ``lm_head``, the chunked log-probs, the
+completion-only head and sampling alike, so a family changes its logits in one place.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from dpo_jax.models import common
+
+
+class CausalLM(nnx.Module):
+    """A causal LM over a scanned stack of blocks (see the module docstring)."""
+
+    config: object
+
+    # ---- what a family supplies
+    @property
+    def stack(self):
+        raise NotImplementedError
+
+    def embed(self, input_ids, position_ids):
+        raise NotImplementedError
+
+    def block_context(self, position_ids) -> tuple:
+        return ()
+
+    def layer_inputs(self) -> tuple:
+        return ()
+
+    def final_norm(self, x):
+        raise NotImplementedError
+
+    def head_weight(self):
+        """The LM head's (V, C) matrix."""
+        raise NotImplementedError
+
+    # ---- the trunk
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, *, attn_mask=None):
+        """Final (post-norm) hidden states, (B, T, C) in the compute dtype.
+
+        attention_mask: (B, T), 1 for real tokens, 0 for padding (left or right). Position ids are
+          derived from it unless given, so a left-padded row gives the logits of the unpadded one.
+        attn_mask: optional ``attention.Mask`` (lengths, segments or a dense (B, T, T) boolean,
+          True where query t may attend to key s). It replaces the causal-and-padding mask
+          (layouts such as prefix sharing and packing pass their own).
+        """
+        position_ids, attn_mask = common.trunk_inputs(input_ids, attention_mask, position_ids,
+                                                      attn_mask)
+        return self._trunk(input_ids, position_ids, attn_mask)[0]
+
+    def _trunk(self, input_ids, position_ids, mask, cache=None, index=None):
+        c = self.config
+        x = self.embed(input_ids, position_ids)
+        context, per_layer = self.block_context(position_ids), self.layer_inputs()
+        n = len(per_layer)
+        if cache is None:
+            x, _ = common.scan_stack(
+                self.stack, x, lambda blk, x, *xs: (blk(x, mask, context, xs)[0], None),
+                per_layer, remat=c.remat, remat_policy=c.remat_policy)
+            return self.final_norm(x), None
+        x, kv = common.scan_stack(
+            self.stack, x, lambda blk, x, *xs: blk(x, mask, context, xs[:n], xs[n:], index),
+            (*per_layer, *cache))
+        return self.final_norm(x), kv
+
+    def init_cache(self, batch: int, length: int):
+        """An empty KV cache: (k, v), each (layers, B, S, KV heads, head size), compute dtype."""
+        c = self.config
+        shape = (c.n_layers, batch, length, c.n_kv_heads, c.head_size)
+        return jnp.zeros(shape, c.compute_dtype), jnp.zeros(shape, c.compute_dtype)
+
+    def decode(self, input_ids, position_ids, key_mask, cache, index):
+        """New tokens (B, T) at cache positions [index, index + T) against a KV cache.
+
+        key_mask: (B, S) which cache positions hold real tokens (False for left padding).
+        Returns (hidden (B, T, C), updated cache).
+        """
+        mask = common.decode_mask(key_mask, input_ids.shape[1], index)
+        return self._trunk(input_ids, position_ids, mask, cache, index)
+
+    # ---- the output hook
+    def logits_fn(self):
+        """A pure function hidden (..., C) -> float32 logits (..., V): the head matmul in the
+        compute dtype with float32 accumulation (a following log-softmax sees full-precision
+        logits), then the family's soft-cap if it has one. Every consumer of logits calls it."""
+        w = self.head_weight()
+        cap = getattr(self.config, "final_logit_softcap", None)
+
+        def logits(hidden):
+            z = jnp.einsum("...c,vc->...v", hidden, w.astype(hidden.dtype),
+                           preferred_element_type=jnp.float32)
+            return z if not cap else cap * jnp.tanh(z / cap)
+        return logits
+
+    def lm_head(self, hidden):
+        """Logits in float32 from hidden states (..., C)."""
+        return self.logits_fn()(hidden)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, *, attn_mask=None):
+        """Logits (B, T, V), float32."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids,
+                                               attn_mask=attn_mask))
