@@ -30,6 +30,18 @@ class PairLogps(NamedTuple):
     valid: jax.Array  # 1 for real pairs, 0 for padding pairs (eval); batch statistics ignore 0s
     weight: jax.Array | None = None  # WPO's per-pair weight (``use_weighting``); None = 1
     rejected_unlikely: jax.Array | None = None  # sum of log(1 - p) over rejected tokens
+    # The policy's plain sums over each completion's tokens, where ``policy_*`` carry LD-DPO's
+    # weighting (``ld_alpha`` < 1): the NLL terms and the reference-free losses read these, as
+    # TRL's sft term reads the plain per-token log-probs. None = the same as ``policy_*``.
+    plain_chosen: jax.Array | None = None
+    plain_rejected: jax.Array | None = None
+
+    def plain(self) -> "PairLogps":
+        """These inputs with the policy's log-probs unweighted by LD-DPO."""
+        if self.plain_chosen is None:
+            return self
+        return self._replace(policy_chosen=self.plain_chosen,
+                             policy_rejected=self.plain_rejected)
 
     @property
     def dc(self):

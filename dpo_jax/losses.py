@@ -256,15 +256,18 @@ def pair_losses(x: PairLogps, o: LossConfig):
         scored = x._replace(policy_chosen=f_divergence_scores(x.dc, o),
                             policy_rejected=f_divergence_scores(x.dr, o),
                             ref_chosen=jnp.zeros_like(x.dc), ref_rejected=jnp.zeros_like(x.dr))
-    losses = sum(w * LOSSES[name].fn(x if LOSSES[name].reference_free else scored, o)
+    # LD-DPO weighs the log-ratios only: the NLL terms (sft, RPO) and the reference-free losses
+    # (SimPO, ORPO: TRL's CPO / ORPO trainers have no ld_alpha) see the plain log-probs
+    plain = x.plain()
+    losses = sum(w * LOSSES[name].fn(plain if LOSSES[name].reference_free else scored, o)
                  for name, w in zip(o.loss_type, o.weights))
     if o.use_weighting and x.weight is not None:  # WPO (Zhou et al. 2024, arXiv 2406.11827)
         losses = losses * x.weight
     if o.rpo_alpha:
-        losses = losses + o.rpo_alpha * _chosen_nll(x)
+        losses = losses + o.rpo_alpha * _chosen_nll(plain)
     if o.rewards == "policy_mean":  # TRL's CPO / ORPO trainers
-        return (losses, o.beta * x.policy_chosen / x.chosen_tokens,
-                o.beta * x.policy_rejected / x.rejected_tokens)
+        return (losses, o.beta * plain.policy_chosen / x.chosen_tokens,
+                o.beta * plain.policy_rejected / x.rejected_tokens)
     return losses, o.beta * x.dc, o.beta * x.dr
 
 
@@ -317,8 +320,9 @@ def metrics(x: PairLogps, o: LossConfig, losses, chosen_rewards, rejected_reward
     ``logps/*`` are summed log-probs, or per-token means where TRL's CPO / ORPO log those."""
     v = x.valid
     mean = lambda a: jnp.sum(a * v) / jnp.maximum(jnp.sum(v), 1)
-    lc, lr = x.policy_chosen, x.policy_rejected
+    lc, lr = x.policy_chosen, x.policy_rejected  # LD-weighted, as TRL's DPOTrainer logs them
     if o.rewards == "policy_mean":
+        lc, lr = x.plain().policy_chosen, x.plain().policy_rejected
         lc, lr = lc / jnp.maximum(x.chosen_tokens, 1), lr / jnp.maximum(x.rejected_tokens, 1)
     out = {
         "loss": mean(losses),
@@ -329,8 +333,8 @@ def metrics(x: PairLogps, o: LossConfig, losses, chosen_rewards, rejected_reward
         "logps/chosen": mean(lc),
         "logps/rejected": mean(lr),
     }
-    x = x._replace(chosen_tokens=jnp.maximum(x.chosen_tokens, 1),
-                   rejected_tokens=jnp.maximum(x.rejected_tokens, 1))
+    x = x.plain()._replace(chosen_tokens=jnp.maximum(x.chosen_tokens, 1),
+                           rejected_tokens=jnp.maximum(x.rejected_tokens, 1))
     for name in o.loss_type:
         if LOSSES[name].metrics is not None:
             out.update({k: mean(val) for k, val in LOSSES[name].metrics(x, o).items()})

@@ -60,7 +60,9 @@ def make_loss_fn(tuning, layout, loss_cfg: LossConfig, chunk_size: int, pair_blo
             weight = jax.lax.stop_gradient(
                 jnp.exp(c["wpo"] / jnp.maximum(c["tokens"], 1))
                 * jnp.exp(r["wpo"] / jnp.maximum(r["tokens"], 1)))
-        x = PairLogps(pc, pr, rc, rr, c["tokens"], r["tokens"], valid, weight, r.get("unlikely"))
+        plain = (c["logps"], r["logps"]) if ld != 1.0 else (None, None)
+        x = PairLogps(pc, pr, rc, rr, c["tokens"], r["tokens"], valid, weight, r.get("unlikely"),
+                      *plain)
         losses, chosen_rewards, rejected_rewards = pair_losses(x, loss_cfg)
         m = metrics(x, loss_cfg, losses, chosen_rewards, rejected_rewards)
         if loss_cfg.token_metrics:

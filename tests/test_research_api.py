@@ -249,6 +249,24 @@ def test_trl_metrics_and_ld_alpha_in_the_loss():
                                atol=1e-6)
     np.testing.assert_allclose(float(m["logps/chosen"]), np.mean([ld(a) for a in wc]),
                                rtol=1e-5)
+    # with an NLL term (TRL's loss_type=["sigmoid", "sft"]; RPO): the log-ratios are LD-weighted,
+    # the chosen NLL is not (TRL's sft term reads the plain per-token log-probs)
+    h = [(ld(a) - ld(c)) - (ld(bb) - ld(d)) for a, bb, c, d in zip(wc, wr, rc, rr)]
+    dpo = np.mean([np.log1p(np.exp(-0.2 * x)) for x in h])
+    nll = -tot(wc, "logps") / tot(wc, "tokens")
+    for kw, want in ((dict(loss_type="sigmoid,sft"), dpo + nll),
+                     (dict(rpo_alpha=0.5), dpo + 0.5 * nll)):
+        cfg = L.LossConfig(beta=0.2, ld_alpha=0.3, **kw)
+        _, m = steps.make_loss_fn(FullTuning(graphdef), b.layout, cfg, 0)(params, ref, batch)
+        np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5)
+    # reference-free losses (TRL's CPO / ORPO trainers have no ld_alpha) see plain log-probs
+    for name in ("simpo", "orpo"):
+        got = [steps.make_loss_fn(FullTuning(graphdef), b.layout,
+                                  L.LossConfig(loss_type=name, beta=0.2, ld_alpha=a), 0)(
+            params, ref, batch)[1] for a in (0.3, 1.0)]
+        for k in got[1]:
+            np.testing.assert_allclose(float(got[0][k]), float(got[1][k]), rtol=1e-6,
+                                       err_msg=f"{name}: {k}")
 
 
 def test_token_metrics_off_skips_the_statistics_only():
