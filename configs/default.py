@@ -32,7 +32,7 @@ def get_config():
     c.remat_policy = "nothing_saveable"  # or dots_saveable / dots_with_no_batch_dims_saveable
     c.attention = "auto"           # auto (cudnn on GPU, splash on TPU, else xla) | xla | cudnn | splash
 
-    # ---- LoRA and DoRA (dpo_jax/tuning/): adapters trained, the base frozen and (adapters off) the reference
+    # ---- LoRA and DoRA (dpo_jax/tuning/): adapters train; the base, adapters off, is the ref
     c.lora_rank = 0                # adapter rank r; 0 = full fine-tuning
     c.lora_alpha = 16.0            # adapters scale by alpha / r (PEFT's)
     c.lora_dropout = 0.0           # dropout on the adapters' input while training
