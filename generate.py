@@ -84,6 +84,8 @@ def run():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from dpo_jax.tracking import console_logging
+    console_logging()  # train.py's: the completions, not orbax's and absl's INFO lines
     from dpo_jax.errors import DpoError
     try:
         run()

@@ -9,7 +9,6 @@ and exit 1; SIGTERM saves the current step and exits 143, Ctrl-C exits 130. ``--
 DPO_JAX_TRACEBACK=1) prints their traceback too; unexpected errors always keep theirs.
 """
 
-import logging
 import os
 import sys
 
@@ -27,10 +26,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "jax._src", "orbax", "datasets", "transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from dpo_jax.tracking import console_logging
+    console_logging()
     from dpo_jax.errors import DpoError, Stopped
     from dpo_jax.trainer import train_and_evaluate
     # A Ctrl-C that lands in a garbage-collection callback is printed and swallowed by CPython;

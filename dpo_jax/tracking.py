@@ -111,6 +111,16 @@ def _wandb_run(workdir: Path, config):
                       config=config.to_dict() if config is not None else None)
 
 
+def console_logging():
+    """The CLIs' logging: the package's INFO lines on stderr; the libraries' only from WARNING
+    up (orbax and absl log every checkpoint step, JAX its backend probes)."""
+    import sys
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax", "datasets", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def file_logging(workdir: Path) -> logging.Handler:
     """Adds workdir/train.log to the package's logger; the caller removes it when done."""
     handler = logging.FileHandler(workdir / "train.log")
