@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import logging
-
 import jax
 
 from dpo_jax import data, sampling, sharding
-
-log = logging.getLogger(__name__)
 
 
 def evaluate(eval_step, params, frozen, batches: data.PairBatches, mesh) -> dict:
@@ -35,26 +31,23 @@ def compare_samples(reference, policy, tokenizer, prompts, *, max_new_tokens: in
     return [{"prompt": p, "pi_ref": r, "pi_theta": t} for p, r, t in zip(prompts, ref, theta)]
 
 
-def run_samples(run) -> list | None:
-    """pi_ref and pi_theta on the run's first ``sample_prompts`` eval prompts (train prompts
-    without eval data), with its sampling settings; None where they cannot be drawn here (the
-    reference not in memory, or several processes), with the reason logged once."""
+def run_samples(run) -> tuple[list | None, str]:
+    """(pi_ref and pi_theta on the run's first ``sample_prompts`` eval prompts (train prompts
+    without eval data), with its sampling settings, ""), or (None, why) where they cannot be
+    drawn here (none asked for, the reference not in memory, or several processes)."""
     config = run.config
     if not config.sample_prompts:
-        return None
+        return None, ""
     ref = run.reference_params
     if not ref or run.n_proc > 1:
-        if not run.samples_skipped:
-            log.info("samples skipped: %s; python generate.py --workdir %s compares pi_ref and "
-                     "pi_theta", "several processes" if ref else "the reference is not in "
-                     "memory (its log-probs were precomputed, or the loss needs none)",
-                     run.workdir)
-            run.samples_skipped = True
-        return None
+        why = ("several processes" if ref else "the reference is not in memory (its "
+               "log-probs were precomputed, or the loss needs none)")
+        return None, (f"samples skipped: {why}; python generate.py --workdir {run.workdir} "
+                      "compares pi_ref and pi_theta")
     pairs = run.eval_pairs if run.eval_pairs is not None else run.train_pairs
     prompts = [run.tokenizer.decode(p) for p in pairs.prompt[:config.sample_prompts]]
     return compare_samples(
         run.tuning.reference(run.state["params"], ref),
         run.tuning.model(run.state["params"], ref), run.tokenizer, prompts,
         max_new_tokens=config.sample_max_new_tokens, temperature=config.sample_temperature,
-        top_k=config.sample_top_k, top_p=config.sample_top_p, seed=config.seed)
+        top_k=config.sample_top_k, top_p=config.sample_top_p, seed=config.seed), ""

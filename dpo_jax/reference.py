@@ -61,9 +61,10 @@ def _local_block(x):
     return x[jax.process_index() * n:(jax.process_index() + 1) * n]
 
 
-def precompute_for_run(run):
+def precompute_for_run(run) -> bool:
     """Scores a run's train and eval pairs with its reference (cached in the workdir, keyed by
-    the model and the tokens), then frees the reference: every batch carries the log-probs."""
+    the model and the tokens): every batch then carries the log-probs. Returns whether the
+    frozen params can now be freed (they are only the reference's)."""
     config = run.config
     replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
     ref_fn = steps.make_ref_logps_fn(run.tuning, run.layout, out_shardings=replicated,
@@ -77,5 +78,4 @@ def precompute_for_run(run):
             fp = fingerprint(key, jax.process_index(), pairs.prompt, pairs.chosen, pairs.rejected)
             precompute(pairs, ref_fn, run.state["params"], run.frozen, batches,
                        run.workdir / f"ref_logps-{fp}.npz", run.mesh)
-    if run.tuning.frees_frozen_after_precompute:
-        run.frozen = {}  # never needed again: free its memory (LoRA's base stays: the policy's)
+    return run.tuning.frees_frozen_after_precompute  # LoRA's base stays: it is the policy's

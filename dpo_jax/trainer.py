@@ -172,7 +172,8 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
     if lead:  # only now that the resume checks passed
         workdirs.write_run_files(workdir, config, tokenizer)
     if config.precompute_ref_log_probs and loss_cfg.needs_reference:
-        reference.precompute_for_run(run)
+        if reference.precompute_for_run(run):
+            run.frozen = {}  # never needed again: free its memory
     _compile(run, optimizer, lr_schedule, state_sh)
     return run
 
@@ -264,7 +265,7 @@ def loop(run: Run, metrics_log: tracking.MetricsLog | None):
                                                 run.reference_params, run.eval_batches, run.mesh)
             scalars.update({f"eval/{k}": v for k, v in run.last_eval.items()})
             log.info("step %d eval: %s", s, tracking.fmt(run.last_eval))
-            run.last_samples = (s, evaluation.run_samples(run))
+            run.last_samples = (s, _samples(run))
             if run.last_samples[1] and metrics_log is not None:
                 metrics_log.write_samples(s, run.last_samples[1])
         if scalars and metrics_log is not None:
@@ -280,6 +281,16 @@ def loop(run: Run, metrics_log: tracking.MetricsLog | None):
         t_last = time.perf_counter()  # eval and save are not step time
     if progress is not None:
         progress.close()
+
+
+def _samples(run: Run) -> list | None:
+    """pi_ref / pi_theta completions (``evaluation.run_samples``); why they cannot be drawn is
+    logged once per run."""
+    samples, why = evaluation.run_samples(run)
+    if why and not run.samples_skipped:
+        log.info("%s", why)
+        run.samples_skipped = True
+    return samples
 
 
 # =========================================================================== finish
@@ -318,7 +329,7 @@ def finish(run: Run) -> dict:
     }
     step, samples = run.last_samples
     if step != run.total_steps or samples is None:  # none drawn from the final params yet
-        samples = evaluation.run_samples(run)
+        samples = _samples(run)
     if samples is not None:
         summary["samples"] = samples
     if run.lead:
