@@ -45,19 +45,18 @@ def load_policy(config, workdir: Path, reference):
         raise DpoError(f"{workdir}: no complete checkpoint (train first, or --from_export)")
     expect = {"model_config": checkpoint.model_config_record(reference.config)}
     print(f"policy: {workdir / 'checkpoints' / str(s)}", file=sys.stderr)
-    method = tuning.for_config(config, models.family_of(reference.config), reference.config)
+    method = tuning.for_config(config.tuning, models.family_of(reference.config),
+                               reference.config, ref_dtype=config.model.ref_dtype)
     return method.restore_policy(ckpt, s, common.params_of(reference), expect)
 
 
 def run():
-    import ml_collections
-    from dpo_jax import defaults, hf, hub, sampling
+    from dpo_jax import config as configs, hf, hub, sampling
     from dpo_jax.errors import ConfigError, DpoError
     workdir = Path(FLAGS.workdir)
     if not (workdir / "config.json").is_file():
         raise DpoError(f"{workdir} is not the workdir of a training run (it has no config.json)")
-    config = defaults.config().copy_and_resolve_references()  # keys newer than the run's
-    config.update(ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text())))
+    config = configs.build(json.loads((workdir / "config.json").read_text()))
     prompts = list(FLAGS.prompt)
     if FLAGS.prompts_file:
         prompts += [line.rstrip("\n") for line in Path(FLAGS.prompts_file).read_text()
@@ -72,7 +71,7 @@ def run():
         raise ConfigError(f"generate.py flags: {e}") from None
     tokenizer = hub.load_tokenizer(workdir / "tokenizer")
     cfg = sampling.SamplingConfig(**{**cfg.__dict__, "eos_id": tokenizer.eos_token_id})
-    model_cfg, ref_params = hf.initial_model(config, tokenizer)
+    model_cfg, ref_params = hf.initial_model(config.model, tokenizer, seed=config.run.seed)
     reference = hf.build(model_cfg, ref_params)
     policy = load_policy(config, workdir, reference)
     ref = sampling.complete(reference, tokenizer, prompts, cfg, seed=FLAGS.seed)

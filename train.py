@@ -87,8 +87,9 @@ def check_overrides(argv):
         if a.startswith("--config."):
             key = a[len("--config."):].split("=", 1)[0]
             if key not in valid:
-                sys.exit(f"train.py: error: unknown config key {key!r} (in {a!r}); valid keys: "
-                         f"{', '.join(valid)}")
+                from dpo_jax.config import did_you_mean
+                hint = did_you_mean(key, valid) or f"; valid keys: {', '.join(valid)}"
+                sys.exit(f"train.py: error: unknown config key {key!r} (in {a!r}){hint}")
 
 
 if __name__ == "__main__":

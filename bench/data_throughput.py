@@ -41,7 +41,7 @@ def main():
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     tok = train_byte_level_bpe((r[k] for r in rows[:2000] for k in r), vocab_size=4000)
-    cfg = D.DataConfig(source=path, max_length=512, max_prompt_length=128,
+    cfg = D.Source(source=path, max_length=512, max_prompt_length=128,
                        cache_dir=os.path.join(tmp, "cache"))
     t0 = time.perf_counter()
     pairs = D.load_pairs(cfg, tok)

@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 
 from dpo_jax import data, sampling, sharding
+from dpo_jax import keys as K
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """samples (dpo_jax/evaluation.py)"""
+
+    sample_prompts: int = K.key(2, "eval prompts whose pi_ref / pi_theta completions are "
+                                "compared at every eval (samples.jsonl, the trackers) and at the "
+                                "end; 0 = none", K.integer(0))
+    sample_max_new_tokens: int = K.key(32, "tokens per such completion", K.integer(1))
+    sample_temperature: float = K.key(0.0, "0 = greedy", K.number(0))
+    sample_top_k: int = K.key(0, "0 = off", K.integer(0, "0 = off"))
+    sample_top_p: float = K.key(1.0, "1 = off", K.number(0, 1, open_low=True))
+
+    def __post_init__(self):
+        K.check_fields(self)
 
 
 def evaluate(eval_step, params, frozen, batches: data.PairBatches, mesh) -> dict:
@@ -35,7 +54,7 @@ def run_samples(run) -> tuple[list | None, str]:
     """(pi_ref and pi_theta on the run's first ``sample_prompts`` eval prompts (train prompts
     without eval data), with its sampling settings, ""), or (None, why) where they cannot be
     drawn here (none asked for, the reference not in memory, or several processes)."""
-    config = run.config
+    config = run.cfg.eval
     if not config.sample_prompts:
         return None, ""
     ref = run.reference_params
@@ -50,4 +69,4 @@ def run_samples(run) -> tuple[list | None, str]:
         run.tuning.reference(run.state["params"], ref),
         run.tuning.model(run.state["params"], ref), run.tokenizer, prompts,
         max_new_tokens=config.sample_max_new_tokens, temperature=config.sample_temperature,
-        top_k=config.sample_top_k, top_p=config.sample_top_p, seed=config.seed), ""
+        top_k=config.sample_top_k, top_p=config.sample_top_p, seed=run.cfg.run.seed), ""

@@ -11,6 +11,7 @@ unexpected keys.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -23,11 +24,58 @@ import numpy as np
 from flax import nnx
 
 from dpo_jax import hub, models, sharding
-from dpo_jax.errors import ConfigError
+from dpo_jax import keys as K
+from dpo_jax.errors import ConfigError, choice
 from dpo_jax.hub import CheckpointError, hub_reachable, load_tokenizer  # noqa: F401 (API)
-from dpo_jax.models import common
+from dpo_jax.models import attention, common
 
 log = logging.getLogger(__name__)
+
+
+def _model_spec(name, v):
+    spec = dict(v)
+    try:
+        models.family_for(spec.get("model_type", "gpt2"))
+    except ValueError as e:
+        raise ConfigError(f"config key {name}.model_type: {e}") from None
+    for k, x in spec.items():
+        if isinstance(x, int) and not isinstance(x, bool) and x <= 0 and k != "model_type":
+            raise ConfigError(f"config key {name}.{k}={x!r}: must be > 0")
+
+
+def _ref_dtype(name, v):
+    if v != "":
+        choice(name, v, tuple(common.DTYPES))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """model (dpo_jax/hf.py, dpo_jax/models/)"""
+
+    model_name_or_path: str = K.key("gpt2", "HF hub id or local HF folder; \"\" = random init "
+                                    "from model", K.text, resume=True)
+    # Architecture for random init (ignored otherwise): an HF config.json in miniature, its
+    # model_type naming the family and the other keys that family's config.json fields.
+    model: dict = K.key(dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768,
+                             n_layer=12, n_head=12),
+                        "architecture for random init (when model_name_or_path is \"\"): an HF "
+                        "config.json in miniature (configs/tiny_llama.py has a Llama one)")
+    tokenizer_name_or_path: str = K.key("", "HF tokenizer folder or hub id; \"\" = the model's",
+                                        K.text, resume=True)
+    dtype: str = K.key("float32", "compute dtype: float32 | bfloat16 (params stay float32)",
+                       K.one_of(*common.DTYPES), resume=True)
+    ref_dtype: str = K.key("", "frozen params' dtype (the reference; LoRA's base): \"\" = "
+                           "float32", _ref_dtype, resume=True)
+    remat: bool = K.key(False, "recompute each block's activations in the backward pass", K.flag)
+    remat_policy: str = K.key("nothing_saveable", "or dots_saveable / "
+                              "dots_with_no_batch_dims_saveable", K.one_of(*common.REMAT))
+    attention: str = K.key("auto", "auto (cudnn on GPU, splash on TPU, else xla) / xla / cudnn "
+                           "/ splash", K.one_of(*attention.CHOICES))
+
+    def __post_init__(self):
+        K.check_fields(self)
+        if not self.model_name_or_path:  # else the architecture comes from the checkpoint
+            _model_spec("model", self.model)
 
 
 def config_from_hf(hf_config: dict, *, source: str = "config.json", **compute):
@@ -139,28 +187,28 @@ def save_params(cfg, params: dict, path: str | os.PathLike, *,
                              max_shard_bytes=max_shard_bytes)
 
 
-def initial_model(config, tokenizer, mesh=None) -> tuple[object, dict]:
+def initial_model(cfg: ModelConfig, tokenizer, mesh=None, seed: int = 0) -> tuple[object, dict]:
     """(model config, params) of the policy a run starts from (= its reference): an HF checkpoint or
-    random from ``config.model`` (an HF config.json in miniature: ``model_type`` and the family's
-    fields). With a mesh, random params are created already sharded; checkpoint params stay host
-    numpy arrays for ``sharding.init_state`` to place."""
-    compute = dict(dtype=config.dtype, remat=config.remat, remat_policy=config.remat_policy)
-    if config.model_name_or_path:
-        cfg, params = load_pretrained_params(config.model_name_or_path, **compute)
+    random (from ``seed``) by ``cfg.model`` (an HF config.json in miniature: ``model_type`` and the
+    family's fields). With a mesh, random params are created already sharded; checkpoint params
+    stay host numpy arrays for ``sharding.init_state`` to place."""
+    compute = dict(dtype=cfg.dtype, remat=cfg.remat, remat_policy=cfg.remat_policy)
+    if cfg.model_name_or_path:
+        model_cfg, params = load_pretrained_params(cfg.model_name_or_path, **compute)
     else:
-        spec = dict(config.model)
+        spec = dict(cfg.model)
         spec.setdefault("model_type", "gpt2")  # workdirs written before families had no key
         spec.setdefault("bos_token_id", tokenizer.bos_token_id
                         if tokenizer.bos_token_id is not None else 0)
         spec.setdefault("eos_token_id", tokenizer.eos_token_id)
-        cfg = config_from_hf(spec, source="config key model", **compute)
-        family = models.family_of(cfg)
+        model_cfg = config_from_hf(spec, source="config key model", **compute)
+        family = models.family_of(model_cfg)
 
         def init_fn():
-            return common.params_of(family.model_cls(cfg, rngs=nnx.Rngs(config.seed)))
+            return common.params_of(family.model_cls(model_cfg, rngs=nnx.Rngs(seed)))
         params = (sharding.init_params(mesh, init_fn, family.rules) if mesh is not None
                   else jax.jit(init_fn)())
-    if len(tokenizer) > cfg.vocab_size:
+    if len(tokenizer) > model_cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-                         f"{cfg.vocab_size} (config key model.vocab_size, or another tokenizer)")
-    return cfg, params
+                         f"{model_cfg.vocab_size} (config key model.vocab_size, or another tokenizer)")
+    return model_cfg, params

@@ -25,9 +25,12 @@ units in a row.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 
+from dpo_jax import keys as K
 from dpo_jax.errors import DpoError
 from dpo_jax.logprobs import columns, features_at, features_by_slot, features_from_hidden
 from dpo_jax.models.attention import Mask
@@ -378,6 +381,30 @@ class Packed(Layout):
 
 
 LAYOUTS = {cls.name: cls for cls in (Pair, PrefixSharing)}
+PACKING = ("none", "exact", "balanced", "budget")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutConfig:
+    """layout and log-probs (dpo_jax/layouts.py, dpo_jax/logprobs.py)"""
+
+    logprob_chunk_size: int = K.key(1024, "positions per LM-head chunk; 0 = whole batch at once",
+                                    K.integer(0))
+    completion_only_head: bool = K.key(True, "LM head only where completions are scored (needs "
+                                       "the cap)", K.flag)
+    layout: str = K.key("pair", "\"pair\": 2 rows per pair; \"prefix_sharing\": 1 row, prompt "
+                        "once", K.one_of(*LAYOUTS))
+    packing: str = K.key("none", "pairs packed into rows (needs max_completion_length > 0): "
+                         "none; exact (the unpacked run's batches); balanced (batches regrouped "
+                         "to even token totals); budget (as many pairs as fill the rows, at most "
+                         "2 x the batch size: the fastest, pairs per update vary)",
+                         K.one_of(*PACKING), resume=True)
+    pack_rows: int = K.key(0, "packed rows per micro-batch; 0 = sized from the data (the "
+                           "fewest that fit every batch; budget: what a batch of mean-length "
+                           "pairs fills)", K.integer(0), resume=True)
+
+    def __post_init__(self):
+        K.check_fields(self)
 
 
 def make(name: str, window: int = 0, *, packed: bool = False, rows: int = 0,

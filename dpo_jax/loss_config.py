@@ -10,7 +10,7 @@ from typing import Callable, NamedTuple
 
 import jax
 
-from dpo_jax import defaults
+from dpo_jax import keys as K
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # the losses f-DPO generalizes (TRL 1.16's list): the rest read the log-ratios themselves
@@ -57,25 +57,46 @@ class PairLogps(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
+class Option:
+    """A config key a loss adds (``register(..., options={"name": Option(...)})``)."""
+
+    default: object
+    doc: str
+    check: Callable | None = None  # (key, value): raises ConfigError naming the key
+
+
+@dataclasses.dataclass(frozen=True)
 class LossSpec:
     fn: Callable
     check: Callable | None  # LossConfig -> error message or None
     reference_free: bool    # the loss never reads the reference log-probs
     rewards: str = "ratio"  # metrics: "ratio" (vs the reference) or "policy_mean" (per token)
     metrics: Callable | None = None  # (x, o) -> {name: (B,) values}: the loss's own metrics
+    options: dict = dataclasses.field(default_factory=dict)  # its own config keys: {name: Option}
 
 
 LOSSES: dict[str, LossSpec] = {}
 
 
+def registered_options() -> dict[str, Option]:
+    """Every option the registered losses add, by key."""
+    return {k: v for spec in LOSSES.values() for k, v in spec.options.items()}
+
+
+def option_keys() -> tuple[str, ...]:
+    return tuple(registered_options())
+
+
 def register(name: str, *, check=None, reference_free: bool = False, rewards: str = "ratio",
-             metrics=None):
+             metrics=None, options: dict | None = None):
     """Decorator: ``@register("name")`` adds a loss ``fn(x: PairLogps, o: LossConfig) -> (B,)``.
 
     check(o) returns an error message when the options do not suit the loss (e.g. a smoothing
     outside its range), so bad settings fail when the config is read, not as a NaN inside jit.
     reference_free: the loss reads no reference log-probs. rewards: how rewards/* and logps/*
     are logged (see the module docstring). metrics(x, o): extra per-pair metrics of the loss.
+    options: config keys of the loss's own, {name: Option}: ``--config.name=...`` sets one and
+    the loss reads it as ``o.name``; a resume must keep it.
     """
     if rewards not in ("ratio", "policy_mean"):
         raise ValueError(f"rewards={rewards!r}: 'ratio' or 'policy_mean'")
@@ -83,12 +104,13 @@ def register(name: str, *, check=None, reference_free: bool = False, rewards: st
     def wrap(fn):
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is already registered")
-        LOSSES[name] = LossSpec(fn, check, reference_free, rewards, metrics)
+        taken = set(registered_options()) | {f.name for f in dataclasses.fields(LossConfig)}
+        clash = sorted(set(options or {}) & taken)
+        if clash:
+            raise ValueError(f"loss {name!r}: options {clash} are config keys already")
+        LOSSES[name] = LossSpec(fn, check, reference_free, rewards, metrics, dict(options or {}))
         return fn
     return wrap
-
-
-_D = defaults.config()
 
 
 def _split_names(value) -> tuple[str, ...]:
@@ -99,44 +121,70 @@ def _split_names(value) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Validated loss options (hashable, so a jitted step can take it as a static argument).
-    Defaults are configs/default.py's; the meanings are in its comments and the README."""
+    """loss (dpo_jax/losses.py)
 
-    loss_type: tuple[str, ...] = _split_names(_D.loss_type)
-    loss_weights: tuple[float, ...] | None = None  # one weight per loss_type; None = all 1.0
-    beta: float = _D.beta
-    label_smoothing: float = _D.label_smoothing
-    reference_free: bool = _D.reference_free  # take the reference log-ratios as 0
-    rpo_alpha: float = _D.rpo_alpha           # > 0: add alpha * per-token NLL of chosen (RPO)
-    simpo_gamma: float = _D.simpo_gamma       # SimPO's target reward margin
-    discopop_tau: float = _D.discopop_tau     # DiscoPOP's temperature
-    ld_alpha: float = _D.ld_alpha             # LD-DPO: weight of the verbose tail; 1 = off
-    use_weighting: bool = _D.use_weighting    # WPO: weight pairs by the policy's probability
-    f_divergence_type: str = _D.f_divergence_type  # f-DPO's divergence; reverse_kl = DPO's
-    f_alpha_divergence_coef: float = _D.f_alpha_divergence_coef  # alpha of alpha_divergence
-    token_metrics: bool = _D.token_metrics    # TRL's per-token metrics (logprobs.STATS)
+    Validated loss options (hashable, so a jitted step can take it as a static argument). A loss
+    may register options of its own (``register(..., options=...)``): they are config keys too,
+    and read as attributes (``o.my_option``) from ``options``."""
+
+    loss_type: tuple[str, ...] = K.key(("sigmoid",), "a registered loss, or several: "
+                                       "\"sigmoid,sft\"", resume=True, cli="sigmoid")
+    loss_weights: tuple[float, ...] | None = K.key(
+        None, "comma-separated weights for several losses; \"\" = all 1", resume=True, cli="")
+    beta: float = K.key(0.1, "the KL strength beta (ORPO's lambda)", resume=True)
+    label_smoothing: float = K.key(0.0, "e: label-noise rate (cDPO for sigmoid, unlike TRL "
+                                   "1.16; rDPO, EXO)", resume=True)
+    reference_free: bool = K.key(False, "take the reference log-ratios as 0", K.flag,
+                                 resume=True)
+    rpo_alpha: float = K.key(0.0, "> 0 adds alpha * per-token NLL of chosen (RPO); 0 = off",
+                             resume=True)
+    simpo_gamma: float = K.key(0.5, "SimPO's target margin", K.number(), resume=True)
+    discopop_tau: float = K.key(0.05, "DiscoPOP's temperature", K.number(0, open_low=True),
+                                resume=True)
+    ld_alpha: float = K.key(1.0, "LD-DPO: weight of each completion's tokens past the shorter's "
+                            "length (TRL's ld_alpha; 1 = no weighting, TRL's None)", resume=True)
+    use_weighting: bool = K.key(False, "WPO: weight each pair by the policy's per-token "
+                                "probability", K.flag, resume=True)
+    f_divergence_type: str = K.key("reverse_kl", "f-DPO: reverse_kl (DPO) / forward_kl / "
+                                   "js_divergence / alpha_divergence", resume=True)
+    f_alpha_divergence_coef: float = K.key(0.5, "alpha of alpha_divergence", K.number(),
+                                           resume=True)
+    token_metrics: bool = K.key(True, "log TRL's entropy, logits/*, mean_token_accuracy (about "
+                                "5% of a CPU step at GPT-2 small; False skips them where no loss "
+                                "option needs the pass)", K.flag, resume=True)
+    options: tuple = ()  # (name, value) of the options the losses registered
 
     @classmethod
     def from_config(cls, config) -> "LossConfig":
-        """The loss options of a run config; a bad value is an error naming its key."""
+        """The loss options of a run config (a mapping of config keys, as a config file spells
+        them); a bad value is an error naming its key."""
         weights = None
-        if str(config.loss_weights).strip():
+        if str(config["loss_weights"]).strip():
             try:
-                weights = tuple(float(w) for w in str(config.loss_weights).split(","))
+                weights = tuple(float(w) for w in str(config["loss_weights"]).split(","))
             except ValueError:
-                raise ValueError(f"config key loss_weights={config.loss_weights!r}: expected "
+                raise ValueError(f"config key loss_weights={config['loss_weights']!r}: expected "
                                  "comma-separated numbers, one per loss_type") from None
-        return cls(loss_type=_split_names(config.loss_type), loss_weights=weights,
-                   beta=config.beta, label_smoothing=config.label_smoothing,
-                   reference_free=config.reference_free, rpo_alpha=config.rpo_alpha,
-                   simpo_gamma=config.simpo_gamma, discopop_tau=config.discopop_tau,
-                   ld_alpha=config.ld_alpha, use_weighting=config.use_weighting,
-                   f_divergence_type=config.f_divergence_type,
-                   f_alpha_divergence_coef=config.f_alpha_divergence_coef,
-                   token_metrics=config.token_metrics)
+        names = [f.name for f in K.fields(cls) if f.name not in ("loss_type", "loss_weights")]
+        options = tuple((n, config[n]) for n in option_keys() if n in config)
+        return cls(loss_type=_split_names(config["loss_type"]), loss_weights=weights,
+                   options=options, **{n: config[n] for n in names})
+
+    def __getattr__(self, name):
+        for k, v in object.__getattribute__(self, "options"):
+            if k == name:
+                return v
+        spec = registered_options().get(name)
+        if spec is not None:  # an option left at its default
+            return spec.default
+        raise AttributeError(name)
 
     def __post_init__(self):
-        import dpo_jax.losses  # noqa: F401 (registers the built-in losses)
+        K.check_fields(self)
+        for key_name, value in self.options:
+            spec = registered_options().get(key_name)
+            if spec is not None and spec.check is not None:
+                spec.check(key_name, value)
         lt = _split_names(self.loss_type)
         object.__setattr__(self, "loss_type", lt)
         if self.loss_weights is not None:

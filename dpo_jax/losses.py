@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 
 from dpo_jax.loss_config import (  # noqa: F401 (re-exported: losses.LossConfig, ...)
-    F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSSES, LossConfig, LossSpec, PairLogps, register)
+    F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSSES, LossConfig, LossSpec, Option, PairLogps,
+    register)
 
 log_sigmoid = jax.nn.log_sigmoid
 sigmoid = jax.nn.sigmoid

@@ -1,20 +1,70 @@
-"""The optax optimizer from the config, and exact gradient accumulation."""
+"""The optimizer and the batch plan's keys (``OptimConfig``), the optax optimizer they make, and
+exact gradient accumulation."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from dpo_jax import keys as K
 from dpo_jax.errors import ConfigError, at_least, choice
 
 OPTIMIZERS = ("adamw", "rmsprop", "adafactor", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
 
 
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """optimization (dpo_jax/optim.py)"""
+
+    optim: str = K.key("adamw", "adamw | rmsprop | adafactor | sgd", K.one_of(*OPTIMIZERS),
+                       resume=True)
+    learning_rate: float = K.key(1e-6, "peak learning rate", K.number(0, open_low=True),
+                                 resume=True)
+    lr_scheduler_type: str = K.key("linear", "after warmup: constant | cosine | linear (decay "
+                                   "to min)", K.one_of(*SCHEDULES), resume=True)
+    warmup_steps: int = K.key(150, "linear warmup from 0, in updates", K.integer(0),
+                              resume=True)
+    min_lr_ratio: float = K.key(0.0, "decay ends at learning_rate * this", K.number(0, 1),
+                                resume=True)
+    weight_decay: float = K.key(0.0, "decoupled for adamw/adafactor, L2 for rmsprop; matrices "
+                                "only", K.number(0), resume=True)
+    decay_biases_and_norms: bool = K.key(False, "True: decay biases and norm scales too",
+                                         K.flag, resume=True)
+    adam_beta1: float = K.key(0.9, "Adam first-moment decay", K.number(0, 1, open_high=True),
+                              resume=True)
+    adam_beta2: float = K.key(0.999, "Adam second-moment decay; also rmsprop's decay",
+                              K.number(0, 1, open_high=True), resume=True)
+    adam_epsilon: float = K.key(1e-8, "Adam / rmsprop epsilon", K.number(0, open_low=True),
+                                resume=True)
+    max_grad_norm: float = K.key(10.0, "clip the global gradient norm; 0 = off", K.number(0),
+                                 resume=True)
+    train_batch_size: int = K.key(8, "pairs per micro-batch, global (TRL: per-device x "
+                                  "devices)", K.integer(1), resume=True)
+    gradient_accumulation_steps: int = K.key(1, "micro-batches per update (exact "
+                                             "accumulation)", K.integer(1), resume=True)
+    eval_batch_size: int = K.key(8, "pairs per eval batch", K.integer(1))
+    num_train_epochs: int = K.key(1, "epochs, when max_steps <= 0", K.integer(0))
+    max_steps: int = K.key(-1, "updates to run; <= 0 = num_train_epochs worth", K.integer())
+
+    def __post_init__(self):
+        K.check_fields(self)
+        if self.max_steps <= 0 and self.num_train_epochs < 1:
+            raise ConfigError(f"config keys max_steps={self.max_steps} and num_train_epochs="
+                              f"{self.num_train_epochs}: the run would make no update (set "
+                              "max_steps > 0 or num_train_epochs >= 1)")
+        if (self.max_steps > 0 and self.lr_scheduler_type != "constant"
+                and self.warmup_steps > self.max_steps):
+            raise ConfigError(f"config key warmup_steps={self.warmup_steps} exceeds max_steps="
+                              f"{self.max_steps}")
+
+
 def validate(config):
-    """The optimizer keys (dpo_jax.validate checks every key of a run; this is for ``build``
-    called on its own)."""
+    """The optimizer keys, for ``build`` called on its own (a run checks them when its config
+    is read: ``dpo_jax.config``)."""
     choice("optim", config.optim, OPTIMIZERS)
     choice("lr_scheduler_type", config.lr_scheduler_type, SCHEDULES)
     if not config.learning_rate > 0:

@@ -8,6 +8,7 @@ params are freed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -17,8 +18,26 @@ import jax
 import numpy as np
 
 from dpo_jax import checkpoint, data, sharding, steps
+from dpo_jax import keys as K
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceConfig:
+    """the reference (dpo_jax/reference.py; TR-DPO in dpo_jax/steps.py)"""
+
+    sync_ref_model: bool = K.key(False, "TR-DPO: mix the reference toward the policy ...",
+                                 K.flag, resume=True)
+    ref_model_mixup_alpha: float = K.key(0.6, "... ref = alpha * policy + (1 - alpha) * ref ...",
+                                         K.number(0, 1, open_low=True), resume=True)
+    ref_model_sync_steps: int = K.key(512, "... every this many updates", K.integer(1),
+                                      resume=True)
+    precompute_ref_log_probs: bool = K.key(False, "score the data with the reference once, "
+                                           "before training", K.flag)
+
+    def __post_init__(self):
+        K.check_fields(self)
 
 
 def fingerprint(*parts) -> str:
@@ -65,13 +84,14 @@ def precompute_for_run(run) -> bool:
     """Scores a run's train and eval pairs with its reference (cached in the workdir, keyed by
     the model and the tokens): every batch then carries the log-probs. Returns whether the
     frozen params can now be freed (they are only the reference's)."""
-    config = run.config
+    cfg = run.cfg
     replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
     ref_fn = steps.make_ref_logps_fn(run.tuning, run.layout, out_shardings=replicated,
                                      ld_alpha=run.loss_cfg.ld_alpha, **run.step_kw())
-    key = fingerprint(checkpoint.model_config_record(run.model_cfg), config.model_name_or_path,
-                      config.seed, config.ref_dtype, config.dtype, config.logprob_chunk_size,
-                      run.n_proc, run.loss_cfg.ld_alpha)
+    key = fingerprint(checkpoint.model_config_record(run.model_cfg),
+                      cfg.model.model_name_or_path, cfg.run.seed, cfg.model.ref_dtype,
+                      cfg.model.dtype, cfg.layout.logprob_chunk_size, run.n_proc,
+                      run.loss_cfg.ld_alpha)
     for pairs, batches in ((run.train_pairs, run.train_batches),
                            (run.eval_pairs, run.eval_batches)):
         if pairs is not None:

@@ -14,6 +14,7 @@ matrix in a research fork is given a rule, not silently replicated.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 
@@ -21,12 +22,36 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dpo_jax.errors import DpoError
+from dpo_jax import keys as K
+from dpo_jax.errors import ConfigError, DpoError
 
 log = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # the batch axis is split over both data-parallel axes
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """devices (dpo_jax/sharding.py)"""
+
+    mesh_data: int = K.key(-1, "data-parallel axis size; -1 = the devices left over",
+                           K.mesh_axis)
+    mesh_fsdp: int = K.key(1, "fully sharded data-parallel axis (params + optimizer split)",
+                           K.mesh_axis)
+    mesh_tensor: int = K.key(1, "tensor-parallel axis (heads and MLP units split)", K.mesh_axis)
+    distributed: bool = K.key(False, "multi-host: call jax.distributed.initialize() first",
+                              K.flag)
+    coordinator_address: str = K.key("", "host:port of process 0; \"\" = auto-detect (SLURM, "
+                                     "TPU, MPI)", K.text)
+    num_processes: int = K.key(0, "processes in the job; 0 = auto-detect", K.integer(0))
+    process_id: int = K.key(-1, "this process's index; -1 = auto-detect", K.integer(-1))
+
+    def __post_init__(self):
+        K.check_fields(self)
+        if [self.mesh_data, self.mesh_fsdp, self.mesh_tensor].count(-1) > 1:
+            raise ConfigError("config keys mesh_data, mesh_fsdp, mesh_tensor: at most one may "
+                              "be -1")
+
 
 class ShardingError(DpoError, ValueError):
     """A mesh or rule that does not fit the model or the batch (raised before compiling)."""

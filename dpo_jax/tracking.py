@@ -4,16 +4,43 @@ through its own library, offline with ``WANDB_MODE=offline``); and train.log."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import secrets
 from pathlib import Path
 
+from dpo_jax import keys as K
+from dpo_jax.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
 TRACKERS = ("tensorboard", "wandb")
+
+
+def _report_to(name, v):
+    K.text(name, v)
+    names = [t.strip() for t in v.split(",") if t.strip()]
+    bad = [t for t in names if t not in TRACKERS + ("none",)]
+    if bad or not names or ("none" in names and len(names) > 1):
+        raise ConfigError(f"config key {name}={v!r}: a comma-separated list of "
+                          f"{', '.join(TRACKERS)}, or 'none'")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingConfig:
+    """trackers (dpo_jax/tracking.py)"""
+
+    report_to: str = K.key("tensorboard", "trackers: tensorboard, wandb (pip install wandb), "
+                           "both (\"tensorboard,wandb\") or none; metrics.jsonl is always written",
+                           _report_to)
+    wandb_project: str = K.key("dpo_jax", "wandb's project; its run is named after the workdir",
+                               K.nonempty)
+
+    def __post_init__(self):
+        K.check_fields(self)
 
 
 def _keep_until(path: Path, resume_step: int | None):
@@ -36,13 +63,14 @@ class MetricsLog:
     write that fails names the file. wandb resumes the same run (its id is kept in the workdir).
     """
 
-    def __init__(self, workdir: Path, resume_step: int | None, report_to: str = "tensorboard",
-                 config=None):
+    def __init__(self, workdir: Path, resume_step: int | None,
+                 cfg: TrackingConfig = TrackingConfig(), flat=None):
+        """``cfg``: the trackers; ``flat``: the run's config as given (wandb records it)."""
         self.path, self.samples_path = workdir / "metrics.jsonl", workdir / "samples.jsonl"
         for path in (self.path, self.samples_path):
             _keep_until(path, resume_step)
         self.file = open(self.path, "a")
-        trackers = {t.strip() for t in report_to.split(",")} - {"none", ""}
+        trackers = {t.strip() for t in cfg.report_to.split(",")} - {"none", ""}
         self.tb = self.wandb = None
         if "tensorboard" in trackers:
             try:
@@ -52,7 +80,7 @@ class MetricsLog:
                 log.warning("report_to names tensorboard, but tensorboardX is not installed: "
                             "metrics.jsonl only")
         if "wandb" in trackers:
-            self.wandb = _wandb_run(workdir, config)
+            self.wandb = _wandb_run(workdir, cfg.wandb_project, flat)
 
     def write(self, step: int, scalars: dict):
         try:
@@ -94,10 +122,9 @@ class MetricsLog:
             self.wandb.finish()
 
 
-def _wandb_run(workdir: Path, config):
+def _wandb_run(workdir: Path, project: str, flat):
     """A wandb run for this workdir: named after it, the run's config logged, resumed under the
     same id on a rerun (kept in workdir/wandb_id)."""
-    from dpo_jax.errors import ConfigError
     try:
         import wandb
     except ImportError:
@@ -106,9 +133,8 @@ def _wandb_run(workdir: Path, config):
     id_file = workdir / "wandb_id"
     run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id + "\n")
-    return wandb.init(project=config.wandb_project if config is not None else "dpo_jax",
-                      name=workdir.resolve().name, id=run_id, resume="allow", dir=str(workdir),
-                      config=config.to_dict() if config is not None else None)
+    return wandb.init(project=project, name=workdir.resolve().name, id=run_id, resume="allow",
+                      dir=str(workdir), config=flat.to_dict() if flat is not None else None)
 
 
 def console_logging():

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpo_jax import (checkpoint, data, evaluation, hf, hub, layouts, models, optim, plan,
-                     reference, sharding, steps, tracking, tuning as tunings, validate,
+from dpo_jax import (checkpoint, config as configs, data, evaluation, hf, hub, layouts, models,
+                     optim, plan, reference, sharding, steps, tracking, tuning as tunings,
                      workdir as workdirs)
 from dpo_jax.errors import ConfigError, DpoError, NonFiniteError, Stopped
 from dpo_jax.interrupts import Interrupts
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 class Run:
     """Everything ``setup`` builds; ``loop`` advances ``state``, ``finish`` reports."""
 
-    config: object
+    cfg: configs.Config         # the run's settings, one typed group per idea
     workdir: Path
     mesh: object
     lead: bool                  # the process that logs and exports
@@ -59,7 +59,7 @@ class Run:
     ckpt: checkpoint.Checkpointer
     start: int                  # the step resumed from (0 for a fresh run)
     rng: jax.Array
-    settings: dict = dataclasses.field(default_factory=dict)  # workdir.RUN_KEYS of this run
+    settings: dict = dataclasses.field(default_factory=dict)  # its resume keys' values
     expect: dict = dataclasses.field(default_factory=dict)  # what its checkpoints must match
     interrupts: Interrupts | None = None
     train_step: object = None
@@ -81,10 +81,10 @@ class Run:
         return jax.process_count()
 
     def step_kw(self) -> dict:
-        return dict(chunk_size=self.config.logprob_chunk_size, pair_blocks=self.n_proc)
+        return dict(chunk_size=self.cfg.layout.logprob_chunk_size, pair_blocks=self.n_proc)
 
     def next_update(self) -> dict:
-        accum = self.config.gradient_accumulation_steps
+        accum = self.cfg.optim.gradient_accumulation_steps
         return data.stack_batches([next(self.train_batches) for _ in range(accum)])
 
     def record(self, cursor: dict) -> dict:
@@ -104,8 +104,9 @@ class Run:
 
 
 def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
-    """Builds the run (config already checked, JAX's processes already joined). With
-    ``interrupts``, a SIGTERM or Ctrl-C stops it between phases."""
+    """Builds the run (JAX's processes already joined) from its config: a ``configs.Config``,
+    or the flat keys (checked here). With ``interrupts``, a SIGTERM or Ctrl-C stops it between
+    phases."""
 
     def phase_done():
         if interrupts is not None:
@@ -114,68 +115,74 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
                 raise Stopped("stopped by SIGTERM during setup (nothing trained, nothing lost); "
                               "rerun the same command to start again", 143)
 
-    loss_cfg = LossConfig.from_config(config)
-    mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
+    cfg = config if isinstance(config, configs.Config) else configs.build(config)
+    mesh = sharding.make_mesh(cfg.mesh.mesh_data, cfg.mesh.mesh_fsdp, cfg.mesh.mesh_tensor)
     n_proc, proc = jax.process_count(), jax.process_index()
-    lead = proc == 0
-    if n_proc > 1 and config.length_buckets:
-        raise ConfigError("config key length_buckets needs one process: hosts would pick "
-                          "different shapes for the same step")
-    if n_proc > 1 and config.packing == "budget":
-        raise ConfigError("config key packing='budget' needs one process: hosts would hold "
-                          "different numbers of pairs in the same step (use 'balanced')")
-    for key in ("train_batch_size", "eval_batch_size"):
-        if config[key] % n_proc:
-            raise ConfigError(f"config key {key}={config[key]} does not divide over {n_proc} "
-                              "processes")
-
-    tokenizer = hub.load_tokenizer(config.tokenizer_name_or_path or config.model_name_or_path)
-    model_cfg, params = hf.initial_model(config, tokenizer, mesh)
+    _check_processes(cfg, n_proc)
+    tokenizer = hub.load_tokenizer(cfg.model.tokenizer_name_or_path
+                                   or cfg.model.model_name_or_path)
+    model_cfg, params = hf.initial_model(cfg.model, tokenizer, mesh, seed=cfg.run.seed)
     phase_done()
     family = models.family_of(model_cfg)
     for field, limit in model_cfg.length_limits().items():
-        if config.max_length > limit:
-            raise ConfigError(f"config key max_length={config.max_length} exceeds the model's "
-                              f"{field}={limit}")
-    for key in ("train_batch_size", "eval_batch_size"):
-        sharding.check_model_fits(mesh, model_cfg, config[key])
-    layout = plan.layout(config)
-    model_cfg = plan.attention(config, model_cfg, layout, mesh)
+        if cfg.data.max_length > limit:
+            raise ConfigError(f"config key max_length={cfg.data.max_length} exceeds the "
+                              f"model's {field}={limit}")
+    for size in (cfg.optim.train_batch_size, cfg.optim.eval_batch_size):
+        sharding.check_model_fits(mesh, model_cfg, size)
+    layout = plan.layout(cfg)
+    model_cfg = plan.attention(cfg, model_cfg, layout, mesh)
 
-    train_pairs, eval_pairs = data.load_splits(config, tokenizer, shard=(proc, n_proc))
+    train_pairs, eval_pairs = data.load_splits(cfg.data, tokenizer, shard=(proc, n_proc))
     phase_done()
-    train_batches, eval_batches, total_steps = plan.batches(config, tokenizer, layout,
+    train_batches, eval_batches, total_steps = plan.batches(cfg, tokenizer, layout,
                                                             train_pairs, eval_pairs, mesh)
-    tuning = tunings.for_config(config, family, model_cfg)
-    parts = tuning.split(config, mesh, params)
+    tuning = tunings.for_config(cfg.tuning, family, model_cfg, ref_dtype=cfg.model.ref_dtype)
+    parts = tuning.split(mesh, params, seed=cfg.run.seed)
     del params
-    optimizer, lr_schedule = optim.build(config, total_steps, parts.decay_mask)
+    optimizer, lr_schedule = optim.build(cfg.optim, total_steps, parts.decay_mask)
     state, state_sh = sharding.init_state(mesh, parts.trainable, optimizer, parts.rules)
     frozen = parts.frozen if parts.frozen is not None else (
-        tuning.frozen_copy(state, state_sh, config) if loss_cfg.needs_reference else {})
-    if config.sync_ref_model:  # TR-DPO: the reference moves, so it is train state
+        tuning.frozen_copy(state, state_sh) if cfg.loss.needs_reference else {})
+    if cfg.reference.sync_ref_model:  # TR-DPO: the reference moves, so it is train state
         state["ref"], state_sh["ref"], frozen = frozen, state_sh["params"], {}
     expect = {"model_config": checkpoint.model_config_record(model_cfg),
               "tuning": tuning.record()}
 
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.save_total_limit)
-    run = Run(config=config, workdir=workdir, mesh=mesh, lead=lead, tokenizer=tokenizer,
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints",
+                                   max_to_keep=cfg.run.save_total_limit)
+    settings = workdirs.run_settings(cfg.flat, configs.resume_keys(),
+                                     workdirs.data_fingerprint(train_pairs))
+    run = Run(cfg=cfg, workdir=workdir, mesh=mesh, lead=proc == 0, tokenizer=tokenizer,
               model_cfg=model_cfg, tuning=tuning, layout=train_batches.layout,
-              loss_cfg=loss_cfg,
-              train_pairs=train_pairs, eval_pairs=eval_pairs, train_batches=train_batches,
-              eval_batches=eval_batches, total_steps=total_steps, state=state, frozen=frozen,
-              ckpt=ckpt, start=0, rng=jax.random.key(config.seed), expect=expect,
-              settings=workdirs.run_settings(config, workdirs.data_fingerprint(train_pairs)))
+              loss_cfg=cfg.loss, train_pairs=train_pairs, eval_pairs=eval_pairs,
+              train_batches=train_batches, eval_batches=eval_batches, total_steps=total_steps,
+              state=state, frozen=frozen, ckpt=ckpt, start=0, rng=jax.random.key(cfg.run.seed),
+              expect=expect, settings=settings)
     _resume(run)
     phase_done()
     run.interrupts = interrupts
-    if lead:  # only now that the resume checks passed
-        workdirs.write_run_files(workdir, config, tokenizer)
-    if config.precompute_ref_log_probs and loss_cfg.needs_reference:
+    if run.lead:  # only now that the resume checks passed
+        workdirs.write_run_files(workdir, cfg.flat, tokenizer)
+    if cfg.reference.precompute_ref_log_probs and cfg.loss.needs_reference:
         if reference.precompute_for_run(run):
             run.frozen = {}  # never needed again: free its memory
     _compile(run, optimizer, lr_schedule, state_sh)
     return run
+
+
+def _check_processes(cfg, n_proc: int):
+    """What several processes cannot do, or cannot split."""
+    if n_proc > 1 and cfg.data.length_buckets:
+        raise ConfigError("config key length_buckets needs one process: hosts would pick "
+                          "different shapes for the same step")
+    if n_proc > 1 and cfg.layout.packing == "budget":
+        raise ConfigError("config key packing='budget' needs one process: hosts would hold "
+                          "different numbers of pairs in the same step (use 'balanced')")
+    for key in ("train_batch_size", "eval_batch_size"):
+        if getattr(cfg.optim, key) % n_proc:
+            raise ConfigError(f"config key {key}={getattr(cfg.optim, key)} does not divide "
+                              f"over {n_proc} processes")
 
 
 def _resume(run: Run):
@@ -186,7 +193,7 @@ def _resume(run: Run):
     if found is None:
         return
     start, state, record = found
-    workdirs.check_resume(record, run.settings, run.config.allow_resume_changes,
+    workdirs.check_resume(record, run.settings, run.cfg.run.allow_resume_changes,
                           run.ckpt.directory / str(start))
     if start > run.total_steps:
         raise ConfigError(f"{run.ckpt.directory / str(start)} is past this run's "
@@ -209,9 +216,9 @@ def _compile(run: Run, optimizer, lr_schedule, state_sh):
         run.train_step = steps.make_train_step(
             run.tuning, run.layout, run.loss_cfg, optimizer, lr_schedule, **run.step_kw(),
             in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, replicated),
-            seed=run.config.seed, sync=(run.config.ref_model_mixup_alpha,
-                                        run.config.ref_model_sync_steps)
-            if run.config.sync_ref_model else None)
+            seed=run.cfg.run.seed, sync=(run.cfg.reference.ref_model_mixup_alpha,
+                                         run.cfg.reference.ref_model_sync_steps)
+            if run.cfg.reference.sync_ref_model else None)
     run.eval_step = steps.make_eval_step(run.tuning, run.layout, run.loss_cfg,
                                          out_shardings=replicated, **run.step_kw())
 
@@ -219,7 +226,7 @@ def _compile(run: Run, optimizer, lr_schedule, state_sh):
 # =========================================================================== loop
 
 def loop(run: Run, metrics_log: tracking.MetricsLog | None):
-    config, n_proc = run.config, run.n_proc
+    config, n_proc = run.cfg.run, run.n_proc
     progress = None
     if config.progress_bar and run.lead:
         from tqdm import tqdm
@@ -298,7 +305,6 @@ def _samples(run: Run) -> list | None:
 def finish(run: Run) -> dict:
     """Exports, summarizes and compares samples. A rerun of a finished run reports it, redoing
     only what a kill cut short (summary.json is written last)."""
-    config = run.config
     summary_path = run.workdir / "summary.json"
     if run.start == run.total_steps and summary_path.exists():
         summary = json.loads(summary_path.read_text())
@@ -314,10 +320,10 @@ def finish(run: Run) -> dict:
         raise NonFiniteError(f"the params at step {run.total_steps} are not finite: nothing is "
                              f"exported; the last complete checkpoint is {run.last_checkpoint()}")
     hf_dir = None
-    if config.export_hf and run.lead:
+    if run.cfg.run.export_hf and run.lead:
         hf_dir = hf.save_params(run.model_cfg, host_params, run.workdir / "hf")
         run.tokenizer.save_pretrained(str(hf_dir))
-        run.tuning.export(run.workdir, trainable, base_name=config.model_name_or_path)
+        run.tuning.export(run.workdir, trainable, base_name=run.cfg.model.model_name_or_path)
     summary = {
         "steps": run.total_steps,
         "train/loss": run.last_train.get("loss"),
@@ -343,26 +349,28 @@ def finish(run: Run) -> dict:
 # =========================================================================== entry point
 
 def train_and_evaluate(config, workdir) -> dict:
-    """Trains, evaluates, checkpoints and exports; returns the final summary.
+    """Trains, evaluates, checkpoints and exports; returns the final summary. ``config``: the
+    flat keys (a ConfigDict, as configs/*.py make) or a built ``configs.Config``.
 
     Whatever stops a run, the save in flight is finished first: SIGTERM saves the current step
     and stops (``Stopped``, exit code 143); Ctrl-C stops (130); an error names the last
     complete checkpoint. A rerun of the same command resumes from it.
     """
-    validate.check_config(config)
-    if config.distributed:  # multi-host: before any other JAX call touches the devices
+    cfg = config if isinstance(config, configs.Config) else configs.build(config)
+    mesh_cfg = cfg.mesh
+    if mesh_cfg.distributed:  # multi-host: before any other JAX call touches the devices
         jax.distributed.initialize(
-            coordinator_address=config.coordinator_address or None,
-            num_processes=config.num_processes or None,
-            process_id=config.process_id if config.process_id >= 0 else None)
-    validate.check_backend(config)
+            coordinator_address=mesh_cfg.coordinator_address or None,
+            num_processes=mesh_cfg.num_processes or None,
+            process_id=mesh_cfg.process_id if mesh_cfg.process_id >= 0 else None)
+    configs.check_backend(cfg)
     workdir = workdirs.make(workdir)
     lock = workdirs.Lock(workdir, jax.process_index(), jax.process_count())
     handler, interrupts, run = tracking.file_logging(workdir), Interrupts(), None
     try:
-        run = setup(config, workdir, interrupts)
+        run = setup(cfg, workdir, interrupts)
         if run.start < run.total_steps:
-            metrics_log = (tracking.MetricsLog(workdir, run.start, config.report_to, config)
+            metrics_log = (tracking.MetricsLog(workdir, run.start, cfg.tracking, cfg.flat)
                            if run.lead else None)
             try:
                 loop(run, metrics_log)

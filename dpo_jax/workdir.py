@@ -3,11 +3,12 @@
 - ``Lock``: an exclusive ``flock`` on workdir/lock, taken before anything is written and
   released by the OS when the process ends however it ends (a SIGKILL included), so a second
   run on the same workdir stops at once naming the first (pid, host, start time).
-- ``RUN_KEYS``: the config keys that shape the training trajectory (data, batch, optimizer,
-  loss, seed, model). A checkpoint's record keeps them and a fingerprint of the training
-  tokens; ``check_resume`` refuses a resume where they differ, naming each key with its saved
-  and new value, unless ``allow_resume_changes`` lists it. Keys outside RUN_KEYS (logging,
-  saving, mesh, max_steps to extend a run, ...) may change freely.
+- ``RunConfig``: the loop's and the checkpoints' keys.
+- The keys that shape the training trajectory (data, batch, optimizer, loss, seed, model: those
+  their groups mark ``resume``, ``config.resume_keys()``): a checkpoint's record keeps them and
+  a fingerprint of the training tokens; ``check_resume`` refuses a resume where they differ,
+  naming each key with its saved and new value, unless ``allow_resume_changes`` lists it. The
+  other keys (logging, saving, mesh, max_steps to extend a run, ...) may change freely.
 - ``write_run_files``: config.json and the tokenizer, written only after those checks pass, so a
   refused run leaves the workdir as it was.
 - ``last_metrics``: the last train and eval lines of metrics.jsonl (a rerun of a finished run
@@ -16,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -27,34 +29,34 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from dpo_jax import keys as K
 from dpo_jax.checkpoint import CheckpointMismatch
 from dpo_jax.errors import DpoError
 from dpo_jax.reference import fingerprint
 
 log = logging.getLogger(__name__)
 
-RUN_KEYS = (
-    # model and tokens
-    "model_name_or_path", "tokenizer_name_or_path", "dtype", "ref_dtype",
-    "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_dora",
-    # data
-    "dataset_name", "dataset_train_split", "prompt_column", "chosen_column", "rejected_column",
-    "tokenization", "max_length", "max_prompt_length", "max_completion_length", "add_bos",
-    "on_bad_row", "length_buckets",
-    # batches and optimizer
-    "train_batch_size", "gradient_accumulation_steps", "packing", "pack_rows", "optim",
-    "learning_rate", "lr_scheduler_type", "warmup_steps", "min_lr_ratio", "weight_decay",
-    "decay_biases_and_norms", "adam_beta1",
-    "adam_beta2", "adam_epsilon", "max_grad_norm",
-    # loss
-    "loss_type", "loss_weights", "beta", "label_smoothing", "reference_free", "rpo_alpha",
-    "simpo_gamma", "discopop_tau", "ld_alpha", "use_weighting", "f_divergence_type",
-    "f_alpha_divergence_coef", "token_metrics", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps",
-    # order
-    "seed",
-    # the training tokens themselves (a fingerprint): a data file edited in place
-    "train_data",
-)
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """loop (dpo_jax/trainer.py) and checkpoints"""
+
+    seed: int = K.key(0, "data order, random init and sampling",
+                      K.integer(0, "a seed is a non-negative integer"), resume=True)
+    logging_steps: int = K.key(10, "log train metrics every this many updates", K.integer(1))
+    eval_steps: int = K.key(100, "evaluate every this many updates (and at the end); 0 = end "
+                            "only", K.integer(0, "0 = at the end only"))
+    save_steps: int = K.key(100, "checkpoint every this many updates (and at the end)",
+                            K.integer(1))
+    save_total_limit: int = K.key(3, "checkpoints kept",
+                                  K.integer(1, "a run keeps at least its last checkpoint"))
+    export_hf: bool = K.key(True, "at the end, write the policy as an HF folder to workdir/hf",
+                            K.flag)
+    progress_bar: bool = K.key(True, "tqdm bar on stderr", K.flag)
+    allow_resume_changes: str = K.key("", "keys a resume may change (comma-separated, or "
+                                      "\"all\")", K.text)
+
+    def __post_init__(self):
+        K.check_fields(self)
 
 
 def make(path) -> Path:
@@ -100,21 +102,22 @@ class Lock:
             self.fd = None
 
 
-def run_settings(config, train_data: str) -> dict:
-    """The RUN_KEYS of a config as JSON stores them (tuples become lists)."""
-    values = {k: config[k] for k in RUN_KEYS if k != "train_data"}
+def run_settings(flat, resume_keys, train_data: str) -> dict:
+    """The values of the keys a resume must keep (``resume_keys``, of the flat config as given),
+    and the training tokens' fingerprint, as JSON stores them (tuples become lists)."""
+    values = {k: flat[k] for k in resume_keys}
     return json.loads(json.dumps({**values, "train_data": train_data}))
 
 
 def check_resume(record: dict, settings: dict, allow: str, where: Path):
-    """Refuses a resume whose RUN_KEYS differ from the checkpoint's, unless allowed."""
+    """Refuses a resume whose settings differ from the checkpoint's, unless allowed."""
     saved = record.get("run")
     if saved is None:
         log.warning("%s was written before runs recorded their settings; resuming without "
                     "checking them", where)
         return
     allowed = {k.strip() for k in allow.split(",") if k.strip()}
-    # A key the record lacks was added to RUN_KEYS after the checkpoint was written.
+    # A key the record lacks was made a resume key after the checkpoint was written.
     diff = {k: (saved[k], v) for k, v in settings.items()
             if k in saved and saved[k] != v and "all" not in allowed and k not in allowed}
     if diff:

@@ -48,7 +48,7 @@ def cfg(path, tmp_path, **kw):
     kw.setdefault("max_length", 256)
     kw.setdefault("max_prompt_length", 64)
     kw.setdefault("tokenization", "separate")
-    return D.DataConfig(source=str(path), cache_dir=str(tmp_path / "cache"), **kw)
+    return D.Source(source=str(path), cache_dir=str(tmp_path / "cache"), **kw)
 
 
 def rows(n, rng=None):
@@ -150,12 +150,12 @@ def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
     from dpo_jax.data import sources
     monkeypatch.setattr(sources, "hub_reachable", lambda: False)
     with pytest.raises(D.DataError, match="cannot be reached.*Pass a .json"):
-        D.load_rows(D.DataConfig(source="someone/some-preferences"))
+        D.load_rows(D.Source(source="someone/some-preferences"))
 
 
 def test_missing_path_is_a_clear_error():
     with pytest.raises(D.DataError, match="no such data file"):
-        D.load_rows(D.DataConfig(source="./nope/data.jsonl"))
+        D.load_rows(D.Source(source="./nope/data.jsonl"))
 
 
 # ---------------------------------------------------------------------------- tokenization

@@ -210,7 +210,7 @@ def test_a_refused_resume_leaves_the_workdir_as_it_was(straight, cache, tmp_path
              "--config.train_batch_size=4"])
     one_line_error(r, "trained with other settings", "learning_rate: 0.003 -> 0.1",
                    "train_batch_size: 8 -> 4",
-                   "--config.allow_resume_changes=train_batch_size,learning_rate")
+                   "--config.allow_resume_changes=learning_rate,train_batch_size")
     assert before == {p: p.read_bytes() for p in before}  # config.json, tokenizer untouched
     r = run([*COMMON, cache, "--workdir", str(wd), "--config.learning_rate=0.1",
              "--config.allow_resume_changes=learning_rate"])

@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from trainutil import tiny_config
-from dpo_jax import data, layouts, validate
+from dpo_jax import config, data, layouts
 from dpo_jax.errors import ConfigError
 from dpo_jax.models import attention
 from dpo_jax.models.attention import Mask
@@ -95,10 +95,10 @@ def test_auto_picks_the_kernel_and_says_why():
 
 def test_packing_settings_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="packing='exact' needs max_completion_length > 0"):
-        validate.check_config(tiny_config(tmp_path, packing="exact", max_completion_length=0,
+        config.build(tiny_config(tmp_path, packing="exact", max_completion_length=0,
                                           layout="pair"))
     with pytest.raises(ConfigError, match="packing='balanced' and length_buckets exclude"):
-        validate.check_config(tiny_config(tmp_path, packing="balanced", length_buckets=(32,)))
+        config.build(tiny_config(tmp_path, packing="balanced", length_buckets=(32,)))
     with pytest.raises(ConfigError, match="cudnn needs a GPU"):
         train_and_evaluate(tiny_config(tmp_path, attention="cudnn"), tmp_path / "wd")
     rng = np.random.default_rng(0)

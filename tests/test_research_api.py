@@ -20,7 +20,7 @@ from dpo_jax import data, layouts, losses as L, optim, steps
 from dpo_jax.errors import ConfigError
 from dpo_jax.models import common
 from dpo_jax.models.gpt2 import GPT2, GPT2Config
-from dpo_jax import validate
+from dpo_jax import config as configs
 from dpo_jax.tuning.full import FullTuning
 
 torch = pytest.importorskip("torch")
@@ -146,7 +146,7 @@ def test_sync_and_tracker_settings_are_checked(tmp_path):
                     (dict(report_to="mlflow"), "report_to='mlflow'"),
                     (dict(report_to="none,wandb"), "report_to='none,wandb'")]:
         with pytest.raises(ConfigError, match=msg):
-            validate.check_config(tiny_config(tmp_path, **kw))
+            configs.build(tiny_config(tmp_path, **kw))
 
 
 # ------------------------------------------------------------------ per-token quantities
@@ -381,3 +381,39 @@ def test_wandb_offline_run_and_samples_per_eval(tmp_path, monkeypatch):
                 "train/entropy", "train/num_tokens", "samples"):
         assert key in keys, (key, sorted(keys))
     assert {"beta", "loss_type", "learning_rate"} <= config_keys
+
+
+def test_a_loss_with_an_option_of_its_own_is_registered_from_outside(tmp_path):
+    """A research fork's loss and its new config key, with no edit to the package: the key
+    joins the defaults (so --config.KEY works), is checked when read, reaches the loss as
+    ``o.KEY``, is a resume key, and trains through train_and_evaluate."""
+    from dpo_jax import keys as K
+    from dpo_jax.trainer import train_and_evaluate
+
+    @L.register("toy_margin", options={"toy_margin": L.Option(0.5, "the margin", K.number(0))})
+    def toy_margin(x, o):
+        return jax.nn.relu(o.toy_margin - o.beta * x.h)
+
+    try:
+        assert configs.defaults().toy_margin == 0.5 and "toy_margin" in configs.resume_keys()
+        with pytest.raises(ConfigError, match=r"config key toy_margin=-1.0: must lie in"):
+            configs.build(tiny_config(tmp_path, loss_type="toy_margin", toy_margin=-1.0))
+        cfg = configs.build(tiny_config(tmp_path, loss_type="toy_margin", toy_margin=2.0))
+        assert cfg.loss.toy_margin == 2.0
+        losses, _, _ = L.compute("toy_margin", [0.0], [0.0], [0.0], [0.0], chosen_tokens=[1],
+                                 rejected_tokens=[1], beta=0.1, options=(("toy_margin", 2.0),))
+        np.testing.assert_allclose(np.asarray(losses), [2.0])  # step 0: h = 0
+        summary = train_and_evaluate(tiny_config(tmp_path, loss_type="toy_margin",
+                                                 toy_margin=2.0, max_steps=2, eval_steps=0,
+                                                 warmup_steps=0, logging_steps=1,
+                                                 sample_prompts=0), tmp_path / "wd")
+        rows = [json.loads(r) for r in (tmp_path / "wd" / "metrics.jsonl").read_text()
+                .splitlines()]
+        assert abs(rows[0]["train/loss"] - 2.0) < 1e-4  # step 1: the policy is the reference
+        assert summary["train/loss"] < rows[0]["train/loss"]  # and it trains
+        with pytest.raises(ValueError, match="options .* are config keys already"):
+            L.register("toy_clash", options={"beta": L.Option(1.0, "")})(toy_margin)
+    finally:
+        L.LOSSES.pop("toy_margin", None)
+        L.LOSSES.pop("toy_clash", None)
+    assert "toy_margin" not in configs.defaults()

@@ -58,7 +58,7 @@ def trl_rows(tok, rows, max_length):
 def our_rows(tok, rows, tmp_path, name, max_length):
     path = tmp_path / f"{name}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = D.DataConfig(source=str(path), cache_dir=str(tmp_path / "cache"),
+    cfg = D.Source(source=str(path), cache_dir=str(tmp_path / "cache"),
                        max_length=max_length, max_prompt_length=8, tokenization="trl")
     pairs = D.load_pairs(cfg, tok)
     b = D.PairBatches(pairs, batch_size=len(pairs), max_length=max_length,
@@ -114,7 +114,7 @@ def test_chat_rows_in_separate_mode_end_with_the_turn_and_one_bos(make, tmp_path
     explicit, _ = chat_rows()
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in explicit[:1]))
-    pairs = D.load_pairs(D.DataConfig(source=str(path), cache_dir=str(tmp_path / "c"),
+    pairs = D.load_pairs(D.Source(source=str(path), cache_dir=str(tmp_path / "c"),
                                       max_length=64, max_prompt_length=48,
                                       tokenization="separate"), tok)
     end = "<|im_end|>\n" if make is qwen_like else "<|eot_id|>"

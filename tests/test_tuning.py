@@ -22,13 +22,14 @@ from dpo_jax.errors import ConfigError  # noqa: E402
 VOCAB = 512  # the shipped tokenizer's (data/tiny)
 
 
-def torch_base(family: str, seed=0):
+def torch_base(family: str, seed=0, width=64):
     torch.manual_seed(seed)
     if family == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=64, n_layer=2,
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=width, n_layer=2,
                                       n_head=4, bos_token_id=0, eos_token_id=0)
     else:
-        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=width,
+                                       intermediate_size=2 * width,
                                        num_hidden_layers=2, num_attention_heads=4,
                                        num_key_value_heads=2, max_position_embeddings=128,
                                        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
@@ -183,15 +184,7 @@ def test_a_bad_adapter_folder_is_one_line(base, tmp_path):
     first = tmp_path / "first"
     trainer.train_and_evaluate(lora_config(tmp_path, path, max_steps=1), first)
     wide = tmp_path / "wide_base"  # the same family and rank, another width
-    if family == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=32, n_layer=2,
-                                      n_head=4, bos_token_id=0, eos_token_id=0)
-    else:
-        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                       num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, max_position_embeddings=128,
-                                       tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(wide)
+    torch_base(family, width=32).save_pretrained(wide)
     with pytest.raises(ConfigError, match=r"where this model's .* is \(") as e:
         trainer.setup(lora_config(tmp_path, wide, lora_init=str(first / "adapter")),
                       tmp_path / "wd2")
@@ -204,8 +197,8 @@ class ScaledHead(tuning.Tuning):
 
     name = "toy_norm_only"
 
-    def __init__(self, family, model_cfg):
-        super().__init__(family, model_cfg)
+    def __init__(self, family, model_cfg, ref_dtype=""):
+        super().__init__(family, model_cfg, ref_dtype)
         from flax import nnx
         from dpo_jax.models import common
         self.graphdef = nnx.graphdef(common.abstract(family.model_cls, model_cfg))
@@ -223,7 +216,7 @@ class ScaledHead(tuning.Tuning):
         from flax import nnx
         return nnx.merge(self.graphdef, frozen["base"])
 
-    def split(self, config, mesh, params):
+    def split(self, mesh, params, *, seed):
         from jax.sharding import PartitionSpec as P
         params = sharding.place(params, sharding.named(
             mesh, sharding.param_specs(params, self.family.rules)))

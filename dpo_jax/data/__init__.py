@@ -15,7 +15,8 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from dpo_jax import defaults
+from dpo_jax import keys as K
+from dpo_jax.errors import ConfigError
 from dpo_jax.data.batches import PairBatches, bucket_lengths, stack_batches
 from dpo_jax.data.formats import implicit_prompt
 from dpo_jax.data.sources import FILE_FORMATS, DataError, load_rows, read_source
@@ -24,54 +25,86 @@ from dpo_jax.data.tokenize import (TOKENIZATIONS, TokenizedPairs, summary_line, 
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataConfig", "DataError", "FILE_FORMATS", "PairBatches", "TokenizedPairs",
+__all__ = ["DataConfig", "DataError", "Source", "FILE_FORMATS", "PairBatches", "TokenizedPairs",
            "bucket_lengths", "implicit_prompt", "load_pairs", "load_rows", "load_splits",
            "stack_batches", "summary_line", "tokenize_pairs", "tokenizer_fingerprint"]
 
-_D = defaults.config()
+def _buckets(name, v):
+    try:
+        sizes = [int(x) for x in v]
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {name}={v!r}: must be a tuple of lengths") from None
+    if any(x <= 1 for x in sizes):
+        raise ConfigError(f"config key {name}={tuple(v)!r}: every length must be > 1")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """What the pipeline needs: the config keys of the same names (defaults from
-    configs/default.py), ``source`` and ``split`` being the dataset and split to read."""
+    """data (dpo_jax/data/)"""
 
-    source: str                                          # hub id, data file, save_to_disk folder
-    split: str = _D.dataset_train_split
-    prompt_column: str = _D.prompt_column
-    chosen_column: str = _D.chosen_column
-    rejected_column: str = _D.rejected_column
-    max_length: int = _D.max_length
-    max_prompt_length: int = _D.max_prompt_length
-    max_completion_length: int = _D.max_completion_length
-    add_bos: bool = _D.add_bos
-    on_bad_row: str = _D.on_bad_row
-    tokenization: str = _D.tokenization                  # "trl" | "separate" (tokenize.py)
-    cache_dir: str | None = _D.data_cache_dir or None    # None = next to the data (~/.cache)
+    dataset_name: str = K.key("", "hub id, .json/.jsonl/.parquet/.csv file, or save_to_disk "
+                              "folder", K.nonempty, resume=True)
+    dataset_train_split: str = K.key("train", "split of a hub / save_to_disk dataset to train "
+                                     "on", K.nonempty, resume=True)
+    eval_dataset_name: str = K.key("", "\"\" = dataset_name (its dataset_test_split); a file or "
+                                   "hub id", K.text)
+    dataset_test_split: str = K.key("test", "split to evaluate on; \"\" = no evaluation", K.text)
+    prompt_column: str = K.key("prompt", "column of the prompt; absent = implicit (shared "
+                               "prefix)", K.nonempty, resume=True)
+    chosen_column: str = K.key("chosen", "column of the preferred completion (or full text)",
+                               K.nonempty, resume=True)
+    rejected_column: str = K.key("rejected", "column of the dispreferred completion (or full "
+                                 "text)", K.nonempty, resume=True)
+    tokenization: str = K.key("trl", "\"trl\": as TRL 1.16 (joint, EOS if missing, tokenizer's "
+                              "BOS); \"separate\": the paper's code (apart, add_bos, prompt cut)",
+                              K.one_of(*TOKENIZATIONS), resume=True)
+    max_length: int = K.key(512, "tokens of prompt + a completion (trl: each sequence is cut)",
+                            K.integer(2), resume=True)
+    max_prompt_length: int = K.key(128, "\"separate\" only: a cut prompt keeps its last this-"
+                                   "many tokens", K.integer(1), resume=True)
+    max_completion_length: int = K.key(0, "> 0: cap completions (the static window of the two "
+                                       "savings)", K.integer(0), resume=True)
+    add_bos: bool = K.key(False, "\"separate\" only: prepend the tokenizer's BOS to prompts",
+                          K.flag, resume=True)
+    on_bad_row: str = K.key("error", "bad rows: \"error\" (name file and row) | \"skip\" (drop, "
+                            "count)", K.one_of("error", "skip"), resume=True)
+    length_buckets: tuple = K.key((), "padded lengths besides max_length, e.g. (128, 256); () "
+                                  "= none", _buckets, resume=True)
+    data_cache_dir: str = K.key("", "tokenization cache; \"\" = next to the data (~/.cache for "
+                                "hub)", K.text)
 
     def __post_init__(self):
-        if self.on_bad_row not in ("error", "skip"):
-            raise DataError(f"on_bad_row={self.on_bad_row!r}: valid values are 'error', 'skip'")
-        if not 0 < self.max_prompt_length < self.max_length:
-            raise DataError(f"need 0 < max_prompt_length ({self.max_prompt_length}) < "
-                            f"max_length ({self.max_length})")
-        if self.tokenization not in TOKENIZATIONS:
-            raise DataError(f"tokenization={self.tokenization!r}: valid values are "
-                            f"{', '.join(map(repr, TOKENIZATIONS))}")
+        K.check_fields(self)
+        if not self.max_prompt_length < self.max_length:
+            raise ConfigError(f"config keys max_prompt_length={self.max_prompt_length} and "
+                              f"max_length={self.max_length}: the prompt must leave room")
         if self.add_bos and self.tokenization == "trl":
-            raise DataError("add_bos=True applies to tokenization='separate'; with 'trl', BOS is "
-                            "what the tokenizer itself adds")
+            raise ConfigError("config key add_bos=True applies to tokenization='separate'; with "
+                              "'trl', BOS is what the tokenizer itself adds")
+        columns = (self.prompt_column, self.chosen_column, self.rejected_column)
+        if len(set(columns)) < 3:
+            raise ConfigError(f"config keys prompt_column, chosen_column, rejected_column name "
+                              f"the same column: {columns}")
 
-    @classmethod
-    def from_config(cls, config, source: str, split: str) -> "DataConfig":
-        """The data settings of a run config (configs/default.py keys) for one source."""
-        names = [f.name for f in dataclasses.fields(cls)
-                 if f.name not in ("source", "split", "cache_dir")]
-        return cls(source=source, split=split, cache_dir=config.data_cache_dir or None,
-                   **{n: config[n] for n in names})
+    def source(self, source: str, split: str) -> "Source":
+        """These settings for reading one source and split."""
+        keys = {f.name: getattr(self, f.name) for f in K.fields(self)}
+        return Source(**keys, source=source, split=split,
+                      cache_dir=self.data_cache_dir or None)
 
 
-def load_pairs(cfg: DataConfig, tokenizer, shard: tuple[int, int] = (0, 1)) -> TokenizedPairs:
+@dataclasses.dataclass(frozen=True)
+class Source(DataConfig):
+    """What the pipeline reads: one ``source`` (hub id, data file, save_to_disk folder) and
+    ``split``, with the data keys; ``cache_dir`` None = next to the data (~/.cache)."""
+
+    dataset_name: str = "-"  # (the run's; a Source reads ``source``)
+    source: str = ""
+    split: str = DataConfig.dataset_train_split
+    cache_dir: str | None = None
+
+
+def load_pairs(cfg: Source, tokenizer, shard: tuple[int, int] = (0, 1)) -> TokenizedPairs:
     """Rows from ``cfg.source``, tokenized; logs the one-line summary.
 
     shard=(index, count): only that contiguous share of the rows is read and tokenized (each
@@ -89,18 +122,15 @@ def load_pairs(cfg: DataConfig, tokenizer, shard: tuple[int, int] = (0, 1)) -> T
     return pairs
 
 
-def load_splits(config, tokenizer, shard: tuple[int, int] = (0, 1)):
-    """(train pairs, eval pairs or None) of a run config: this process's share of each split."""
-    if not config.dataset_name:
-        raise DataError("config key dataset_name is empty: name a data file, folder or hub id")
-    train = load_pairs(DataConfig.from_config(config, config.dataset_name,
-                                              config.dataset_train_split), tokenizer, shard=shard)
-    eval_source = config.eval_dataset_name or config.dataset_name
-    same_file = (not config.eval_dataset_name
-                 and Path(config.dataset_name).suffix.lower() in FILE_FORMATS)
-    if not config.dataset_test_split or same_file:
+def load_splits(cfg: DataConfig, tokenizer, shard: tuple[int, int] = (0, 1)):
+    """(train pairs, eval pairs or None) of a run: this process's share of each split."""
+    train = load_pairs(cfg.source(cfg.dataset_name, cfg.dataset_train_split), tokenizer,
+                       shard=shard)
+    eval_source = cfg.eval_dataset_name or cfg.dataset_name
+    same_file = (not cfg.eval_dataset_name
+                 and Path(cfg.dataset_name).suffix.lower() in FILE_FORMATS)
+    if not cfg.dataset_test_split or same_file:
         log.info("no evaluation data (set eval_dataset_name or dataset_test_split)")
         return train, None
-    return train, load_pairs(DataConfig.from_config(config, eval_source,
-                                                    config.dataset_test_split),
-                             tokenizer, shard=shard)
+    return train, load_pairs(cfg.source(eval_source, cfg.dataset_test_split), tokenizer,
+                             shard=shard)

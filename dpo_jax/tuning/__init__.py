@@ -10,7 +10,7 @@ interface below and never ask which method they hold:
   base with the adapters off is the reference (one copy of the base).
 - ``dora.py``: LoRA with a trained magnitude per output (Liu et al. 2024, ``use_dora``).
 
-``for_config(config, family, model_cfg)`` picks the method of a run config: the most recently
+``for_config(cfg, family, model_cfg)`` picks the method of a run's ``TuningConfig``: the most recently
 registered one whose ``applies(config)`` holds (``full`` applies to every config, so a method
 registered later, LoRA's say, takes the configs it claims).
 """
@@ -22,7 +22,36 @@ import dataclasses
 import importlib
 import pkgutil
 
+from dpo_jax import keys as K
 from dpo_jax.checkpoint import CheckpointMismatch
+from dpo_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+    """LoRA and DoRA (dpo_jax/tuning/): adapters train; the base, adapters off, is the ref"""
+
+    lora_rank: int = K.key(0, "adapter rank r; 0 = full fine-tuning",
+                           K.integer(0, "0 = full fine-tuning"), resume=True)
+    lora_alpha: float = K.key(16.0, "adapters scale by alpha / r (PEFT's)",
+                              K.number(0, open_low=True), resume=True)
+    lora_dropout: float = K.key(0.0, "dropout on the adapters' input while training",
+                                K.number(0, 1, open_high=True), resume=True)
+    lora_target: str = K.key("", "regex over Linear paths; \"\" = the family's (attention + "
+                             "MLP)", K.regex, resume=True)
+    lora_init: str = K.key("", "a PEFT adapter folder to start from; \"\" = fresh (B = 0)",
+                           K.text)
+    use_dora: bool = K.key(False, "DoRA: a trained magnitude per output times LoRA's direction",
+                           K.flag, resume=True)
+
+    def __post_init__(self):
+        K.check_fields(self)
+        if self.use_dora and not self.lora_rank:
+            raise ConfigError("config key use_dora=True needs lora_rank > 0 (DoRA adapts the "
+                              "base with rank-r adapters, as LoRA)")
+        if self.lora_init and not self.lora_rank:
+            raise ConfigError("config key lora_init names an adapter, but lora_rank=0 (full "
+                              "fine-tuning): set lora_rank to the adapter's rank")
 
 
 @dataclasses.dataclass
@@ -42,17 +71,19 @@ class Tuning(abc.ABC):
     # once the reference's log-probs are precomputed, the frozen params can be dropped
     frees_frozen_after_precompute: bool = False
 
-    def __init__(self, family, model_cfg):
+    def __init__(self, family, model_cfg, ref_dtype: str = ""):
         self.family, self.model_cfg = family, model_cfg
+        self.ref_dtype = ref_dtype  # the frozen params' dtype in memory ("" = float32)
 
     @classmethod
     @abc.abstractmethod
-    def applies(cls, config) -> bool:
-        """Whether a run config asks for this method."""
+    def applies(cls, cfg: TuningConfig) -> bool:
+        """Whether a run's tuning keys ask for this method."""
 
     @classmethod
-    def from_config(cls, config, family, model_cfg) -> "Tuning":
-        return cls(family, model_cfg)
+    def from_config(cls, cfg: TuningConfig, family, model_cfg, *,
+                    ref_dtype: str = "") -> "Tuning":
+        return cls(family, model_cfg, ref_dtype)
 
     # ---- inside the jitted steps
     @abc.abstractmethod
@@ -65,10 +96,11 @@ class Tuning(abc.ABC):
 
     # ---- setup
     @abc.abstractmethod
-    def split(self, config, mesh, params) -> Parts:
-        """The trainable / frozen split of the initial params (``params`` as loaded)."""
+    def split(self, mesh, params, *, seed: int) -> Parts:
+        """The trainable / frozen split of the initial params (``params`` as loaded; ``seed``
+        for what the method initializes)."""
 
-    def frozen_copy(self, state, state_sh, config) -> dict:
+    def frozen_copy(self, state, state_sh) -> dict:
         """The frozen params when ``split`` left them to be made from the placed train state."""
         raise NotImplementedError
 
@@ -145,16 +177,16 @@ def unregister(name: str) -> None:
     METHODS[:] = [m for m in METHODS if m.name != name]
 
 
-def method_for(config) -> type[Tuning]:
+def method_for(cfg: TuningConfig) -> type[Tuning]:
     for cls in reversed(METHODS):
-        if cls.applies(config):
+        if cls.applies(cfg):
             return cls
     raise ValueError("no tuning method applies to this config")
 
 
-def for_config(config, family, model_cfg) -> Tuning:
-    """The tuning a run config asks for, built for this model."""
-    return method_for(config).from_config(config, family, model_cfg)
+def for_config(cfg: TuningConfig, family, model_cfg, *, ref_dtype: str = "") -> Tuning:
+    """The tuning a run's keys ask for, built for this model."""
+    return method_for(cfg).from_config(cfg, family, model_cfg, ref_dtype=ref_dtype)
 
 
 def _discover():

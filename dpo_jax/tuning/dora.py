@@ -56,8 +56,8 @@ class DoRATuning(LoRATuning):
     wrapper = DoRALinear
 
     @classmethod
-    def applies(cls, config) -> bool:
-        return bool(config.lora_rank) and config.use_dora
+    def applies(cls, cfg) -> bool:
+        return bool(cfg.lora_rank) and cfg.use_dora
 
     def init_trainable(self, mesh, seed, base, rules):
         """LoRA's fresh adapters, and each magnitude set to its base matrix's column norm."""

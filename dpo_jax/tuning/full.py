@@ -18,17 +18,18 @@ class FullTuning(Tuning):
     name = "full"
     frees_frozen_after_precompute = True  # the reference is only the reference
 
-    def __init__(self, graphdef, family=None, model_cfg=None):
-        super().__init__(family, model_cfg)
+    def __init__(self, graphdef, family=None, model_cfg=None, ref_dtype: str = ""):
+        super().__init__(family, model_cfg, ref_dtype)
         self.graphdef = graphdef
 
     @classmethod
-    def from_config(cls, config, family, model_cfg) -> "FullTuning":
-        return cls(nnx.graphdef(common.abstract(family.model_cls, model_cfg)), family, model_cfg)
+    def from_config(cls, cfg, family, model_cfg, *, ref_dtype: str = "") -> "FullTuning":
+        return cls(nnx.graphdef(common.abstract(family.model_cls, model_cfg)), family, model_cfg,
+                   ref_dtype)
 
     @classmethod
-    def applies(cls, config) -> bool:
-        return not config.lora_rank
+    def applies(cls, cfg) -> bool:
+        return not cfg.lora_rank
 
     def model(self, trainable, frozen, rng=None):
         return nnx.merge(self.graphdef, trainable)
@@ -36,14 +37,14 @@ class FullTuning(Tuning):
     def reference(self, trainable, frozen):
         return nnx.merge(self.graphdef, frozen)
 
-    def split(self, config, mesh, params) -> Parts:
+    def split(self, mesh, params, *, seed: int) -> Parts:
         abstract = common.abstract(self.family.model_cls, self.model_cfg)
         return Parts(params, self.family.rules, common.decay_mask(abstract), None)
 
-    def frozen_copy(self, state, state_sh, config) -> dict:
+    def frozen_copy(self, state, state_sh) -> dict:
         """The initial policy copied, never updated, so bfloat16 (``ref_dtype``) halves its
         memory at no cost to the policy."""
-        dtype = jnp.dtype(config.ref_dtype) if config.ref_dtype else None
+        dtype = jnp.dtype(self.ref_dtype) if self.ref_dtype else None
         return jax.tree.map(
             lambda a, sh: jax.device_put(a, sh, may_alias=False).astype(dtype or a.dtype),
             state["params"], state_sh["params"])

@@ -134,10 +134,10 @@ class LoRATuning(Tuning):
     name = "lora"
     wrapper = LoRALinear  # the module that wraps each adapted Linear
 
-    def __init__(self, family, model_cfg, cfg: LoRAConfig, ref_dtype: str = ""):
-        super().__init__(family, model_cfg)
+    def __init__(self, family, model_cfg, cfg: LoRAConfig, ref_dtype: str = "", init: str = ""):
+        super().__init__(family, model_cfg, ref_dtype)
         self.cfg = cfg
-        self.ref_dtype = ref_dtype  # the base's dtype in memory ("" = float32)
+        self.init = init  # a PEFT adapter folder to start from (config key lora_init)
         self.base_record = None  # the base's checksum, once split
         # checked here, outside any trace, so a bad target is a plain one-line error
         self.paths = matched_paths(common.abstract(family.model_cls, model_cfg), cfg)
@@ -148,12 +148,13 @@ class LoRATuning(Tuning):
         self.base_graphdef = nnx.graphdef(common.abstract(family.model_cls, model_cfg))
 
     @classmethod
-    def applies(cls, config) -> bool:
-        return bool(config.lora_rank) and not config.use_dora
+    def applies(cls, cfg) -> bool:
+        return bool(cfg.lora_rank) and not cfg.use_dora
 
     @classmethod
-    def from_config(cls, config, family, model_cfg) -> "LoRATuning":
-        return cls(family, model_cfg, LoRAConfig.from_config(config, family), config.ref_dtype)
+    def from_config(cls, cfg, family, model_cfg, *, ref_dtype: str = "") -> "LoRATuning":
+        return cls(family, model_cfg, LoRAConfig.from_config(cfg, family), ref_dtype,
+                   cfg.lora_init)
 
     # ---- the adapted module
     def adapted(self, rngs: nnx.Rngs | None, dropout: bool):
@@ -193,12 +194,12 @@ class LoRATuning(Tuning):
     def reference(self, trainable, frozen):
         return nnx.merge(self.base_graphdef, frozen)
 
-    def split(self, config, mesh, params) -> Parts:
+    def split(self, mesh, params, *, seed: int) -> Parts:
         base = self.base_in_memory(sharding.place(
             params, sharding.named(mesh, sharding.param_specs(params, self.family.rules))))
         rules = self.rules(self.family.rules)
-        trainable = (load_peft(config.lora_init, self) if config.lora_init else
-                     self.init_trainable(mesh, config.seed, base, rules))
+        trainable = (load_peft(self.init, self) if self.init else
+                     self.init_trainable(mesh, seed, base, rules))
         return Parts(trainable, rules, jax.tree.map(lambda _: True, trainable), base)
 
     def base_in_memory(self, params: dict) -> dict:

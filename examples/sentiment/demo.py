@@ -83,7 +83,7 @@ def load_corpus(c, extra: int) -> list[str]:
         from examples.sentiment import corpus
         return corpus.reviews(c.reviews + extra, seed=1234)
     from dpo_jax import data
-    ds = data.load_rows(data.DataConfig(source=c.dataset_name, split=c.dataset_split))
+    ds = data.load_rows(data.Source(source=c.dataset_name, split=c.dataset_split))
     if c.text_column not in ds.column_names:
         raise ValueError(f"{c.dataset_name}: no column {c.text_column!r} (config key "
                          f"text_column); columns: {ds.column_names}")
