@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dpo_jax import data, layouts, steps  # noqa: E402
+from dpo_jax import data, layouts, packing, steps  # noqa: E402
 from dpo_jax.tuning.full import FullTuning  # noqa: E402
 from dpo_jax.models import attention, common  # noqa: E402
 from dpo_jax.models.attention import Mask  # noqa: E402
@@ -96,7 +96,7 @@ def model_logps(impl):
         params = nnx.to_pure_dict(nnx.state(cls(cfg, rngs=nnx.Rngs(0)), nnx.Param))
         for layout_name in ("pair", "prefix_sharing"):
             b = data.PairBatches(tp, batch_size=16, max_length=384, pad_id=0, shuffle=False,
-                                 layout=layouts.make(layout_name, 128, packed=True))
+                                 layout=packing.make(layout_name, 128, packed=True))
             batch = b.collate(np.arange(16))
             got = {}
             for im in ("xla", impl):

@@ -87,7 +87,7 @@ def main():
     import jax
     import optax
     from flax import nnx
-    from dpo_jax import data, layouts, models, sharding, steps
+    from dpo_jax import data, layouts, models, packing, sharding, steps
     from dpo_jax.losses import LossConfig
     from dpo_jax.tuning.full import FullTuning
     from dpo_jax.models import attention, common
@@ -109,12 +109,12 @@ def main():
     runs = []  # (mode, shape key, count, step fn, batch)
     info = {}
     for name in a.modes.split(","):
-        base, packing, buckets = MODES[name]
-        layout = layouts.make(base, WINDOW, packed=packing != "none")
+        base, mode, buckets = MODES[name]
+        layout = packing.make(base, WINDOW, packed=mode != "none")
         b = data.PairBatches(pairs, batch_size=a.pairs, max_length=MAX_LENGTH, pad_id=0,
                              buckets=buckets, layout=layout, seed=0,
-                             balance=64 if packing == "balanced" else 0,
-                             budget=packing == "budget")
+                             balance=64 if mode == "balanced" else 0,
+                             budget=mode == "budget")
         impl, why = attention.resolve(a.attention, platform=jax.default_backend(), dtype=a.dtype,
                                       head_dim=shape.head_dim, mask_forms={b.layout.mask_form},
                                       lengths=b.buckets)

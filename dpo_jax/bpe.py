@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
 EOS = "<|endoftext|>"
 
 
 def train_byte_level_bpe(texts: Iterable[str], vocab_size: int = 1000, path=None):
     """A ``PreTrainedTokenizerFast`` trained on ``texts``; saved to ``path`` when given."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

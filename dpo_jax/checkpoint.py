@@ -19,6 +19,7 @@ exported; ``restore_latest_good`` then moves the damaged step aside and takes th
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -51,7 +52,6 @@ class CheckpointWriteError(DpoError, OSError):
 def _first_line(e: Exception) -> str:
     """An orbax / tensorstore error in one line: for a failed write, the file and the OS's
     reason (tensorstore buries them in a long message); else the first line, shortened."""
-    import re
     text = str(e).strip()
     m = re.search(r'Failed writing: "([^"]+)": (?:Failed to write[^:]*: )?([^\[]+?)\s*'
                   r'\[os_error_code', text)

@@ -19,9 +19,17 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
+import huggingface_hub as hub
+import ml_dtypes
 import numpy as np
+from huggingface_hub import constants
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from transformers import AutoTokenizer
 
 from dpo_jax.errors import DpoError
 
@@ -43,10 +51,7 @@ def hub_reachable(endpoint: str | None = None, timeout: float = 3.0) -> bool:
     """Whether the hub answers: False at once when HF_HUB_OFFLINE is set, else one quick TCP
     connect (huggingface_hub retries a dead network with backoff for ~25 s before giving up,
     which is no way to learn that a machine is offline)."""
-    import socket
-    from urllib.parse import urlparse
 
-    from huggingface_hub import constants
     if constants.HF_HUB_OFFLINE:
         return False
     url = urlparse(endpoint or constants.ENDPOINT)
@@ -74,7 +79,6 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
 
 
 def _download(repo_id: str) -> Path:
-    import huggingface_hub as hub
     hint = ("Pass a local folder that holds config.json and model.safetensors (e.g. one written "
             "by transformers' save_pretrained) instead")
 
@@ -101,7 +105,6 @@ def _download(repo_id: str) -> Path:
     except (CheckpointError, hub.errors.LocalEntryNotFoundError, OSError):
         pass
     if not hub_reachable():
-        from huggingface_hub import constants
         raise CheckpointError(f"{repo_id!r} is not a local folder, is not in the Hugging Face "
                               f"cache, and the hub ({constants.ENDPOINT}) cannot be reached "
                               f"(offline). {hint}")
@@ -127,7 +130,6 @@ def read_config(folder: Path) -> dict:
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
     try:
         with safe_open(str(path), framework="np") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
@@ -140,7 +142,6 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 def _read_safetensors_bf16(path: Path) -> dict[str, np.ndarray]:
     """safetensors' numpy reader refuses bfloat16; parse the header and view the bytes with
     ml_dtypes' bfloat16 (a JAX dependency), then widen to float32."""
-    import ml_dtypes
     dtypes = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32,
               "F64": np.float64, "I64": np.int64, "I32": np.int32, "I16": np.int16,
               "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -218,7 +219,6 @@ def read_weights(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 def write_weights(folder: Path, tensors: dict[str, np.ndarray], config: dict, *,
                   max_shard_bytes: int = 5 << 30) -> Path:
     """config.json and the tensors as safetensors (sharded with an index above the limit)."""
-    from safetensors.numpy import save_file
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shards, size = [{}], 0
@@ -255,7 +255,6 @@ def write_weights(folder: Path, tensors: dict[str, np.ndarray], config: dict, *,
 
 def load_tokenizer(name_or_path: str | os.PathLike):
     """A transformers tokenizer from a local folder, the HF cache, or the hub (fast offline error)."""
-    from transformers import AutoTokenizer
     path = Path(name_or_path).expanduser()
     name = str(name_or_path)
     if path.is_dir():

@@ -19,8 +19,9 @@ With a scoring window W > 0 (``max_completion_length``; prefix sharing needs one
 carries ``score_pos``, ``score_label``, ``score_mask`` of shape (rows, k, W): for each of the k
 completions of a row, the positions whose hidden states score its tokens, so the LM head runs
 only there (``logprobs.features_at``). Without one (pair only), the head runs over every
-position and ``loss_mask`` selects the scored tokens. ``packed`` (``Packed``) puts several pairs'
-units in a row.
+position and ``loss_mask`` selects the scored tokens. ``dpo_jax/packing.py`` puts several pairs'
+units in a row (each layout says what its units are and how they attend: ``units``,
+``packed_mask``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 
 from dpo_jax import keys as K
 from dpo_jax.errors import DpoError
-from dpo_jax.logprobs import columns, features_at, features_by_slot, features_from_hidden
+from dpo_jax.logprobs import columns, features_at, features_from_hidden
 from dpo_jax.models.attention import Mask
 
 # batch keys whose second axis is the sequence (padded when micro-batches differ in length),
@@ -123,6 +124,15 @@ class Pair(Layout):
     name = "pair"
     rows_per_pair = 2
     mask_form = "lengths"
+    packed_mask_form = "segments"  # packed, each unit is a causal segment
+
+    def units(self, pair, p, c, r) -> list[tuple]:
+        """A pair's packing units (``packing.Packed``): (pair, prompt, [(side, completion)]):
+        here two sequences, prompt + chosen and prompt + rejected."""
+        return [(pair, p, [(0, c)]), (pair, p, [(1, r)])]
+
+    def packed_mask(self, batch) -> Mask:
+        return Mask.segments(batch["unit_ids"], batch["attention_mask"])
 
     def pair_tokens(self, p, c, r):
         return p + max(c, r)
@@ -190,6 +200,15 @@ def prefix_sharing_mask(attention_mask, segment_ids, unit_ids=None) -> Mask:
 class PrefixSharing(Layout):
     name = "prefix_sharing"
     rows_per_pair = 1
+    packed_mask_form = "dense"
+
+    def units(self, pair, p, c, r) -> list[tuple]:
+        """One unit per pair: the prompt + chosen + rejected triple."""
+        return [(pair, p, [(0, c), (1, r)])]
+
+    def packed_mask(self, batch) -> Mask:
+        return prefix_sharing_mask(batch["attention_mask"], batch["segment_ids"],
+                                   batch["unit_ids"])
 
     def __init__(self, window: int = 0):
         if window <= 0:
@@ -241,145 +260,6 @@ class PrefixSharing(Layout):
         return by_column(f[:, 0], stats), by_column(f[:, 1], stats)  # each row holds its pair
 
 
-class Packed(Layout):
-    """Several pairs per row: the units of ``base`` (pair: prompt + chosen and prompt + rejected
-    sequences; prefix sharing: prompt + chosen + rejected triples) packed first-fit-decreasing
-    into ``rows`` rows, positions restarting in each unit, attention within its unit (plus the
-    prefix-sharing rule). A batch holds the pairs it is given (``batch_size`` slots; fewer
-    leave slots empty): the same pairs as unpacked, or, with a token budget, as many as fill
-    the rows (``PairBatches``). The LM head runs on one flat list of ``scored`` positions per
-    row (the completion tokens the row holds, each tagged with its completion's slot), not on a
-    window per completion. ``rows``, ``slots`` (the most completions a row holds) and ``scored`` are
-    static, sized from the batches a run will see (``PairBatches.fit_packing``)."""
-
-    name = "packed"
-
-    def __init__(self, base: Layout, rows: int = 0, slots: int = 0, scored: int = 0):
-        if not base.window:
-            raise LayoutError("packing needs max_completion_length > 0 (the longest completion "
-                              "a row's scored positions must hold)")
-        super().__init__(base.window)
-        self.base, self.rows, self.slots, self.scored = base, int(rows), int(slots), int(scored)
-        self.name = f"{base.name}+packed"
-        self.mask_form = "segments" if isinstance(base, Pair) else "dense"
-
-    def __repr__(self):
-        return (f"Packed({self.base!r}, rows={self.rows}, slots={self.slots}, "
-                f"scored={self.scored})")
-
-    def units(self, p: int, c: int, r: int) -> list[tuple[int, int]]:
-        """(length, completion tokens) of the units one pair packs as."""
-        return [(p + c, c), (p + r, r)] if isinstance(self.base, Pair) else [(p + c + r, c + r)]
-
-    def pair_tokens(self, p, c, r):
-        return max(u for u, _ in self.units(p, c, r))
-
-    def real_tokens(self, p, c, r):
-        return self.base.real_tokens(p, c, r)
-
-    def row_length(self, max_length):
-        return self.base.row_length(max_length)
-
-    def batch_rows(self, batch_size):
-        return self.rows
-
-    def plan(self, lengths: list[int], length: int) -> list[list[int]]:
-        """Unit indices per row, first fit after sorting by length (longest first; ties in
-        order, so the plan is deterministic)."""
-        rows, room = [], []
-        for u in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-            for j, free in enumerate(room):
-                if lengths[u] <= free:
-                    rows[j].append(u)
-                    room[j] -= lengths[u]
-                    break
-            else:
-                rows.append([u])
-                room.append(length - lengths[u])
-        return rows
-
-    def sizes(self, pairs: list[tuple[int, int, int]], length: int) -> tuple[int, int, int]:
-        """(rows, completion slots per row, scored positions per row) these pairs need."""
-        units = [u for p, c, r in pairs for u in self.units(p, c, r)]
-        rows = self.plan([n for n, _ in units], length)
-        per_unit = 1 if isinstance(self.base, Pair) else 2
-        return (len(rows), per_unit * max(len(r) for r in rows),
-                max(sum(units[u][1] for u in r) for r in rows))
-
-    def collate(self, prompts, chosens, rejecteds, batch_size, length, pad_id):
-        n_rows, k, s = self.rows, self.slots, self.scored
-        units = []  # (pair, prompt, [(side, completion)])
-        shared = []  # per pair: where the verbose tails start
-        for i, (p, c, r) in enumerate(zip(prompts, chosens, rejecteds)):
-            units += ([(i, p, [(0, c)]), (i, p, [(1, r)])] if isinstance(self.base, Pair)
-                      else [(i, p, [(0, c), (1, r)])])
-            shared.append(tail_start(len(c), len(r)))
-        plan = self.plan([len(p) + sum(len(x) for _, x in cs) for _, p, cs in units], length)
-        need = self.sizes([(len(p), len(c), len(r)) for p, c, r in
-                           zip(prompts, chosens, rejecteds)], length)
-        if any(a > b for a, b in zip(need, (n_rows, k, s))):
-            raise LayoutError(f"a batch needs {need[0]} packed rows of {length} positions "
-                              f"({need[1]} completions, {need[2]} scored tokens per row); "
-                              f"{n_rows}, {k}, {s} were sized (config key pack_rows)")
-        ids = np.full((n_rows, length), pad_id, np.int32)
-        attn, positions = np.zeros((n_rows, length), np.int32), np.zeros((n_rows, length),
-                                                                          np.int32)
-        unit_ids, parts = np.full((n_rows, length), -1, np.int32), np.full((n_rows, length), -1,
-                                                                            np.int32)
-        pos, label = np.zeros((n_rows, s), np.int32), np.zeros((n_rows, s), np.int32)
-        slot_of = np.full((n_rows, s), -1, np.int32)
-        tail = np.zeros((n_rows, s), np.int32)
-        index = np.full((n_rows, k), -1, np.int32)  # side * batch_size + pair
-        for row, members in enumerate(plan):
-            at, slot, scored = 0, 0, 0
-            for u_id, u in enumerate(members):
-                pair, p, comps = units[u]
-                lp = len(p)
-                ids[row, at:at + lp], parts[row, at:at + lp] = p, 0
-                positions[row, at:at + lp] = np.arange(lp)
-                end = at + lp
-                for n, (side, comp) in enumerate(comps):
-                    lc = len(comp)
-                    ids[row, end:end + lc] = comp
-                    parts[row, end:end + lc] = 1 + n  # a triple's rejected part is 2
-                    positions[row, end:end + lc] = np.arange(lp, lp + lc)
-                    prev = end - 1 if n == 0 else at + lp - 1  # the rejected's first token
-                    pos[row, scored:scored + lc] = np.concatenate(  # is scored from the prompt
-                        [[prev], np.arange(end, end + lc - 1)])
-                    label[row, scored:scored + lc], slot_of[row, scored:scored + lc] = comp, slot
-                    tail[row, scored + shared[pair]:scored + lc] = 1
-                    index[row, slot] = side * batch_size + pair
-                    slot, end, scored = slot + 1, end + lc, scored + lc
-                attn[row, at:end], unit_ids[row, at:end] = 1, u_id
-                at = end
-        return {"input_ids": ids, "attention_mask": attn, "position_ids": positions,
-                "segment_ids": parts, "unit_ids": unit_ids, "score_pos": pos,
-                "score_label": label, "score_slot": slot_of, "score_tail": tail,
-                "score_index": index}
-
-    def logps(self, model, batch, *, chunk_size, pair_blocks=1, stats=False):
-        attn_mask = (Mask.segments(batch["unit_ids"], batch["attention_mask"])
-                     if isinstance(self.base, Pair) else  # units are causal segments
-                     prefix_sharing_mask(batch["attention_mask"], batch["segment_ids"],
-                                         batch["unit_ids"]))
-        hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"],
-                                     batch["position_ids"], attn_mask=attn_mask)
-        index = batch["score_index"]
-        f = features_by_slot(hidden, model.logits_fn(), batch["score_pos"],
-                             batch["score_label"], batch["score_slot"], index.shape[1],
-                             batch["score_tail"], chunk_size, stats)  # (rows, k, F)
-        # scatter each row's completions to their pairs: (blocks, 2 sides, pairs per block)
-        rows = index.shape[0]
-        per_block = batch["valid"].shape[0] // pair_blocks
-        block = (jnp.arange(rows) // (rows // pair_blocks))[:, None]
-        flat = jnp.where(index >= 0, block * 2 * per_block + index, 2 * per_block * pair_blocks)
-        size = 2 * per_block * pair_blocks + 1  # the last slot collects the unused ones
-        out = (jnp.zeros((size, f.shape[-1]), f.dtype).at[flat.reshape(-1)]
-               .add(f.reshape(-1, f.shape[-1]))[:-1].reshape(pair_blocks, 2, per_block, -1))
-        return (by_column(out[:, 0].reshape(-1, f.shape[-1]), stats),
-                by_column(out[:, 1].reshape(-1, f.shape[-1]), stats))
-
-
 LAYOUTS = {cls.name: cls for cls in (Pair, PrefixSharing)}
 PACKING = ("none", "exact", "balanced", "budget")
 
@@ -407,12 +287,9 @@ class LayoutConfig:
         K.check_fields(self)
 
 
-def make(name: str, window: int = 0, *, packed: bool = False, rows: int = 0,
-         slots: int = 0, scored: int = 0) -> Layout:
-    """The layout called ``name`` (config key ``layout``) with scoring window ``window``;
-    ``packed`` packs its units into ``rows`` rows of up to ``slots`` completions and ``scored``
-    completion tokens each."""
+def make(name: str, window: int = 0) -> Layout:
+    """The layout called ``name`` (config key ``layout``) with scoring window ``window``
+    (``packing.make`` packs it)."""
     if name not in LAYOUTS:
         raise LayoutError(f"layout={name!r}: valid layouts are {', '.join(LAYOUTS)}")
-    base = LAYOUTS[name](window)
-    return Packed(base, rows, slots, scored) if packed else base
+    return LAYOUTS[name](window)

@@ -8,8 +8,9 @@ import logging
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from dpo_jax import data, layouts
+from dpo_jax import data, layouts, packing
 from dpo_jax.errors import ConfigError
 from dpo_jax.models import attention as attention_lib
 
@@ -20,7 +21,7 @@ BALANCE_WINDOW = 64  # packing="balanced" evens the token totals of each 64 shuf
 
 def layout(cfg) -> layouts.Layout:
     """The layout of config keys ``layout`` and ``packing`` (sized later by ``batches``)."""
-    return layouts.make(cfg.layout.layout, cfg.scoring_window,
+    return packing.make(cfg.layout.layout, cfg.scoring_window,
                         packed=cfg.layout.packing != "none")
 
 
@@ -44,7 +45,6 @@ def agree(*values, op=np.max):
     """The values every process uses: ``op`` over the processes' (one process: as they are)."""
     if jax.process_count() == 1:
         return values
-    from jax.experimental import multihost_utils
     return tuple(int(v) for v in op(multihost_utils.process_allgather(
         np.asarray(values, np.int64)), axis=0))
 

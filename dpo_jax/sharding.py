@@ -20,10 +20,12 @@ import re
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dpo_jax import keys as K
 from dpo_jax.errors import ConfigError, DpoError
+from dpo_jax.steps import init_state as make_state
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +195,6 @@ def init_params(mesh: Mesh, init_fn, rules):
 def init_state(mesh: Mesh, params, optimizer, rules):
     """(state, state_shardings): ``steps.init_state`` laid out over the mesh, the optimizer state
     created in place with the sharding of its parameters."""
-    from dpo_jax.steps import init_state as make_state
     specs = param_specs(params, rules)
     check_divisible(mesh, params, specs)
     params = place(params, named(mesh, specs))
@@ -208,6 +209,5 @@ def init_state(mesh: Mesh, params, optimizer, rules):
 def to_host(tree):
     """numpy copies of (possibly sharded, possibly multi-host) arrays, on every process."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         return multihost_utils.process_allgather(tree, tiled=True)
     return jax.tree.map(lambda a: np.asarray(a, np.float32), tree)

@@ -9,10 +9,12 @@ import json
 import logging
 import os
 import secrets
+import sys
 from pathlib import Path
 
 from dpo_jax import keys as K
 from dpo_jax.errors import ConfigError
+from dpo_jax.workdir import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,6 @@ class TrackingConfig:
 
 def _keep_until(path: Path, resume_step: int | None):
     """Drops the lines of steps after ``resume_step`` (all of them for a fresh run)."""
-    from dpo_jax.workdir import read_jsonl
     if path.exists():
         keep = [row for row in read_jsonl(path)
                 if resume_step is not None and row.get("step", 1 << 62) <= resume_step]
@@ -140,7 +141,6 @@ def _wandb_run(workdir: Path, project: str, flat):
 def console_logging():
     """The CLIs' logging: the package's INFO lines on stderr; the libraries' only from WARNING
     up (orbax and absl log every checkpoint step, JAX its backend probes)."""
-    import sys
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax", "datasets", "transformers", "httpx"):

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -21,87 +20,19 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from tqdm import tqdm
 
-from dpo_jax import (checkpoint, config as configs, data, evaluation, hf, hub, layouts, models,
-                     optim, plan, reference, sharding, steps, tracking, tuning as tunings,
+from dpo_jax import (checkpoint, config as configs, data, evaluation, hf, hub, models, optim,
+                     plan, reference, sharding, steps, tracking, tuning as tunings,
                      workdir as workdirs)
 from dpo_jax.errors import ConfigError, DpoError, NonFiniteError, Stopped
 from dpo_jax.interrupts import Interrupts
-from dpo_jax.losses import LossConfig
+from dpo_jax.run import Run
 
 log = logging.getLogger(__name__)
 
 
 # =========================================================================== setup
-
-@dataclasses.dataclass
-class Run:
-    """Everything ``setup`` builds; ``loop`` advances ``state``, ``finish`` reports."""
-
-    cfg: configs.Config         # the run's settings, one typed group per idea
-    workdir: Path
-    mesh: object
-    lead: bool                  # the process that logs and exports
-    tokenizer: object
-    model_cfg: object
-    tuning: tunings.Tuning
-    layout: layouts.Layout
-    loss_cfg: LossConfig
-    train_pairs: data.TokenizedPairs
-    eval_pairs: data.TokenizedPairs | None
-    train_batches: data.PairBatches
-    eval_batches: data.PairBatches | None
-    total_steps: int
-    state: dict
-    frozen: dict                # the frozen params: full tuning's reference ({} once
-    #                             precomputed, or when no loss needs it), or the adapters' base
-    ckpt: checkpoint.Checkpointer
-    start: int                  # the step resumed from (0 for a fresh run)
-    rng: jax.Array
-    settings: dict = dataclasses.field(default_factory=dict)  # its resume keys' values
-    expect: dict = dataclasses.field(default_factory=dict)  # what its checkpoints must match
-    interrupts: Interrupts | None = None
-    train_step: object = None
-    eval_step: object = None
-    batch: dict | None = None   # the next update's micro-batches, drawn ahead
-    last_train: dict = dataclasses.field(default_factory=dict)
-    last_eval: dict = dataclasses.field(default_factory=dict)
-    num_tokens: int = 0         # TRL's num_tokens: the tokens of every trained sequence so far
-    last_samples: tuple = (0, None)  # (step, pi_ref / pi_theta completions) of the last eval
-    samples_skipped: bool = False    # why samples cannot be drawn was logged
-
-    @property
-    def reference_params(self) -> dict:
-        """The reference's params now (TR-DPO keeps them in the train state)."""
-        return self.state["ref"] if "ref" in self.state else self.frozen
-
-    @property
-    def n_proc(self) -> int:
-        return jax.process_count()
-
-    def step_kw(self) -> dict:
-        return dict(chunk_size=self.cfg.layout.logprob_chunk_size, pair_blocks=self.n_proc)
-
-    def next_update(self) -> dict:
-        accum = self.cfg.optim.gradient_accumulation_steps
-        return data.stack_batches([next(self.train_batches) for _ in range(accum)])
-
-    def record(self, cursor: dict) -> dict:
-        return {"data": cursor, "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),
-                "step": int(self.state["step"]), "run": self.settings,
-                "num_tokens": self.num_tokens, **self.expect}
-
-    def last_checkpoint(self) -> str:
-        """The newest complete checkpoint, in words (after any save in flight has finished)."""
-        try:
-            self.ckpt.wait()
-        except DpoError as e:  # that save failed; say so, and name the one before it
-            log.error("%s", e)
-        step = self.ckpt.latest_step()
-        return (f"step {step} in {self.ckpt.directory}" if step is not None
-                else f"none yet (no checkpoint was saved in {self.ckpt.directory})")
-
 
 def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
     """Builds the run (JAX's processes already joined) from its config: a ``configs.Config``,
@@ -124,12 +55,7 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
     model_cfg, params = hf.initial_model(cfg.model, tokenizer, mesh, seed=cfg.run.seed)
     phase_done()
     family = models.family_of(model_cfg)
-    for field, limit in model_cfg.length_limits().items():
-        if cfg.data.max_length > limit:
-            raise ConfigError(f"config key max_length={cfg.data.max_length} exceeds the "
-                              f"model's {field}={limit}")
-    for size in (cfg.optim.train_batch_size, cfg.optim.eval_batch_size):
-        sharding.check_model_fits(mesh, model_cfg, size)
+    _check_model(cfg, model_cfg, mesh)
     layout = plan.layout(cfg)
     model_cfg = plan.attention(cfg, model_cfg, layout, mesh)
 
@@ -138,14 +64,9 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
     train_batches, eval_batches, total_steps = plan.batches(cfg, tokenizer, layout,
                                                             train_pairs, eval_pairs, mesh)
     tuning = tunings.for_config(cfg.tuning, family, model_cfg, ref_dtype=cfg.model.ref_dtype)
-    parts = tuning.split(mesh, params, seed=cfg.run.seed)
+    state, state_sh, frozen, optimizer, lr_schedule = _train_state(cfg, mesh, tuning, params,
+                                                                   total_steps)
     del params
-    optimizer, lr_schedule = optim.build(cfg.optim, total_steps, parts.decay_mask)
-    state, state_sh = sharding.init_state(mesh, parts.trainable, optimizer, parts.rules)
-    frozen = parts.frozen if parts.frozen is not None else (
-        tuning.frozen_copy(state, state_sh) if cfg.loss.needs_reference else {})
-    if cfg.reference.sync_ref_model:  # TR-DPO: the reference moves, so it is train state
-        state["ref"], state_sh["ref"], frozen = frozen, state_sh["params"], {}
     expect = {"model_config": checkpoint.model_config_record(model_cfg),
               "tuning": tuning.record()}
 
@@ -169,6 +90,28 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
             run.frozen = {}  # never needed again: free its memory
     _compile(run, optimizer, lr_schedule, state_sh)
     return run
+
+
+def _train_state(cfg, mesh, tuning, params, total_steps: int):
+    """(state, its shardings, frozen params, optimizer, schedule), placed on the mesh."""
+    parts = tuning.split(mesh, params, seed=cfg.run.seed)
+    optimizer, lr_schedule = optim.build(cfg.optim, total_steps, parts.decay_mask)
+    state, state_sh = sharding.init_state(mesh, parts.trainable, optimizer, parts.rules)
+    frozen = parts.frozen if parts.frozen is not None else (
+        tuning.frozen_copy(state, state_sh) if cfg.loss.needs_reference else {})
+    if cfg.reference.sync_ref_model:  # TR-DPO: the reference moves, so it is train state
+        state["ref"], state_sh["ref"], frozen = frozen, state_sh["params"], {}
+    return state, state_sh, frozen, optimizer, lr_schedule
+
+
+def _check_model(cfg, model_cfg, mesh):
+    """The model's length limits and the mesh's splits, in the keys a user sets."""
+    for field, limit in model_cfg.length_limits().items():
+        if cfg.data.max_length > limit:
+            raise ConfigError(f"config key max_length={cfg.data.max_length} exceeds the "
+                              f"model's {field}={limit}")
+    for size in (cfg.optim.train_batch_size, cfg.optim.eval_batch_size):
+        sharding.check_model_fits(mesh, model_cfg, size)
 
 
 def _check_processes(cfg, n_proc: int):
@@ -219,7 +162,8 @@ def _compile(run: Run, optimizer, lr_schedule, state_sh):
             seed=run.cfg.run.seed, sync=(run.cfg.reference.ref_model_mixup_alpha,
                                          run.cfg.reference.ref_model_sync_steps)
             if run.cfg.reference.sync_ref_model else None)
-    run.eval_step = steps.make_eval_step(run.tuning, run.layout, run.loss_cfg,
+    eval_layout = run.eval_batches.layout if run.eval_batches is not None else run.layout
+    run.eval_step = steps.make_eval_step(run.tuning, eval_layout, run.loss_cfg,
                                          out_shardings=replicated, **run.step_kw())
 
 
@@ -229,7 +173,6 @@ def loop(run: Run, metrics_log: tracking.MetricsLog | None):
     config, n_proc = run.cfg.run, run.n_proc
     progress = None
     if config.progress_bar and run.lead:
-        from tqdm import tqdm
         progress = tqdm(total=run.total_steps, initial=run.start, desc="train", unit="step",
                         dynamic_ncols=True)
     t_last, s_last, tokens = time.perf_counter(), run.start, 0
@@ -268,13 +211,7 @@ def loop(run: Run, metrics_log: tracking.MetricsLog | None):
         run.last_train = m
         scalars = {f"train/{k}": v for k, v in m.items()} if log_now else {}
         if eval_now:
-            run.last_eval = evaluation.evaluate(run.eval_step, run.state["params"],
-                                                run.reference_params, run.eval_batches, run.mesh)
-            scalars.update({f"eval/{k}": v for k, v in run.last_eval.items()})
-            log.info("step %d eval: %s", s, tracking.fmt(run.last_eval))
-            run.last_samples = (s, _samples(run))
-            if run.last_samples[1] and metrics_log is not None:
-                metrics_log.write_samples(s, run.last_samples[1])
+            scalars.update(_evaluate(run, s, metrics_log))
         if scalars and metrics_log is not None:
             metrics_log.write(s, scalars)
         if progress is not None:
@@ -288,6 +225,17 @@ def loop(run: Run, metrics_log: tracking.MetricsLog | None):
         t_last = time.perf_counter()  # eval and save are not step time
     if progress is not None:
         progress.close()
+
+
+def _evaluate(run: Run, s: int, metrics_log) -> dict:
+    """Eval metrics (as logged) and samples at step ``s``."""
+    run.last_eval = evaluation.evaluate(run.eval_step, run.state["params"],
+                                        run.reference_params, run.eval_batches, run.mesh)
+    log.info("step %d eval: %s", s, tracking.fmt(run.last_eval))
+    run.last_samples = (s, _samples(run))
+    if run.last_samples[1] and metrics_log is not None:
+        metrics_log.write_samples(s, run.last_samples[1])
+    return {f"eval/{k}": v for k, v in run.last_eval.items()}
 
 
 def _samples(run: Run) -> list | None:

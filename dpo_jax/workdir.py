@@ -28,6 +28,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from dpo_jax import keys as K
 from dpo_jax.checkpoint import CheckpointMismatch
@@ -167,6 +168,5 @@ def data_fingerprint(pairs) -> str:
     local = fingerprint(pairs.prompt, pairs.chosen, pairs.rejected)
     if jax.process_count() == 1:
         return local
-    from jax.experimental import multihost_utils
     every = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(local), np.uint8))
     return fingerprint(np.asarray(every).tobytes())

@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from trainutil import tiny_config
-from dpo_jax import config, data, layouts
+from dpo_jax import config, data, layouts, packing
 from dpo_jax.errors import ConfigError
 from dpo_jax.models import attention
 from dpo_jax.models.attention import Mask
@@ -106,7 +106,7 @@ def test_packing_settings_are_checked(tmp_path):
                                for _ in range(3)], {})
     with pytest.raises(data.DataError, match="pack_rows=1 is too few"):
         data.PairBatches(tp, batch_size=8, max_length=30, pad_id=0,
-                         layout=layouts.make("pair", 9, packed=True), pack_rows=1)
+                         layout=packing.make("pair", 9, packed=True), pack_rows=1)
 
 
 def test_balanced_batches_hold_the_same_pairs_in_fewer_rows():
@@ -119,8 +119,8 @@ def test_balanced_batches_hold_the_same_pairs_in_fewer_rows():
     tp = data.TokenizedPairs(*[[rng.integers(1, 50, k).astype(np.int32) for k in lens[i]]
                                for i in range(3)], {})
     kw = dict(batch_size=8, max_length=80, pad_id=0, seed=3)
-    exact = data.PairBatches(tp, layout=layouts.make("pair", 40, packed=True), **kw)
-    balanced = data.PairBatches(tp, layout=layouts.make("pair", 40, packed=True), balance=16,
+    exact = data.PairBatches(tp, layout=packing.make("pair", 40, packed=True), **kw)
+    balanced = data.PairBatches(tp, layout=packing.make("pair", 40, packed=True), balance=16,
                                 **kw)
     plan, plain = balanced._plan(0), exact._plan(0)
     assert [len(b) for b in plan] == [len(b) for b in plain]
@@ -158,7 +158,7 @@ def test_budget_batches_fill_their_rows(base):
     tp = data.TokenizedPairs(*[[rng.integers(1, 50, k).astype(np.int32) for k in lens[i]]
                                for i in range(3)], {})
     kw = dict(batch_size=8, max_length=80, pad_id=0, seed=3, epochs=2)
-    layout = lambda: layouts.make(base, 40, packed=True)
+    layout = lambda: packing.make(base, 40, packed=True)
     budget = data.PairBatches(tp, layout=layout(), budget=True, **kw)
     balanced = data.PairBatches(tp, layout=layout(), balance=16, **kw)
     plans = [budget._plan(e) for e in (0, 1)]

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from trainutil import tiny_config
-from dpo_jax import data, layouts, losses as L, optim, steps
+from dpo_jax import data, layouts, losses as L, optim, packing, steps
 from dpo_jax.errors import ConfigError
 from dpo_jax.models import common
 from dpo_jax.models.gpt2 import GPT2, GPT2Config
@@ -202,7 +202,7 @@ def test_per_token_sums_equal_the_full_logits(name, window, packed):
     tp = pairs(n=8)
     model = GPT2(CFG, rngs=nnx.Rngs(0))
     b = data.PairBatches(tp, batch_size=8, max_length=20, pad_id=0, shuffle=False,
-                         layout=layouts.make(name, window, packed=packed))
+                         layout=packing.make(name, window, packed=packed))
     batch = b.collate(np.arange(6))  # 6 pairs in 8 slots: two empty
     c, r = b.layout.logps(model, {k: jnp.asarray(v) for k, v in batch.items()}, chunk_size=5,
                           stats=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dpo_jax import data, layouts, optim, steps
+from dpo_jax import data, layouts, optim, packing, steps
 from dpo_jax.losses import LossConfig
 from dpo_jax.models import common
 from dpo_jax.models.gpt2 import GPT2, GPT2Config
@@ -127,7 +127,7 @@ def test_completions_longer_than_the_window_are_refused():
 def packed(tp, layout):
     """(packed layout sized for tp, the batch of every pair in tp packed into its rows)."""
     b = data.PairBatches(tp, batch_size=len(tp), max_length=20, pad_id=0, shuffle=False,
-                         layout=layouts.make(layout, W, packed=True))
+                         layout=packing.make(layout, W, packed=True))
     assert b.layout.rows < b.layout.base.batch_rows(len(tp))  # really packed: fewer rows
     return b.layout, b.collate(np.arange(len(tp)))
 
@@ -139,7 +139,7 @@ def test_budget_batches_accumulate_to_the_plain_step(models, layout):
     gradients of one plain batch of all those pairs, within 1e-5."""
     tp = pairs(n=11, seed=7)
     b = data.PairBatches(tp, batch_size=3, max_length=20, pad_id=0, shuffle=False,
-                         layout=layouts.make(layout, W, packed=True), budget=True, pack_rows=2)
+                         layout=packing.make(layout, W, packed=True), budget=True, pack_rows=2)
     plan = b._plan(0, drop_remainder=False, shuffle=False)
     assert len({len(rows) for rows in plan}) > 1  # uneven pair counts
     micro = data.stack_batches([b.collate(rows) for rows in plan])

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from dpo_jax import layouts
+from dpo_jax import layouts, packing
 from dpo_jax.data.sources import DataError
 from dpo_jax.data.tokenize import TokenizedPairs
 
@@ -79,13 +79,13 @@ class PairBatches:
         if state is not None:
             self.restore(state)
         if budget:
-            if not isinstance(layout, layouts.Packed):
+            if not isinstance(layout, packing.Packed):
                 raise DataError("a token budget per batch needs a packed layout")
             self.fit_budget(pack_rows)
         if self.steps_per_epoch == 0:
             raise DataError(f"{source}: {len(pairs)} usable pairs make no full batch of "
                             f"{batch_key}={batch_size} (lower that config key, or add data)")
-        if isinstance(layout, layouts.Packed):
+        if isinstance(layout, packing.Packed):
             if buckets:
                 raise DataError("length_buckets and packing exclude each other (packed rows "
                                 "have one length)")
@@ -190,7 +190,7 @@ class PairBatches:
             raise DataError(f"config key pack_rows={pack_rows} does not divide over the "
                             f"{multiple} devices a process's rows are split over")
         rows = -(-max(rows, need) // multiple) * multiple
-        self.layout = layouts.Packed(self.layout.base, rows, 1, 1)  # fit_packing sizes the rest
+        self.layout = packing.Packed(self.layout.base, rows, 1, 1)  # fit_packing sizes the rest
         self._plans.clear()  # budget plans depend on the rows
 
     def packed_sizes(self, epochs: int, *, ordered: bool = False) -> tuple[int, int, int]:
@@ -230,7 +230,7 @@ class PairBatches:
         if pack_rows and pack_rows % multiple:
             raise DataError(f"config key pack_rows={pack_rows} does not divide over the "
                             f"{multiple} devices a process's rows are split over")
-        self.layout = layouts.Packed(self.layout.base, pack_rows or rows, slots, scored)
+        self.layout = packing.Packed(self.layout.base, pack_rows or rows, slots, scored)
 
     @property
     def pair_slots(self) -> int:

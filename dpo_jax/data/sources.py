@@ -8,11 +8,15 @@ so a file it cannot read is diagnosed here.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 from pathlib import Path
 
+import datasets
+
 from dpo_jax.errors import DpoError
+from dpo_jax.hub import hub_reachable as probe
 
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -30,7 +34,6 @@ class Rows:
 
 
 def hub_reachable() -> bool:
-    from dpo_jax.hub import hub_reachable as probe
     return probe()
 
 
@@ -41,7 +44,6 @@ def load_rows(cfg):
 
 def read_source(cfg) -> Rows:
     """The rows of ``cfg.source`` (a DataConfig) with the count of lines skipped on the way."""
-    import datasets
 
     path = Path(cfg.source).expanduser()
     if path.is_dir():
@@ -74,7 +76,6 @@ def read_source(cfg) -> Rows:
 
 def _first_non_utf8(path: Path) -> str | None:
     """Where a text file stops being UTF-8 (arrow does not check; it fails later, far away)."""
-    import codecs
     decoder, offset, line = codecs.getincrementaldecoder("utf-8")(), 0, 1
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -109,7 +110,6 @@ def describe_row(source: str, index: int) -> str:
 
 
 def _load_file(path: Path, fmt: str, cfg) -> Rows:
-    import datasets
     is_jsonl = fmt == "json" and path.suffix.lower() == ".jsonl"
     if fmt in ("json", "csv") and _blank(path):
         raise DataError(f"{path}: the file is empty (no rows)")
@@ -177,7 +177,6 @@ def _diagnose_text_file(path: Path, fmt: str) -> str | None:
 
 def _load_jsonl_skipping(path: Path) -> Rows:
     """Skip mode for a JSONL file datasets cannot read: keep the lines that parse, count the rest."""
-    import datasets
     rows, bad = [], 0
     with open(path, "rb") as f:
         for raw in f:

@@ -33,6 +33,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import datasets
 import numpy as np
 
 from dpo_jax.data import formats
@@ -194,7 +195,6 @@ def tokenize_batch(batch, indices, *, cfg, tokenizer, where: str, row_offset: in
 def tokenize_pairs(ds, tokenizer, cfg, *, where: str | None = None, unparsable_lines: int = 0,
                    row_offset: int = 0) -> TokenizedPairs:
     """Validate, normalize, tokenize and truncate every row (batched, cached), then summarize."""
-    import datasets
     where = where or cfg.source
     cols = set(ds.column_names)
     for name in (cfg.chosen_column, cfg.rejected_column):

@@ -23,6 +23,8 @@ registered when this package is imported (``register`` adds one from elsewhere);
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 from typing import Callable
 
 import numpy as np
@@ -141,8 +143,6 @@ def unflatten_like(template: dict, flat: dict, prefix: str = "") -> dict:
 
 def _discover():
     """Registers the ``FAMILY`` of every subpackage of this folder: a new family is a folder."""
-    import importlib
-    import pkgutil
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.ispkg:
             family = getattr(importlib.import_module(f"{__name__}.{info.name}"), "FAMILY", None)

@@ -22,7 +22,7 @@ import dataclasses
 import importlib
 import pkgutil
 
-from dpo_jax import keys as K
+from dpo_jax import checkpoint, keys as K
 from dpo_jax.checkpoint import CheckpointMismatch
 from dpo_jax.errors import ConfigError
 
@@ -147,7 +147,6 @@ class Tuning(abc.ABC):
 
     def restore_policy(self, ckpt, step: int, base_params: dict, expect: dict):
         """The policy of a checkpoint, on ``base_params`` (generate.py): no optimizer built."""
-        from dpo_jax import checkpoint
         template = checkpoint.abstract_like(self.trainable_template(base_params))
         trainable = ckpt.restore_params(step, template, expect=expect,
                                         check=self.check_record)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from safetensors.numpy import save_file
 
 from dpo_jax import checkpoint, hub, models, sharding
 from dpo_jax.errors import ConfigError
@@ -286,7 +287,6 @@ def _peft_names(tuning: LoRATuning) -> dict[str, tuple[str, bool]]:
 
 def save_peft(path: Path, tuning: LoRATuning, trainable: dict, base_name: str) -> Path:
     """adapter_config.json + adapter_model.safetensors in PEFT's format."""
-    from safetensors.numpy import save_file
     path.mkdir(parents=True, exist_ok=True)
     adapters = models.flatten(jax.tree.map(lambda a: np.asarray(a, np.float32), trainable))
     tensors, modules = {}, []
