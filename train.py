@@ -15,6 +15,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+from dpo_jax import cli  # noqa: E402
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
@@ -48,51 +51,11 @@ def main(argv):
         os._exit(e.exit_code if isinstance(e, Stopped) else 1)
 
 
-def config_path(argv) -> str | None:
-    """The --config value on the command line (path[:argument]), if any."""
-    for i, a in enumerate(argv):
-        if a.startswith("--config="):
-            return a.split("=", 1)[1]
-        if a == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
-
-
 def check_overrides(argv):
-    """One clear line for what ml_collections would report with a traceback from inside flag
-    parsing: a missing config file, a bad argument to its get_config, a misspelled
-    ``--config.KEY`` (with the valid keys)."""
-    import importlib.util
-    spec_arg = config_path(argv)
-    if spec_arg is None:
-        return
-    path, _, arg = spec_arg.partition(":")
-    if not os.path.isfile(path):
-        sys.exit(f"train.py: error: config file {path} does not exist")
-    try:
-        spec = importlib.util.spec_from_file_location("_config", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        cfg = module.get_config(arg) if arg else module.get_config()
-    except Exception as e:  # the user's own Python: say where, in one line
-        sys.exit(f"train.py: error: {spec_arg}: get_config{'(' + repr(arg) + ')' if arg else '()'}"
-                 f" failed: {type(e).__name__}: {e}")
-
-    def keys(c, prefix=""):
-        for k, v in c.items():
-            yield from keys(v, f"{prefix}{k}.") if hasattr(v, "items") else [f"{prefix}{k}"]
-
-    valid = sorted(keys(cfg))
-    for a in argv:
-        if a.startswith("--config."):
-            key = a[len("--config."):].split("=", 1)[0]
-            if key not in valid:
-                from dpo_jax.config import did_you_mean
-                hint = did_you_mean(key, valid) or f"; valid keys: {', '.join(valid)}"
-                sys.exit(f"train.py: error: unknown config key {key!r} (in {a!r}){hint}")
+    """train.py's flag checks (``dpo_jax.cli``), for drivers that run this module."""
+    cli.check_overrides(argv, "train.py")
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     check_overrides(sys.argv)
     app.run(main)

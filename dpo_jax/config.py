@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
+import re
 
 import jax
 import ml_collections
+from ml_collections import config_dict
 
 from dpo_jax import keys as K
 from dpo_jax import losses  # noqa: F401 (registers the built-in losses before any is named)
@@ -39,6 +42,8 @@ from dpo_jax.sharding import MeshConfig
 from dpo_jax.tracking import TrackingConfig
 from dpo_jax.tuning import TuningConfig
 from dpo_jax.workdir import RunConfig
+
+log = logging.getLogger(__name__)
 
 GROUPS = {"model": ModelConfig, "tuning": TuningConfig, "mesh": MeshConfig,
           "data": DataConfig, "loss": LossConfig, "reference": ReferenceConfig,
@@ -74,6 +79,109 @@ class Config:
         return 0
 
 
+def _lora_targets(v: str, c) -> dict:
+    """TRL's list of module names -> our regex over Linear paths."""
+    names = [n.strip() for n in str(v).split(",") if n.strip()]
+    if names == ["all-linear"]:
+        return {"lora_target": r".*"}
+    return {"lora_target": r".*\.(" + "|".join(map(re.escape, names)) + ")"}
+
+
+def _per_device(key: str):
+    def convert(v, c) -> dict:
+        if c.distributed:
+            raise ConfigError(f"config key per_device_{key} (TRL's name) needs the device count, "
+                              f"which a multi-host run knows only later: set {key} (pairs per "
+                              "micro-batch over all devices and processes) instead")
+        devices = jax.device_count() // max(c.mesh_tensor, 1)
+        return {key: int(v) * devices}
+    return convert
+
+
+def _refuse(message: str):
+    def convert(v, c) -> dict:
+        raise ConfigError(message.format(v=v))
+    return convert
+
+
+# TRL's names (DPOConfig, TrainingArguments, ModelConfig) that are not ours: name -> (type, the
+# keys of ours it sets, given its value and the config). Set, each is resolved once and logged;
+# one that has no counterpart fails with one line naming ours.
+TRL_NAMES = {
+    "bf16": (bool, lambda v, c: {"dtype": "bfloat16"} if v else {}),
+    "torch_dtype": (str, lambda v, c: {"dtype": v}),
+    "gradient_checkpointing": (bool, lambda v, c: {"remat": bool(v)}),
+    "lora_r": (int, lambda v, c: {"lora_rank": int(v)}),
+    "use_peft": (bool, lambda v, c: {"lora_rank": c.lora_rank or 16} if v else {}),
+    "lora_target_modules": (str, _lora_targets),
+    "padding_free": (bool, lambda v, c: {"packing": "exact"} if v else {}),
+    "per_device_train_batch_size": (int, _per_device("train_batch_size")),
+    "per_device_eval_batch_size": (int, _per_device("eval_batch_size")),
+    "disable_dropout": (bool, lambda v, c: {} if v else _refuse(
+        "config key disable_dropout=False (TRL's name): the models here run without dropout "
+        "(lora_dropout is the adapters')")(v, c)),
+    "truncation_mode": (str, lambda v, c: {} if v == "keep_start" else _refuse(
+        "config key truncation_mode={v!r} (TRL's name): only keep_start is offered (TRL 1.16 "
+        "deprecates keep_end)")(v, c)),
+    "output_dir": (str, _refuse("config key output_dir (TRL's name): pass --workdir {v}")),
+    "precompute_ref_batch_size": (int, _refuse(
+        "config key precompute_ref_batch_size (TRL's name): reference log-probs are "
+        "precomputed in batches of eval_batch_size; set that")),
+    "warmup_ratio": (float, _refuse("config key warmup_ratio (TRL's name): set warmup_steps "
+                                    "(updates) instead")),
+}
+# TRL's spellings of values of our keys
+TRL_VALUES = {"optim": {"adamw_torch": "adamw", "adamw_torch_fused": "adamw",
+                        "adamw_hf": "adamw", "rmsprop_torch": "rmsprop"}}
+
+
+# Our keys that TRL 1.16 spells the same (DPOConfig / TrainingArguments / ModelConfig), and
+# where our default differs from TRL's, why.
+TRL_SAME = {
+    "model_name_or_path", "dtype", "lora_alpha", "lora_dropout", "use_dora", "beta",
+    "label_smoothing", "loss_type", "loss_weights", "ld_alpha", "use_weighting",
+    "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau", "sync_ref_model",
+    "ref_model_mixup_alpha", "ref_model_sync_steps", "precompute_ref_log_probs", "max_length",
+    "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta1",
+    "adam_beta2", "adam_epsilon", "max_grad_norm", "gradient_accumulation_steps",
+    "num_train_epochs", "max_steps", "seed", "logging_steps", "eval_steps", "save_steps",
+    "save_total_limit", "report_to", "optim"}
+TRL_DIFFERS = {
+    "max_grad_norm": ("1.0", "the DPO paper's code clips at 10"),
+    "warmup_steps": ("0", "the paper warms up over 150 updates"),
+    "num_train_epochs": ("3", "the paper trains one epoch"),
+    "max_length": ("1024", "the paper's HH setting; GPT-2's context is 1024 for prompt + one"),
+    "lora_alpha": ("32", "PEFT's LoraConfig default is 8; 16 = 2 x a common rank 8"),
+    "lora_dropout": ("0.05", "exact step-0 equality of policy and reference, and resume"),
+    "save_steps": ("500", "a small run still leaves checkpoints"),
+    "save_total_limit": ("None: all", "bounded disk"),
+    "seed": ("42", ""),
+    "eval_steps": ("None: logging_steps", ""),
+    "report_to": ("none", "metrics.jsonl is always written besides"),
+    "optim": ("adamw_torch_fused", "the same AdamW; TRL's spellings are accepted"),
+}
+
+
+def resolve_trl_names(flat) -> ml_collections.ConfigDict:
+    """``flat`` with TRL's names turned into ours (each logged once) and reset to None."""
+    flat = ml_collections.ConfigDict(flat.to_dict())
+    for name, (_, convert) in TRL_NAMES.items():
+        value = flat.get(name)
+        if value is None:
+            continue
+        ours = convert(value, flat)
+        flat[name] = None
+        for k, v in ours.items():
+            flat[k] = v
+        log.info("config key %s=%r (TRL's name): %s", name, value,
+                 ", ".join(f"{k}={v!r}" for k, v in ours.items()) or "already so here")
+    for key, spellings in TRL_VALUES.items():
+        if flat[key] in spellings:
+            log.info("config key %s=%r (TRL's spelling): %r", key, flat[key], spellings[flat[key]])
+            flat[key] = spellings[flat[key]]
+    return flat
+
+
 def _key_fields():
     """(group name, field) of every key, in the order of the groups."""
     return [(name, f) for name, cls in GROUPS.items() for f in K.fields(cls)]
@@ -88,6 +196,8 @@ def defaults() -> ml_collections.ConfigDict:
         c[f.name] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
     for name, option in registered_options().items():
         c[name] = option.default
+    for name, (kind, _) in TRL_NAMES.items():
+        c[name] = config_dict.placeholder(kind)
     return c
 
 
@@ -113,6 +223,7 @@ def build(config) -> Config:
     missing = sorted(valid - set(flat.keys()))
     if missing:
         flat = _with_defaults(flat)
+    flat = resolve_trl_names(flat)
     groups = {}
     for name, cls in GROUPS.items():
         values = {f.name: _plain(flat[f.name]) for f in K.fields(cls)}
@@ -129,6 +240,10 @@ def build(config) -> Config:
                               f"config key {_guess_key(str(e), cls)}: {e}") from None
     cfg = Config(**groups, flat=flat)
     _check_across(cfg)
+    if "discopop" in cfg.loss.loss_type:
+        log.warning("loss_type discopop: from a fresh start (policy = reference, z = 0) its "
+                    "gradient can favour the rejected completions (TRL's formula too); watch "
+                    "rewards/accuracies in the first steps")
     return cfg
 
 
@@ -198,17 +313,48 @@ def check_backend(cfg: Config):
                               "backend has no float16 kernels for these ops); use bfloat16")
 
 
+def _trl_column(name: str) -> str:
+    if name in TRL_DIFFERS:
+        trl, why = TRL_DIFFERS[name]
+        return f"same name; TRL's default {trl}" + (f" ({why})" if why else "")
+    return "same" if name in TRL_SAME else ""
+
+
 def table() -> str:
-    """The README's table of config keys: group, key, default, meaning."""
-    rows = ["| key | default | meaning |", "|---|---|---|"]
+    """The README's table of config keys: group, key, default, meaning, TRL's name; then TRL's
+    names that are not ours, and what each becomes."""
+    rows = ["| key | default | meaning | TRL 1.16 |", "|---|---|---|---|"]
     for name, cls in GROUPS.items():
-        rows.append(f"| **{cls.__doc__.splitlines()[0]}** | | |")
+        rows.append(f"| **{cls.__doc__.splitlines()[0]}** | | | |")
         for f in K.fields(cls):
             if f.name == "model":
-                rows.append(f"| `model` | | {f.metadata['doc']} |")
+                rows.append(f"| `model` | | {f.metadata['doc']} | |")
                 for k, v in defaults().model.items():
-                    rows.append(f"| `model.{k}` | `{v!r}` | |".replace("'", '"'))
+                    rows.append(f"| `model.{k}` | `{v!r}` | | |".replace("'", '"'))
                 continue
             default = repr(K.cli_default(f)).replace("'", '"')
-            rows.append(f"| `{f.name}` | `{default}` | {f.metadata['doc'].replace('|', '/')} |")
+            rows.append(f"| `{f.name}` | `{default}` | {f.metadata['doc'].replace('|', '/')} "
+                        f"| {_trl_column(f.name)} |")
+    rows.append("| **TRL's names (resolved when the config is read, logged once)** | | | |")
+    for name, text in TRL_TABLE.items():
+        rows.append(f"| `{name}` | `None` | {text} | TRL's |")
     return "\n".join(rows) + "\n"
+
+
+TRL_TABLE = {
+    "bf16": "True: dtype=\"bfloat16\"",
+    "torch_dtype": "dtype",
+    "gradient_checkpointing": "remat",
+    "lora_r": "lora_rank",
+    "use_peft": "True: lora_rank=16 unless lora_rank is set",
+    "lora_target_modules": "module names, comma-separated (or all-linear): lora_target, a regex",
+    "padding_free": "True: packing=\"exact\" (the same pairs per update, packed rows)",
+    "per_device_train_batch_size": "train_batch_size = this x the data-parallel devices (one "
+                                   "process; set train_batch_size on several)",
+    "per_device_eval_batch_size": "eval_batch_size, the same way",
+    "disable_dropout": "True: already so (the models run without dropout); False: an error",
+    "truncation_mode": "keep_start: already so; keep_end: an error",
+    "output_dir": "an error: pass --workdir",
+    "precompute_ref_batch_size": "an error: precomputing uses eval_batch_size",
+    "warmup_ratio": "an error: set warmup_steps",
+}

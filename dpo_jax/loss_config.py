@@ -197,6 +197,9 @@ class LossConfig:
             raise ValueError("loss_type is empty")
         if self.loss_weights is not None and len(self.loss_weights) != len(lt):
             raise ValueError(f"loss_weights {self.loss_weights} needs one weight per loss_type {lt}")
+        if self.loss_weights is not None and any(not w >= 0 for w in self.loss_weights):
+            raise ValueError(f"loss_weights {self.loss_weights}: a weight must be >= 0 (a "
+                             "negative one trains toward the rejected completions)")
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing <= 0.5:

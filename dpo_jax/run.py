@@ -85,3 +85,44 @@ class Run:
         step = self.ckpt.latest_step()
         return (f"step {step} in {self.ckpt.directory}" if step is not None
                 else f"none yet (no checkpoint was saved in {self.ckpt.directory})")
+
+    def describe(self) -> list[str]:
+        """What this run trains, on what, how: the lines a run logs once at its start."""
+        cfg, n = self.cfg, lambda tree: sum(int(a.size) for a in jax.tree.leaves(tree))
+        policy = n(self.state["params"])
+        frozen = n(self.frozen) if self.frozen else 0
+        total = policy if self.tuning.name == "full" else frozen
+        source = cfg.model.model_name_or_path or "random init (config key model)"
+        devices = jax.devices()
+        mesh = ", ".join(f"{k}={v}" for k, v in self.mesh.shape.items())
+        opt, lay, loss = cfg.optim, cfg.layout, cfg.loss
+        pairs = opt.train_batch_size * opt.gradient_accumulation_steps
+        per_epoch = self.train_batches.steps_per_epoch // opt.gradient_accumulation_steps
+        reference = ("TR-DPO: mixed toward the policy every "
+                     f"{cfg.reference.ref_model_sync_steps} updates"
+                     if cfg.reference.sync_ref_model else
+                     "precomputed log-probs" if cfg.reference.precompute_ref_log_probs else
+                     "none (the loss needs none)" if not loss.needs_reference else
+                     "its own frozen copy" if self.tuning.name == "full" else
+                     "the base with the adapters off")
+        weights = loss.loss_weights or (1.0,) * len(loss.loss_type)
+        return [
+            f"model: {self.model_cfg.__class__.__name__} ({self.tuning.name} tuning), "
+            f"{total / 1e6:.2f}M parameters, {policy / 1e6:.3f}M trainable, from {source}; "
+            f"compute {cfg.model.dtype}, remat {cfg.model.remat}",
+            f"devices: {len(devices)} x {devices[0].platform}, {jax.process_count()} "
+            f"process(es); mesh {mesh}",
+            f"layout: {self.layout.name}, packing {lay.packing}, attention "
+            f"{self.model_cfg.attention}, LM-head chunks of {lay.logprob_chunk_size}",
+            f"batches: {opt.train_batch_size} pairs per micro-batch x "
+            f"{opt.gradient_accumulation_steps} accumulated = {pairs} pairs per update (all "
+            f"devices); {self.total_steps} updates = {self.total_steps / max(per_epoch, 1):.2f} "
+            f"epochs of {per_epoch} updates",
+            f"optimizer: {opt.optim}, learning rate {opt.learning_rate:g}, "
+            f"{opt.lr_scheduler_type} after {opt.warmup_steps} warmup updates, weight decay "
+            f"{opt.weight_decay:g}, clip {opt.max_grad_norm:g}",
+            f"loss: {' + '.join(f'{w:g} x {t}' for w, t in zip(weights, loss.loss_type))}, "
+            f"beta {loss.beta:g}" + (f", rpo_alpha {loss.rpo_alpha:g}" if loss.rpo_alpha else "")
+            + (f", ld_alpha {loss.ld_alpha:g}" if loss.ld_alpha != 1 else "")
+            + (", WPO weighting" if loss.use_weighting else "") + f"; reference: {reference}",
+        ]

@@ -89,6 +89,9 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
         if reference.precompute_for_run(run):
             run.frozen = {}  # never needed again: free its memory
     _compile(run, optimizer, lr_schedule, state_sh)
+    if run.lead:
+        for line in run.describe():
+            log.info("%s", line)
     return run
 
 
@@ -186,6 +189,10 @@ def loop(run: Run, metrics_log: tracking.MetricsLog | None):
         cursor = run.train_batches.state()
         run.batch = run.next_update() if s < run.total_steps else None
         last = s == run.total_steps
+        sync = run.cfg.reference
+        if sync.sync_ref_model and s % sync.ref_model_sync_steps == 0 and run.lead:
+            log.info("step %d: TR-DPO mixed the reference toward the policy (alpha %g)", s,
+                     sync.ref_model_mixup_alpha)
         if run.interrupts is not None:
             run.interrupts.check_interrupt()
         stop = run.interrupts is not None and run.interrupts.terminate

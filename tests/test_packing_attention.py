@@ -90,6 +90,9 @@ def test_auto_picks_the_kernel_and_says_why():
     with pytest.raises(ValueError, match="cudnn needs a GPU"):
         attention.resolve("cudnn", platform="cpu", **kw)
     with pytest.raises(ValueError, match="no segment form"):
+        attention.resolve("splash", platform="tpu", **dict(kw, mask_forms={"dense"}))
+    with pytest.raises(ValueError, match=r"attention='splash': splash needs a TPU \(platform "
+                                         r"cpu\)"):  # the first reason, whatever the layout
         attention.resolve("splash", platform="cpu", **dict(kw, mask_forms={"dense"}))
 
 

@@ -160,7 +160,7 @@ def resolve(requested: str, *, platform: str, dtype: str, head_dim: int, mask_fo
                 " (the mask as a bias)" if mask_forms == {"dense"} else "")
     if requested in ("auto", "splash"):
         why = []
-        if requested == "auto" and platform != "tpu":
+        if platform != "tpu":
             why.append(f"splash needs a TPU (platform {platform})")
         if "dense" in mask_forms:
             why.append("this layout's mask (prefix sharing: rejected tokens skip the chosen "

@@ -730,7 +730,10 @@ def main(argv):
 if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", str(Path(__file__).with_name("config.py")),
+    from dpo_jax import cli
+    default_config = str(Path(__file__).with_name("config.py"))
+    cli.check_overrides(sys.argv, "demo.py", default_config)  # one line, not a traceback
+    config_flags.DEFINE_config_file("config", default_config,
                                     "Demo config (examples/sentiment/config.py[:mini|full|tiny]).",
                                     lock_config=True)
     flags.DEFINE_string("workdir", "runs/sentiment", "Where every stage writes.")

@@ -39,6 +39,12 @@ def _rope(hf: dict) -> dict:
     ``rope_theta`` + ``rope_scaling``."""
     params = dict(hf.get("rope_parameters") or {})
     legacy = dict(hf.get("rope_scaling") or {})
+    kinds = {k: d.get("rope_type", d.get("type")) for k, d in (("rope_parameters", params),
+                                                               ("rope_scaling", legacy)) if d}
+    if len(kinds) == 2 and len(set(kinds.values())) > 1:
+        raise ValueError(f"rope_parameters says rope_type={kinds['rope_parameters']!r} and the "
+                         f"legacy rope_scaling says {kinds['rope_scaling']!r} (transformers 5 "
+                         "reads the legacy one): keep one of the two fields")
     kind = params.get("rope_type", params.get("type", legacy.get("rope_type",
                                                                   legacy.get("type", "default"))))
     merged = {**legacy, **params}
