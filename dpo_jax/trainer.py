@@ -172,18 +172,53 @@ def _compile(run: Run, optimizer, lr_schedule, state_sh):
 
 # =========================================================================== loop
 
+class Progress:
+    """The tqdm bar of finished steps: a step counts once its result is on the device
+    (``is_ready``, no wait), so the bar never runs ahead; the first step, which compiles, is
+    waited for and logged apart, so the ETA starts after compilation."""
+
+    def __init__(self, run: Run, enabled: bool):
+        self.run, self.enabled, self.bar, self.pending = run, enabled, None, []
+        self.t0 = time.perf_counter()
+
+    def dispatched(self, s: int, loss):
+        if not self.enabled:
+            return
+        if self.bar is None:  # the first step of this process: compilation, then the step
+            jax.block_until_ready(loss)
+            log.info("compiled and ran the train step in %.1f s", time.perf_counter() - self.t0)
+            self.bar = tqdm(total=self.run.total_steps, initial=s, desc="train", unit="step",
+                            dynamic_ncols=True)
+            return
+        self.pending.append(loss)
+        while self.pending and self.pending[0].is_ready():
+            self.pending.pop(0)
+            self.bar.update(1)
+
+    def synced(self, m: dict):
+        """Every dispatched step has finished (the loop fetched step s's results)."""
+        if self.bar is not None:
+            self.bar.update(len(self.pending))
+            self.pending = []
+            self.bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['rewards/accuracies']:.2f}",
+                                 refresh=False)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.update(len(self.pending))
+            self.bar.close()
+
+
 def loop(run: Run, metrics_log: tracking.MetricsLog | None):
     config, n_proc = run.cfg.run, run.n_proc
-    progress = None
-    if config.progress_bar and run.lead:
-        progress = tqdm(total=run.total_steps, initial=run.start, desc="train", unit="step",
-                        dynamic_ncols=True)
+    progress = Progress(run, config.progress_bar and run.lead)
     t_last, s_last, tokens = time.perf_counter(), run.start, 0
     for s in range(run.start + 1, run.total_steps + 1):
         tokens += int(run.batch["attention_mask"].sum()) * n_proc
         run.num_tokens += int((run.batch["num_tokens"] * run.batch["valid"]).sum()) * n_proc
         run.state, m = run.train_step(run.state, run.frozen,
                                       sharding.shard_batch(run.mesh, run.batch))
+        progress.dispatched(s, m["loss"])
         # The cursor a checkpoint of step s must hold: where step s + 1's batch starts, so it is
         # taken before that batch is drawn (drawing it now overlaps host work with the device).
         cursor = run.train_batches.state()
@@ -200,8 +235,6 @@ def loop(run: Run, metrics_log: tracking.MetricsLog | None):
         eval_now = run.eval_batches is not None and (
             (config.eval_steps and s % config.eval_steps == 0) or last)
         save_now = s % config.save_steps == 0 or last or stop
-        if progress is not None:
-            progress.update(1)
         if not (log_now or eval_now or save_now):
             continue  # the device runs on; nothing here needs its results yet
         bad = int(run.state["bad_step"])  # waits for step s
@@ -221,17 +254,14 @@ def loop(run: Run, metrics_log: tracking.MetricsLog | None):
             scalars.update(_evaluate(run, s, metrics_log))
         if scalars and metrics_log is not None:
             metrics_log.write(s, scalars)
-        if progress is not None:
-            progress.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['rewards/accuracies']:.2f}",
-                                 refresh=False)
+        progress.synced(m)
         if save_now:
             run.ckpt.save(s, run.state, run.record(cursor))
         if stop:
             raise Stopped(f"stopped by SIGTERM at step {s}; the last complete checkpoint is "
                           f"{run.last_checkpoint()}; rerun the same command to resume", 143)
         t_last = time.perf_counter()  # eval and save are not step time
-    if progress is not None:
-        progress.close()
+    progress.close()
 
 
 def _evaluate(run: Run, s: int, metrics_log) -> dict:

@@ -291,3 +291,31 @@ def test_weight_decay_skips_biases_and_norm_scales():
                 assert np.abs(everywhere[name] - plain[name]).max() > 1e-6, name
     assert {n for n, d in flatten(mask).items() if not d} >= {"ln_f.weight", "h.ln_1.bias",
                                                                "h.attn.c_attn.bias"}
+
+
+def test_the_progress_bar_counts_finished_steps_only():
+    """A step counts once its result is ready (no wait); the first step (compilation) is
+    waited for before the bar starts, so its ETA excludes compiling."""
+    import types
+    from dpo_jax.trainer import Progress
+
+    class Pending:
+        def __init__(self):
+            self.ready = False
+
+        def is_ready(self):
+            return self.ready
+
+    p = Progress(types.SimpleNamespace(total_steps=10), enabled=True)
+    p.dispatched(1, jnp.zeros(()))  # compiles: waited for, then the bar starts at 1
+    assert p.bar.n == 1
+    a, b = Pending(), Pending()
+    p.dispatched(2, a)
+    p.dispatched(3, b)
+    assert p.bar.n == 1  # dispatched, not finished: the bar does not run ahead
+    a.ready = True
+    p.dispatched(4, Pending())
+    assert p.bar.n == 2  # step 2 finished; 3 and 4 still pending
+    p.synced({"loss": 0.5, "rewards/accuracies": 1.0})  # the loop fetched step 4's results
+    assert p.bar.n == 4
+    p.close()

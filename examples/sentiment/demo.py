@@ -627,19 +627,27 @@ def run(c, workdir) -> dict:
     runs = {}
     with Stage(4, f"DPO and baselines: {n_runs} runs ({', '.join(m.label for m in ms)}; "
                   f"seeds {tuple(c.seeds)})"):
+        k, spent, timed = 0, 0.0, 0  # seconds and count of the runs trained here (the ETA)
         for m in ms:
             for value in m.values:
                 for seed in c.seeds:
                     name = m.run_name(value, seed)
-                    print(f"  {m.label} ({m.loss_type}) {m.key}={value:g} seed {seed}",
-                          flush=True)
+                    k += 1
+                    eta = ("" if not timed else
+                           f", about {spent / timed * (n_runs - k + 1):.0f} s left")
+                    print(f"  run {k} of {n_runs}{eta}: {m.label} ({m.loss_type}) "
+                          f"{m.key}={value:g} seed {seed}", flush=True)
                     t = trainer_config(c, stage="dpo", tokenizer=tokenizer,
                                        dataset=work / "pairs" / "train.jsonl",
                                        eval_dataset=work / "pairs" / "eval.jsonl",
                                        model_name_or_path=str(ref_path), method=m, value=value,
                                        seed=seed)
+                    trained = not (work / "runs" / name / "summary.json").exists()
+                    started = time.perf_counter()
                     s = run_trainer(t, work / "runs" / name)
                     runs[name] = s
+                    if trained:  # a run finished before is no sample of this machine's pace
+                        spent, timed = spent + time.perf_counter() - started, timed + 1
                     print(f"    eval reward accuracy {s['eval/rewards/accuracies']:.3f}, "
                           f"margin {s['eval/rewards/margins']:.3f}, loss {s['eval/loss']:.3f}",
                           flush=True)
