@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import re
 
 import jax
@@ -93,8 +94,11 @@ def _per_device(key: str):
             raise ConfigError(f"config key per_device_{key} (TRL's name) needs the device count, "
                               f"which a multi-host run knows only later: set {key} (pairs per "
                               "micro-batch over all devices and processes) instead")
-        devices = jax.device_count() // max(c.mesh_tensor, 1)
-        return {key: int(v) * devices}
+        sizes = [c.mesh_data, c.mesh_fsdp, c.mesh_tensor]  # as sharding.make_mesh sizes them
+        if -1 in sizes:
+            known = [s for s in sizes if s != -1]
+            sizes[sizes.index(-1)] = jax.device_count() // max(1, math.prod(known))
+        return {key: int(v) * sizes[0] * sizes[1]}  # the data-parallel devices
     return convert
 
 
