@@ -162,7 +162,7 @@ def cases(ctx):
            ("packing=budget --config.layout=pair --config.pack_rows=1", "pack_rows=1 is too few"),
            ("attention=flash", "config key attention='flash'"),
            ("attention=cudnn", "attention='cudnn': cudnn needs a GPU"),
-           ("attention=splash", "attention='splash': this layout's mask"),
+           ("attention=splash", "attention='splash': splash needs a TPU (platform cpu)"),
            ("report_to=mlflow", "config key report_to='mlflow'"),
            ("report_to=none,wandb", "config key report_to='none,wandb'"),
            ("ld_alpha=2", "ld_alpha"), ("f_divergence_type=kl", "f_divergence_type"),
@@ -172,7 +172,16 @@ def cases(ctx):
            ("sync_ref_model=True --config.precompute_ref_log_probs=True", "cannot apply"),
            ("sync_ref_model=True --config.ref_model_sync_steps=0", "ref_model_sync_steps=0"),
            ("sync_ref_model=True --config.ref_model_mixup_alpha=1.5", "ref_model_mixup_alpha"),
-           ("sample_top_p=0", "sample_top_p"), ("token_metrics=maybe", "token_metrics")]
+           ("sample_top_p=0", "sample_top_p"), ("token_metrics=maybe", "token_metrics"),
+           # issues 24 and 25: DoRA, TRL's names, weights
+           ("use_dora=True", "use_dora=True needs lora_rank > 0"),
+           ("use_dora=True --config.lora_rank=4", "rc=0"),
+           ("loss_weights=1,-1 --config.loss_type=sigmoid,sft", "a weight must be >= 0"),
+           ("bf16=False --config.gradient_checkpointing=True", "rc=0"),
+           ("per_device_train_batch_size=4 --config.optim=adamw_torch", "rc=0"),
+           ("output_dir=runs/x", "pass --workdir runs/x"),
+           ("warmup_ratio=0.1", "set warmup_steps"),
+           ("lora_init=/nonexistent --config.lora_rank=4", "no adapter_config.json there")]
     for override, expect in bad:
         extra = ["--config.loss_weights=1,0.5"] if override.startswith("loss_type=sigmoid,") else []
         yield f"config: {override}", (SHORT + [ctx.cache, *f"--config.{override}".split(),
@@ -180,7 +189,8 @@ def cases(ctx):
     yield "config: missing file", (["--config", "nope.py", "--workdir", ctx.wd()],
                                    "config file nope.py does not exist")
     yield "config: misspelled key", (TINY + ["--config.bta=1", "--workdir", ctx.wd()],
-                                     "unknown config key 'bta'")
+                                     "unknown config key 'bta' (in '--config.bta=1'); did you "
+                                     "mean beta?")
     yield "config: :arg a config does not take", (["--config", "configs/tiny.py:x",
                                                    "--workdir", ctx.wd()], "get_config('x')")
     yield "config: type of a value", (SHORT + ["--config.train_batch_size=abc", "--workdir",
@@ -204,6 +214,10 @@ def cases(ctx):
     yield "generate: empty prompt", (["--workdir", "{done}", "--prompt", "", "--max_new_tokens",
                                       "3"], "rc=0")
     yield "generate: not a workdir", (["--workdir", ctx.root], "not the workdir of a training run")
+    yield "demo: --config nope.py", (["--config", "nope.py", "--workdir", ctx.wd()],
+                                     "demo.py: error: config file nope.py does not exist")
+    yield "demo: --config.bogus=1", (["--config.bogus=1", "--workdir", ctx.wd()],
+                                     "demo.py: error: unknown config key 'bogus'")
     yield "generate: too many new tokens", (["--workdir", "{done}", "--prompt", "x",
                                              "--max_new_tokens", "1000"],
                                             "exceeds the model's n_positions=64")
@@ -305,7 +319,8 @@ def main():
         if isinstance(args, str):
             rc, out, err = special(args, ctx)
         else:
-            script = "generate.py" if name.startswith("generate") else "train.py"
+            script = ("generate.py" if name.startswith("generate") else
+                      "examples/sentiment/demo.py" if name.startswith("demo") else "train.py")
             args = [str(x).format(done=done, noexport=noexport) for x in args]
             rc, out, err = cli(args, script=script)
         shown, ok = judge(rc, out, err, expect)
