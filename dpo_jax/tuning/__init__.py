@@ -10,9 +10,9 @@ interface below and never ask which method they hold:
   base with the adapters off is the reference (one copy of the base).
 - ``dora.py``: LoRA with a trained magnitude per output (Liu et al. 2024, ``use_dora``).
 
-``for_config(cfg, family, model_cfg)`` picks the method of a run's ``TuningConfig``: the most recently
-registered one whose ``applies(config)`` holds (``full`` applies to every config, so a method
-registered later, LoRA's say, takes the configs it claims).
+``for_config(cfg, family, model_cfg)`` picks the method of a run's ``TuningConfig``: the most
+recently registered one whose ``applies(cfg)`` holds (full: ``lora_rank=0``; LoRA: a rank
+without ``use_dora``; DoRA: with it), so a method registered later takes the configs it claims.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dpo_jax.errors import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class TuningConfig:
-    """LoRA and DoRA (dpo_jax/tuning/): adapters train; the base, adapters off, is the ref"""
+    """tuning: LoRA and DoRA (dpo_jax/tuning/): the base frozen and, adapters off, the reference"""
 
     lora_rank: int = K.key(0, "adapter rank r; 0 = full fine-tuning",
                            K.integer(0, "0 = full fine-tuning"), resume=True)
