@@ -243,11 +243,15 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
         train_and_evaluate(c, tmp_path / "wd")
 
 
-def test_unknown_config_key_lists_the_valid_ones(tmp_path):
+def test_unknown_config_key_names_the_close_ones_or_lists_the_valid_ones(tmp_path):
     r = run(["train.py", "--config", "configs/tiny.py", "--workdir", str(tmp_path),
              "--config.bta=0.2"])
     assert r.returncode != 0
-    assert "unknown config key 'bta'" in r.stderr and "beta, chosen_column" in r.stderr
+    assert "unknown config key 'bta' (in '--config.bta=0.2'); did you mean beta?" in r.stderr
+    r = run(["train.py", "--config", "configs/tiny.py", "--workdir", str(tmp_path),
+             "--config.zzzz=0.2"])
+    assert r.returncode != 0
+    assert "unknown config key 'zzzz'" in r.stderr and "beta, bf16, chosen_column" in r.stderr
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
