@@ -195,6 +195,9 @@ class LossConfig:
                                  f"{', '.join(sorted(LOSSES))}")
         if not lt:
             raise ValueError("loss_type is empty")
+        if len(set(lt)) < len(lt):
+            raise ValueError(f"loss_type {','.join(lt)!r} names a loss twice (weigh it with "
+                             "loss_weights instead)")
         if self.loss_weights is not None and len(self.loss_weights) != len(lt):
             raise ValueError(f"loss_weights {self.loss_weights} needs one weight per loss_type {lt}")
         if self.loss_weights is not None and any(not w >= 0 for w in self.loss_weights):

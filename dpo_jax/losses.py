@@ -242,10 +242,10 @@ def sft(x, o):
 
 # ============================================================================== entry points
 
-def pair_losses(x: PairLogps, o: LossConfig):
-    """(losses, chosen_rewards, rejected_rewards), each (B,): the weighted sum of the configured
-    losses (+ RPO's NLL term), and the rewards: the implicit rewards beta * Dc, beta * Dr, or for
-    CPO / ORPO-style losses beta times the policy's per-token mean log-probs."""
+def _prepared(x: PairLogps, o: LossConfig):
+    """(x, scored, plain): the inputs with token counts clamped and the reference zeroed where
+    reference-free; the log-ratios as f-DPO scores; the policy's log-probs without LD-DPO's
+    weighting."""
     # Padding pairs have 0 tokens; a 0/0 there would be a NaN that no weight of 0 removes.
     x = x._replace(chosen_tokens=jnp.maximum(x.chosen_tokens, 1),
                    rejected_tokens=jnp.maximum(x.rejected_tokens, 1))
@@ -259,13 +259,31 @@ def pair_losses(x: PairLogps, o: LossConfig):
                             ref_chosen=jnp.zeros_like(x.dc), ref_rejected=jnp.zeros_like(x.dr))
     # LD-DPO weighs the log-ratios only: the NLL terms (sft, RPO) and the reference-free losses
     # (SimPO, ORPO: TRL's CPO / ORPO trainers have no ld_alpha) see the plain log-probs
-    plain = x.plain()
-    losses = sum(w * LOSSES[name].fn(plain if LOSSES[name].reference_free else scored, o)
-                 for name, w in zip(o.loss_type, o.weights))
+    return x, scored, x.plain()
+
+
+def loss_terms(x: PairLogps, o: LossConfig) -> dict:
+    """{loss name: its weighted per-pair values (B,)} of the configured losses, and RPO's NLL
+    term under ``nll_loss`` (ORPO's name for it in TRL)."""
+    x, scored, plain = _prepared(x, o)
+    terms = {name: w * LOSSES[name].fn(plain if LOSSES[name].reference_free else scored, o)
+             for name, w in zip(o.loss_type, o.weights)}
+    if o.rpo_alpha:
+        terms["nll_loss"] = o.rpo_alpha * _chosen_nll(plain)
+    return terms
+
+
+def pair_losses(x: PairLogps, o: LossConfig):
+    """(losses, chosen_rewards, rejected_rewards), each (B,): the weighted sum of the configured
+    losses (+ RPO's NLL term), and the rewards: the implicit rewards beta * Dc, beta * Dr, or for
+    CPO / ORPO-style losses beta times the policy's per-token mean log-probs."""
+    terms = loss_terms(x, o)
+    x, _, plain = _prepared(x, o)
+    losses = sum(terms[name] for name in o.loss_type)
     if o.use_weighting and x.weight is not None:  # WPO (Zhou et al. 2024, arXiv 2406.11827)
         losses = losses * x.weight
     if o.rpo_alpha:
-        losses = losses + o.rpo_alpha * _chosen_nll(plain)
+        losses = losses + terms["nll_loss"]
     if o.rewards == "policy_mean":  # TRL's CPO / ORPO trainers
         return (losses, o.beta * plain.policy_chosen / x.chosen_tokens,
                 o.beta * plain.policy_rejected / x.rejected_tokens)
@@ -319,7 +337,7 @@ def token_metrics(chosen: dict, rejected: dict, valid) -> dict:
 def metrics(x: PairLogps, o: LossConfig, losses, chosen_rewards, rejected_rewards) -> dict:
     """TRL's names and meanings, means over the valid pairs. Accuracy is strict (0 at step 0).
     ``logps/*`` are summed log-probs, or per-token means where TRL's CPO / ORPO log those."""
-    v = x.valid
+    v, given = x.valid, x
     mean = lambda a: jnp.sum(a * v) / jnp.maximum(jnp.sum(v), 1)
     lc, lr = x.policy_chosen, x.policy_rejected  # LD-weighted, as TRL's DPOTrainer logs them
     if o.rewards == "policy_mean":
@@ -339,4 +357,7 @@ def metrics(x: PairLogps, o: LossConfig, losses, chosen_rewards, rejected_reward
     for name in o.loss_type:
         if LOSSES[name].metrics is not None:
             out.update({k: mean(val) for k, val in LOSSES[name].metrics(x, o).items()})
+    if len(o.loss_type) > 1 or o.rpo_alpha:  # each term of a combined loss, weighted
+        out.update({(k if k == "nll_loss" else f"loss/{k}"): mean(v)
+                    for k, v in loss_terms(given, o).items()})
     return out

@@ -227,3 +227,17 @@ def test_metrics_follow_trl():
 def test_bad_options_fail_when_read(kw, msg):
     with pytest.raises(ValueError, match=msg):
         L.LossConfig(**kw)
+
+
+def test_a_combined_loss_logs_each_term():
+    """loss/<name> for each configured loss (weighted) and nll_loss for RPO's term: they add up
+    to the loss; a single loss logs none of them; a loss named twice is refused."""
+    kw = dict(chosen_tokens=[3, 4], rejected_tokens=[2, 5], beta=0.2)
+    args = ([-3.0, -5.0], [-4.0, -2.0], [-3.5, -4.5], [-3.8, -2.5])
+    m = L.compute_metrics("sigmoid,sft", *args, loss_weights=(1.0, 0.5), rpo_alpha=0.3, **kw)
+    parts = m["loss/sigmoid"] + m["loss/sft"] + m["nll_loss"]
+    np.testing.assert_allclose(float(m["loss"]), float(parts), rtol=1e-6)
+    np.testing.assert_allclose(float(m["loss/sft"]), 0.5 * 8.0 / 7.0, rtol=1e-6)  # NLL / token
+    assert not any(k.startswith("loss/") for k in L.compute_metrics("sigmoid", *args, **kw))
+    with pytest.raises(ValueError, match="names a loss twice"):
+        L.LossConfig(loss_type="sigmoid,sigmoid")
