@@ -135,7 +135,7 @@ def cases(ctx):
            ("loss_type=sigmoid,ipo", "rc=0"), ("optim=adam", "config key optim='adam'"),
            ("lr_scheduler_type=cos", "lr_scheduler_type='cos'"),
            ("warmup_steps=-1", "warmup_steps=-1: must be >= 0"),
-           ("max_prompt_length=600", "the prompt must leave room"),
+           ("max_prompt_length=600 --config.tokenization=separate", "the prompt must leave room"),
            ("adam_beta2=1.0", "adam_beta2=1.0: must lie in"),
            ("min_lr_ratio=2.0", "min_lr_ratio=2.0: must lie in [0, 1]"),
            ("mesh_data=3", "needs 3 devices; there are 1"),

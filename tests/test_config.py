@@ -37,7 +37,7 @@ def test_groups_hold_every_key_once_and_the_resume_keys_are_derived():
     (dict(learnig_rate=1.0), "unknown config key 'learnig_rate'; did you mean learning_rate?"),
     (dict(beta=-1.0), "beta must be > 0"),
     (dict(lora_dropout=1.0), "config key lora_dropout=1.0: must lie in [0, 1)"),
-    (dict(max_prompt_length=48), "max_prompt_length=48 and max_length=48"),
+    (dict(max_prompt_length=48, tokenization="separate"), "max_prompt_length=48 and max_length=48"),
     (dict(use_dora=True), "use_dora=True needs lora_rank > 0"),
     (dict(mesh_data=-1, mesh_fsdp=-1), "at most one may be -1"),
     (dict(loss_type="sigmoid,sft", loss_weights="1,-0.5"), "a weight must be >= 0"),

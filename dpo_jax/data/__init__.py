@@ -75,9 +75,10 @@ class DataConfig:
 
     def __post_init__(self):
         K.check_fields(self)
-        if not self.max_prompt_length < self.max_length:
+        if self.tokenization == "separate" and not self.max_prompt_length < self.max_length:
             raise ConfigError(f"config keys max_prompt_length={self.max_prompt_length} and "
-                              f"max_length={self.max_length}: the prompt must leave room")
+                              f"max_length={self.max_length}: the prompt must leave room "
+                              "(tokenization='separate' keeps that many prompt tokens)")
         if self.add_bos and self.tokenization == "trl":
             raise ConfigError("config key add_bos=True applies to tokenization='separate'; with "
                               "'trl', BOS is what the tokenizer itself adds")
