@@ -89,13 +89,14 @@ def precompute_for_run(run) -> bool:
     key = fingerprint(checkpoint.model_config_record(run.model_cfg),
                       cfg.model.model_name_or_path, cfg.run.seed, cfg.model.ref_dtype,
                       cfg.model.dtype, cfg.layout.logprob_chunk_size, run.n_proc,
-                      run.loss_cfg.ld_alpha)
+                      run.loss_cfg.ld_alpha, run.loss_cfg.needs_stats)
     for pairs, batches in ((run.train_pairs, run.train_batches),
                            (run.eval_pairs, run.eval_batches)):
         if pairs is not None:  # each split scored in its own batches' layout
             ref_fn = steps.make_ref_logps_fn(run.tuning, batches.layout,
                                              out_shardings=replicated,
-                                             ld_alpha=run.loss_cfg.ld_alpha, **run.step_kw())
+                                             ld_alpha=run.loss_cfg.ld_alpha,
+                                             stats=run.loss_cfg.needs_stats, **run.step_kw())
             fp = fingerprint(key, jax.process_index(), pairs.prompt, pairs.chosen, pairs.rejected)
             precompute(pairs, ref_fn, run.state["params"], run.frozen, batches,
                        run.workdir / f"ref_logps-{fp}.npz", run.mesh)

@@ -47,10 +47,12 @@ def make_loss_fn(tuning, layout, loss_cfg: LossConfig, chunk_size: int, pair_blo
         pc, pr = completion_logps(c, ld), completion_logps(r, ld)
         if "ref_chosen_logps" in batch:  # precomputed once over the data
             rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        elif loss_cfg.needs_reference:
+        elif loss_cfg.needs_reference:  # scored as the policy is (the statistics' pass
+            # changes how XLA fuses the log-softmax: scored apart, equal weights gave rewards
+            # of +-4e-7 and a step-0 accuracy of 0.25 where TRL logs exactly 0)
             rc, rr = (completion_logps(v, ld) for v in layout.logps(
                 tuning.reference(trainable, frozen), batch, chunk_size=chunk_size,
-                pair_blocks=pair_blocks))
+                pair_blocks=pair_blocks, stats=loss_cfg.needs_stats))
         else:
             rc = rr = jnp.zeros_like(pc)
         rc, rr = jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
@@ -136,11 +138,14 @@ def make_eval_step(tuning, layout, loss_cfg: LossConfig, *, chunk_size: int,
 
 
 def make_ref_logps_fn(tuning, layout, *, chunk_size: int, pair_blocks: int = 1,
-                      in_shardings=None, out_shardings=None, ld_alpha: float = 1.0):
-    """ref_fn(trainable, frozen, batch) -> (chosen_logps, rejected_logps): for precomputing."""
+                      in_shardings=None, out_shardings=None, ld_alpha: float = 1.0,
+                      stats: bool = False):
+    """ref_fn(trainable, frozen, batch) -> (chosen_logps, rejected_logps): for precomputing
+    (``stats``: scored as the policy is, whose pass also computes the statistics)."""
     def ref_fn(trainable, frozen, batch):
         model = tuning.reference(trainable, frozen)
-        c, r = layout.logps(model, batch, chunk_size=chunk_size, pair_blocks=pair_blocks)
+        c, r = layout.logps(model, batch, chunk_size=chunk_size, pair_blocks=pair_blocks,
+                            stats=stats)
         return completion_logps(c, ld_alpha), completion_logps(r, ld_alpha)
     return jax.jit(ref_fn, **_shardings(in_shardings, out_shardings))
 

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from trainutil import CLI_ENV, REPO, SEED_ROW, seed_experiment_config, tiny_config
-from dpo_jax import checkpoint, data, layouts, optim, sampling, steps
+from dpo_jax import checkpoint, data, layouts, optim, sampling, sharding, steps, trainer
 from dpo_jax.losses import LossConfig
 from dpo_jax.models.gpt2 import GPT2, GPT2Config
 from dpo_jax.trainer import train_and_evaluate
@@ -323,3 +323,27 @@ def test_the_progress_bar_counts_finished_steps_only():
     p.synced({"loss": 0.5, "rewards/accuracies": 1.0})  # the loop fetched step 4's results
     assert p.bar.n == 4
     p.close()
+
+
+@pytest.mark.parametrize("kw", [
+    dict(), dict(layout="pair", max_completion_length=0), dict(lora_rank=4),
+    dict(loss_type="sigmoid,sft", ld_alpha=0.5, use_weighting=True),
+    dict(precompute_ref_log_probs=True), dict(token_metrics=False),
+    dict(family="llama", remat=True)],
+    ids=["gpt2", "pair", "lora", "sft+ld+wpo", "precomputed", "no-token-metrics", "llama-remat"])
+def test_step_one_rewards_are_exactly_zero(tmp_path, kw):
+    """Issue 25: the policy and the reference are scored the same way, so where they are the
+    same function of the same weights (step 1 of full tuning, LoRA with B = 0) the rewards are
+    exactly 0 and the strict accuracy 0, as TRL logs them. (The Llama family without remat
+    still differs in the last bit: saving its blocks' activations for the backward pass changes
+    how XLA fuses them; remat recomputes them as the reference computes them.)"""
+    from configs import tiny_llama
+    kw = dict(kw)
+    if kw.pop("family", "gpt2") == "llama":
+        kw["model"] = tiny_llama.get_config().model.to_dict()
+    c = tiny_config(tmp_path, max_steps=1, warmup_steps=0, sample_prompts=0, **kw)
+    run = trainer.setup(c, tmp_path / "wd")
+    _, m = run.train_step(run.state, run.frozen, sharding.shard_batch(run.mesh, run.batch))
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert float(m[key]) == 0.0, (key, float(m[key]))
+    run.ckpt.close()
