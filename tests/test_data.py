@@ -185,6 +185,8 @@ def test_truncation_cases(tok, tmp_path):
     assert pairs.chosen[2].tolist() == C[:16]
     assert len(pairs.rejected[2]) == 16
     assert pairs.stats["rows_truncated"] == 3
+    assert pairs.stats["truncated_by"] == {"max_length": 3}  # the setting that cut them, named
+    assert "truncated 3 (3 by config key max_length)" in D.summary_line(pairs.stats)
     assert max(pairs.pair_lengths()) <= 24
 
 

@@ -146,6 +146,12 @@ def test_bfloat16_compute_stays_close(variant):
     ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                           "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
+    # both fields, disagreeing: transformers 5 reads the legacy one (issue 25)
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+      "rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+     r"rope_parameters says rope_type='default' and the legacy rope_scaling says 'llama3'"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+      "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "'dynamic'"),
 ])
 def test_fields_the_module_does_not_implement_are_errors_naming_them(tmp_path, change, message):
     make_torch("mistral").save_pretrained(tmp_path)

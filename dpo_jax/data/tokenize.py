@@ -44,7 +44,7 @@ TOKEN_FIELDS = ("split", "prompt_column", "chosen_column", "rejected_column", "m
                 "max_prompt_length", "max_completion_length", "add_bos", "on_bad_row",
                 "tokenization")
 TOKENIZATIONS = ("trl", "separate")
-CACHE_VERSION = 5  # bump when the rules below change what a setting produces
+CACHE_VERSION = 6  # bump when the rules below change what a setting produces
 
 
 @dataclasses.dataclass
@@ -182,12 +182,13 @@ def tokenize_batch(batch, indices, *, cfg, tokenizer, where: str, row_offset: in
     cap = cfg.max_completion_length
     for j, ((p, c, r, cut), reason) in enumerate(zip(rows, reasons)):
         drop[j] = drop[j] or reason
+        why = "max_length" if cut else ""  # the setting that cut the row, for the summary
         if cap and max(len(c), len(r)) > cap:  # the static scoring window
-            c, r, cut = c[:cap], r[:cap], True
+            c, r, why = c[:cap], r[:cap], why or "max_completion_length"
         p_ids.append(p)
         c_ids.append(c)
         r_ids.append(r)
-        truncated.append(cut and not drop[j])
+        truncated.append("" if drop[j] else why)
     return {"prompt_ids": p_ids, "chosen_ids": c_ids, "rejected_ids": r_ids,
             "drop": drop, "truncated": truncated}
 
@@ -232,7 +233,8 @@ def tokenize_pairs(ds, tokenizer, cfg, *, where: str | None = None, unparsable_l
         "rows_read": len(ds) + unparsable_lines,
         "rows_kept": int(keep.sum()),
         "rows_dropped": dict(sorted(reasons.items())),
-        "rows_truncated": int(np.asarray(out["truncated"], bool).sum()),
+        "rows_truncated": sum(bool(t) for t in out["truncated"]),
+        "truncated_by": dict(sorted(Counter(t for t in out["truncated"] if t).items())),
         "mean_tokens": float(n_tokens.mean()) if len(n_tokens) else 0.0,
         "max_tokens": int(n_tokens.max()) if len(n_tokens) else 0,
         "from_cache": from_cache,
@@ -244,9 +246,10 @@ def tokenize_pairs(ds, tokenizer, cfg, *, where: str | None = None, unparsable_l
 
 def summary_line(stats: dict, padding_fraction: float | None = None) -> str:
     dropped = ", ".join(f"{k}={v}" for k, v in stats["rows_dropped"].items()) or "none"
+    by = ", ".join(f"{v} by config key {k}" for k, v in stats.get("truncated_by", {}).items())
     s = (f"rows read {stats['rows_read']}, kept {stats['rows_kept']}, dropped: {dropped}; "
-         f"truncated {stats['rows_truncated']}; tokens/pair mean {stats['mean_tokens']:.1f} "
-         f"max {stats['max_tokens']}")
+         f"truncated {stats['rows_truncated']}{f' ({by})' if by else ''}; tokens/pair mean "
+         f"{stats['mean_tokens']:.1f} max {stats['max_tokens']}")
     if padding_fraction is not None:
         s += f"; padding {100 * padding_fraction:.1f}%"
     return s
