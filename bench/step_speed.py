@@ -219,7 +219,7 @@ def run_jax(mode, a):
     if mode == "precomputed":
         ref_fn = steps.make_ref_logps_fn(tuning, layout, chunk_size=a.chunk)
         c, r = ref_fn(state["params"], ref, batches.collate(np.arange(PAIRS)))
-        pairs_.ref_chosen, pairs_.ref_rejected = np.asarray(c), np.asarray(r)
+        batches.set_reference(c, r)
         if not a.lora_rank:  # full tuning frees the reference; LoRA's base is the policy's too
             ref = {}
     first = data.stack_batches([next(batches)])

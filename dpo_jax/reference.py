@@ -2,7 +2,8 @@
 
 The reference never changes, so its log-probs of every pair can be computed before training
 (batched, jitted, sharded like training), cached in the workdir under a fingerprint of the model
-and the data, reused by later runs and on resume; the batches then carry them and the reference's
+and the data, reused by later runs and on resume; the batches then carry them
+(``PairBatches.set_reference``, done by the trainer) and the reference's
 params are freed.
 """
 
@@ -53,25 +54,25 @@ def fingerprint(*parts) -> str:
     return h.hexdigest()[:20]
 
 
-def precompute(pairs, ref_fn, params, frozen, batches: data.PairBatches, cache: Path, mesh):
-    """Reference log-probs of every pair, computed once (and cached on disk), stored in ``pairs``
-    so that every later batch carries them."""
+def precompute(ref_fn, params, frozen, batches: data.PairBatches, cache: Path, mesh):
+    """(chosen, rejected): the reference log-probs of every pair of ``batches``, (N,) each in
+    the pairs' order, computed once and cached on disk."""
     if cache.exists():
         z = np.load(cache)
-        pairs.ref_chosen, pairs.ref_rejected = z["chosen"], z["rejected"]
         log.info("reference log-probs read from %s", cache)
-        return
+        return z["chosen"], z["rejected"]
+    pairs = batches.pairs
     chosen = np.zeros(len(pairs), np.float32)
     rejected = np.zeros(len(pairs), np.float32)
     for rows, batch in batches.eval_batches_with_rows():
         c, r = jax.device_get(ref_fn(params, frozen, sharding.shard_batch(mesh, batch, False)))
         c, r = _local_block(c), _local_block(r)
         chosen[rows], rejected[rows] = c[:len(rows)], r[:len(rows)]
-    pairs.ref_chosen, pairs.ref_rejected = chosen, rejected
     tmp = cache.with_suffix(f".tmp{jax.process_index()}.npz")
     np.savez(tmp, chosen=chosen, rejected=rejected)
     os.replace(tmp, cache)
     log.info("reference log-probs of %d pairs written to %s", len(pairs), cache)
+    return chosen, rejected
 
 
 def _local_block(x):
@@ -80,16 +81,16 @@ def _local_block(x):
     return x[jax.process_index() * n:(jax.process_index() + 1) * n]
 
 
-def precompute_for_run(run) -> bool:
-    """Scores a run's train and eval pairs with its reference (cached in the workdir, keyed by
-    the model and the tokens): every batch then carries the log-probs. Returns whether the
-    frozen params can now be freed (they are only the reference's)."""
+def precompute_for_run(run) -> list[tuple]:
+    """[(batches, (chosen, rejected))]: a run's train and eval pairs scored by its reference
+    (cached in the workdir, keyed by the model and the tokens), for ``batches.set_reference``."""
     cfg = run.cfg
     replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
     key = fingerprint(checkpoint.model_config_record(run.model_cfg),
                       cfg.model.model_name_or_path, cfg.run.seed, cfg.model.ref_dtype,
                       cfg.model.dtype, cfg.layout.logprob_chunk_size, run.n_proc,
                       run.loss_cfg.ld_alpha, run.loss_cfg.needs_stats)
+    out = []
     for pairs, batches in ((run.train_pairs, run.train_batches),
                            (run.eval_pairs, run.eval_batches)):
         if pairs is not None:  # each split scored in its own batches' layout
@@ -98,6 +99,6 @@ def precompute_for_run(run) -> bool:
                                              ld_alpha=run.loss_cfg.ld_alpha,
                                              stats=run.loss_cfg.needs_stats, **run.step_kw())
             fp = fingerprint(key, jax.process_index(), pairs.prompt, pairs.chosen, pairs.rejected)
-            precompute(pairs, ref_fn, run.state["params"], run.frozen, batches,
-                       run.workdir / f"ref_logps-{fp}.npz", run.mesh)
-    return run.tuning.frees_frozen_after_precompute  # LoRA's base stays: it is the policy's
+            out.append((batches, precompute(ref_fn, run.state["params"], run.frozen, batches,
+                                            run.workdir / f"ref_logps-{fp}.npz", run.mesh)))
+    return out

@@ -86,8 +86,10 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
     if run.lead:  # only now that the resume checks passed
         workdirs.write_run_files(workdir, cfg.flat, tokenizer)
     if cfg.reference.precompute_ref_log_probs and cfg.loss.needs_reference:
-        if reference.precompute_for_run(run):
-            run.frozen = {}  # never needed again: free its memory
+        for batches, logps in reference.precompute_for_run(run):
+            batches.set_reference(*logps)
+        if run.tuning.frees_frozen_after_precompute:
+            run.frozen = {}  # never needed again: free its memory (LoRA's base is the policy's)
     _compile(run, optimizer, lr_schedule, state_sh)
     if run.lead:
         for line in run.describe():

@@ -102,8 +102,10 @@ def test_precomputed_reference_matches(models):
     layout, b = batch(tp, "prefix_sharing", window=W)  # computed in the fast layout
     ref_fn = steps.make_ref_logps_fn(FullTuning(graphdef), layout, chunk_size=0)
     c, r = ref_fn(None, ref, b)
-    tp.ref_chosen, tp.ref_rejected = np.asarray(c), np.asarray(r)
-    b = batch(tp, "prefix_sharing", window=W)
+    batches = data.PairBatches(tp, batch_size=len(tp), max_length=20, pad_id=0, shuffle=False,
+                               layout="prefix_sharing", completion_window=W)
+    batches.set_reference(c, r)  # the data pipeline's own way in
+    b = batches.layout, batches.collate(np.arange(len(tp)))
     assert "ref_chosen_logps" in b[1]
     assert_same(plain, loss_and_grads(models, b))
 

@@ -37,7 +37,8 @@ class PairBatches:
     """Batches of ``batch_size`` pairs as dicts of numpy arrays laid out by ``layout`` (a
     ``layouts.Layout``, or its name with ``completion_window``). ``valid`` (B,) is 1 for real
     pairs and 0 for the empty slots that fill an eval batch's tail; precomputed reference
-    log-probs ride along as ``ref_chosen_logps`` / ``ref_rejected_logps`` (B,)."""
+    log-probs (``set_reference``) ride along as ``ref_chosen_logps`` / ``ref_rejected_logps``
+    (B,)."""
 
     def __init__(self, pairs: TokenizedPairs, *, batch_size: int, max_length: int, pad_id: int,
                  seed: int = 0, shuffle: bool = True, buckets=(), state: dict | None = None,
@@ -75,6 +76,7 @@ class PairBatches:
         self.dims = [(len(p), len(c), len(r)) for p, c, r in
                      zip(pairs.prompt, pairs.chosen, pairs.rejected)]
         self.epoch, self.index = 0, 0
+        self.reference = None  # (chosen, rejected) reference log-probs per pair, precomputed
         self._plans = OrderedDict()  # (epoch, drop_remainder, shuffle) -> plan, newest last
         if state is not None:
             self.restore(state)
@@ -275,6 +277,14 @@ class PairBatches:
         for rows in self._plan(0, drop_remainder=False, shuffle=False):
             yield rows, self.collate(rows)
 
+    def set_reference(self, chosen: np.ndarray, rejected: np.ndarray):
+        """Precomputed reference log-probs, (N,) each in the order of the pairs: every batch
+        from now on carries them (``ref_chosen_logps`` / ``ref_rejected_logps``)."""
+        if len(chosen) != len(self.pairs) or len(rejected) != len(self.pairs):
+            raise DataError(f"{self.source}: reference log-probs for {len(chosen)} pairs, and "
+                            f"the data has {len(self.pairs)}")
+        self.reference = (np.asarray(chosen, np.float32), np.asarray(rejected, np.float32))
+
     # ---- shapes
     def collate(self, rows: np.ndarray) -> dict:
         p = self.pairs
@@ -289,9 +299,8 @@ class PairBatches:
         batch["num_tokens"] = np.zeros((b,), np.int32)
         batch["num_tokens"][:len(rows)] = [2 * len(p.prompt[r]) + len(p.chosen[r]) +
                                            len(p.rejected[r]) for r in rows]
-        if p.ref_chosen is not None:
-            for key, values in (("ref_chosen_logps", p.ref_chosen),
-                                ("ref_rejected_logps", p.ref_rejected)):
+        if self.reference is not None:
+            for key, values in zip(("ref_chosen_logps", "ref_rejected_logps"), self.reference):
                 batch[key] = np.zeros((b,), np.float32)
                 batch[key][:len(rows)] = values[rows]
         return batch

@@ -55,9 +55,6 @@ class TokenizedPairs:
     chosen: list[np.ndarray]
     rejected: list[np.ndarray]
     stats: dict
-    # Reference log-probs, (N,) each, once precomputed; batches then carry them.
-    ref_chosen: np.ndarray | None = None
-    ref_rejected: np.ndarray | None = None
 
     def __len__(self):
         return len(self.prompt)
