@@ -49,9 +49,21 @@ def agree(*values, op=np.max):
         np.asarray(values, np.int64)), axis=0))
 
 
-def batches(cfg, tokenizer, layout, train_pairs, eval_pairs, mesh):
-    """(train batches, eval batches or None, total updates); a packed layout sized for the
-    epochs those updates take, its rows split evenly over the devices."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The run's batches and the layouts they are scored in, decided here once: a packed layout
+    is sized for the epochs the updates take (the eval batches' for their pass)."""
+
+    train: data.PairBatches
+    evals: data.PairBatches | None
+    total_steps: int
+    layout: layouts.Layout       # the train step's
+    eval_layout: layouts.Layout  # the eval step's
+
+
+def batches(cfg, tokenizer, layout, train_pairs, eval_pairs, mesh) -> Plan:
+    """The run's ``Plan``: batches, total updates and the layouts, a packed layout's rows split
+    evenly over the devices."""
     d, opt, lay = cfg.data, cfg.optim, cfg.layout
     n_proc = jax.process_count()
     pad_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
@@ -76,7 +88,8 @@ def batches(cfg, tokenizer, layout, train_pairs, eval_pairs, mesh):
         _fit_packing(cfg, train, evals, total_steps, multiple)
     log.info("train data: %s; padding %.1f%%", data.summary_line(train_pairs.stats),
              100 * train.padding_fraction())
-    return train, evals, total_steps
+    return Plan(train, evals, total_steps, train.layout,
+                evals.layout if evals is not None else train.layout)
 
 
 def _total_steps(cfg, train) -> int:

@@ -30,7 +30,8 @@ class Run:
     tokenizer: object
     model_cfg: object
     tuning: tunings.Tuning
-    layout: layouts.Layout
+    layout: layouts.Layout      # the train step's (plan.Plan decided it)
+    eval_layout: layouts.Layout  # the eval step's
     loss_cfg: LossConfig
     train_pairs: data.TokenizedPairs
     eval_pairs: data.TokenizedPairs | None

@@ -61,11 +61,10 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
 
     train_pairs, eval_pairs = data.load_splits(cfg.data, tokenizer, shard=(proc, n_proc))
     phase_done()
-    train_batches, eval_batches, total_steps = plan.batches(cfg, tokenizer, layout,
-                                                            train_pairs, eval_pairs, mesh)
+    planned = plan.batches(cfg, tokenizer, layout, train_pairs, eval_pairs, mesh)
     tuning = tunings.for_config(cfg.tuning, family, model_cfg, ref_dtype=cfg.model.ref_dtype)
     state, state_sh, frozen, optimizer, lr_schedule = _train_state(cfg, mesh, tuning, params,
-                                                                   total_steps)
+                                                                   planned.total_steps)
     del params
     expect = {"model_config": checkpoint.model_config_record(model_cfg),
               "tuning": tuning.record()}
@@ -75,10 +74,10 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
     settings = workdirs.run_settings(cfg.flat, configs.resume_keys(),
                                      workdirs.data_fingerprint(train_pairs))
     run = Run(cfg=cfg, workdir=workdir, mesh=mesh, lead=proc == 0, tokenizer=tokenizer,
-              model_cfg=model_cfg, tuning=tuning, layout=train_batches.layout,
-              loss_cfg=cfg.loss, train_pairs=train_pairs, eval_pairs=eval_pairs,
-              train_batches=train_batches, eval_batches=eval_batches, total_steps=total_steps,
-              state=state, frozen=frozen, ckpt=ckpt, start=0, rng=jax.random.key(cfg.run.seed),
+              model_cfg=model_cfg, tuning=tuning, layout=planned.layout,
+              eval_layout=planned.eval_layout, loss_cfg=cfg.loss, train_pairs=train_pairs,
+              eval_pairs=eval_pairs, train_batches=planned.train, eval_batches=planned.evals,
+              total_steps=planned.total_steps, state=state, frozen=frozen, ckpt=ckpt, start=0, rng=jax.random.key(cfg.run.seed),
               expect=expect, settings=settings)
     _resume(run)
     phase_done()
@@ -86,15 +85,21 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
     if run.lead:  # only now that the resume checks passed
         workdirs.write_run_files(workdir, cfg.flat, tokenizer)
     if cfg.reference.precompute_ref_log_probs and cfg.loss.needs_reference:
-        for batches, logps in reference.precompute_for_run(run):
-            batches.set_reference(*logps)
-        if run.tuning.frees_frozen_after_precompute:
-            run.frozen = {}  # never needed again: free its memory (LoRA's base is the policy's)
+        _precompute_reference(run)
     _compile(run, optimizer, lr_schedule, state_sh)
     if run.lead:
         for line in run.describe():
             log.info("%s", line)
     return run
+
+
+def _precompute_reference(run: Run):
+    """The reference's log-probs of every pair, into the batches; then its params go if they
+    are only the reference's (LoRA's base is the policy's too)."""
+    for batches, logps in reference.precompute_for_run(run):
+        batches.set_reference(*logps)
+    if run.tuning.frees_frozen_after_precompute:
+        run.frozen = {}
 
 
 def _train_state(cfg, mesh, tuning, params, total_steps: int):
@@ -167,8 +172,7 @@ def _compile(run: Run, optimizer, lr_schedule, state_sh):
             seed=run.cfg.run.seed, sync=(run.cfg.reference.ref_model_mixup_alpha,
                                          run.cfg.reference.ref_model_sync_steps)
             if run.cfg.reference.sync_ref_model else None)
-    eval_layout = run.eval_batches.layout if run.eval_batches is not None else run.layout
-    run.eval_step = steps.make_eval_step(run.tuning, eval_layout, run.loss_cfg,
+    run.eval_step = steps.make_eval_step(run.tuning, run.eval_layout, run.loss_cfg,
                                          out_shardings=replicated, **run.step_kw())
 
 
