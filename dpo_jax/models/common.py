@@ -190,6 +190,22 @@ def attention(q, k, v, mask, *, scale: float, implementation: str = "xla", kv=No
     return attention_lib.attend(q, k, v, mask, scale=scale, implementation=implementation), kv
 
 
+class PreNormBlock(nnx.Module):
+    """x + attention(norm(x)), then + mlp(norm(x)): the block of GPT-2 and of the Llama family.
+    A family's block builds its parts in its own parameter names and returns them from
+    ``parts()`` as (attention's norm, attention, the MLP's norm, MLP); its attention takes
+    ``(x, mask, context, per_layer, kv, index)`` and returns (output, kv)."""
+
+    def parts(self) -> tuple:
+        raise NotImplementedError
+
+    def __call__(self, x, mask_bts, context, per_layer, kv=None, index=None):
+        attn_norm, attention, mlp_norm, mlp = self.parts()
+        a, kv = attention(attn_norm(x), mask_bts, context, per_layer, kv, index)
+        x = x + a
+        return x + mlp(mlp_norm(x)), kv
+
+
 def stacked(make, n: int, rngs: nnx.Rngs):
     """n copies of ``make(rngs)`` as one module whose params carry a leading layer axis."""
 

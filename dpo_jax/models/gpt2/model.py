@@ -107,11 +107,12 @@ class Attention(nnx.Module):
         self.by_layer = cfg.scale_attn_by_inverse_layer_idx
         self.implementation = cfg.attention
 
-    def __call__(self, x_btc, mask_bts, layer_idx, kv=None, index=None):
-        """mask_bts: (B, T, S) True where query t may attend to key s. layer_idx: this layer's
-        index (traced under the layer scan). With ``kv``, a (k, v) cache of (B, S, H, D) arrays,
-        the new keys and values are written at ``index`` and attention runs over the whole
-        cache; the updated cache is returned."""
+    def __call__(self, x_btc, mask_bts, context, per_layer, kv=None, index=None):
+        """mask_bts: (B, T, S) True where query t may attend to key s. per_layer: (this layer's
+        index,) (traced under the layer scan). With ``kv``, a (k, v) cache of (B, S, H, D)
+        arrays, the new keys and values are written at ``index`` and attention runs over the
+        whole cache; the updated cache is returned."""
+        (layer_idx,) = per_layer
         b, t, c = x_btc.shape
         q, k, v = jnp.split(self.c_attn(x_btc), 3, axis=-1)
         q, k, v = (a.reshape(b, t, self.n_head, c // self.n_head) for a in (q, k, v))
@@ -134,21 +135,17 @@ class MLP(nnx.Module):
         return self.c_proj(ACTIVATIONS[self.act](self.c_fc(x)))
 
 
-class Block(nnx.Module):
+class Block(common.PreNormBlock):
     """Pre-LN transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
 
     def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
-        dt = cfg.compute_dtype
-        self.ln_1 = common.LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dt)
+        self.ln_1 = common.LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, cfg.compute_dtype)
         self.attn = Attention(cfg, rngs=rngs)
-        self.ln_2 = common.LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dt)
+        self.ln_2 = common.LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, cfg.compute_dtype)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, mask_bts, context, per_layer, kv=None, index=None):
-        (layer_idx,) = per_layer
-        a, kv = self.attn(self.ln_1(x), mask_bts, layer_idx, kv, index)
-        x = x + a
-        return x + self.mlp(self.ln_2(x)), kv
+    def parts(self):
+        return self.ln_1, self.attn, self.ln_2, self.mlp
 
 
 class GPT2(CausalLM):

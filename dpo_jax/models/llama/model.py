@@ -149,7 +149,8 @@ class Attention(nnx.Module):
         self.heads, self.kv_heads, self.head_dim = h, k, d
         self.implementation = cfg.attention
 
-    def __call__(self, x, cos, sin, mask_bts, kv=None, index=None):
+    def __call__(self, x, mask_bts, context, per_layer, kv=None, index=None):
+        cos, sin = context  # RoPE's, from the positions
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
@@ -175,21 +176,18 @@ class MLP(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DecoderLayer(nnx.Module):
+class DecoderLayer(common.PreNormBlock):
     """Pre-norm: x + attn(input_layernorm(x)), then + mlp(post_attention_layernorm(x))."""
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-        dt = cfg.compute_dtype
-        self.input_layernorm = common.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
+        norm = lambda: common.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compute_dtype)
+        self.input_layernorm = norm()
         self.self_attn = Attention(cfg, rngs=rngs)
-        self.post_attention_layernorm = common.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
+        self.post_attention_layernorm = norm()
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, mask_bts, context, per_layer, kv=None, index=None):
-        cos, sin = context
-        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask_bts, kv, index)
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+    def parts(self):
+        return self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp
 
 
 class Head(nnx.Module):
