@@ -1,6 +1,6 @@
 """Issues 14 and 24: the model contract. A family registered from inside a test (its own names,
-a fused and a transposed tensor in its table) trains through the whole pipeline and exports and
-imports exactly; checkpoints of the previous format are still read."""
+a fused, a transposed and a row-permuted tensor in its table) trains through the whole pipeline
+and exports and imports exactly; checkpoints of the previous format are still read."""
 
 import dataclasses
 import json
@@ -44,9 +44,11 @@ def toy_family():
         names = models.flatten(common.params_of(common.abstract(gpt2.GPT2, c)))
         rename = {"wte.weight": "embed.tokens", "wpe.weight": "embed.positions"}
         fused = ("h.ln_1.weight", "h.ln_1.bias")
+        reverse = lambda n: np.arange(n)[::-1]  # its positions stored last one first
         return [HFTensor(fused, "decoder.layers.{i}.ln_1.packed")] + [
             HFTensor(n, f"decoder.layers.{{i}}.{n[2:]}" if n.startswith("h.")
-                     else rename.get(n, f"decoder.{n}"), transpose=n == "h.mlp.c_fc.weight")
+                     else rename.get(n, f"decoder.{n}"), transpose=n == "h.mlp.c_fc.weight",
+                     row_order=reverse if n == "wpe.weight" else None)
             for n in names if n not in fused]
 
     return models.Family(name="toy", model_types=("toy",), config_cls=ToyConfig,
@@ -72,6 +74,7 @@ def test_a_family_registered_in_a_test_trains_one_step(tmp_path, monkeypatch):
         keys = set(f.keys())
         packed = f.get_tensor("decoder.layers.1.ln_1.packed")
         fc = f.get_tensor("decoder.layers.0.mlp.c_fc.weight")
+        positions = f.get_tensor("embed.positions")
     assert {"embed.tokens", "decoder.layers.1.mlp.c_fc.weight", "decoder.ln_f.bias"} <= keys
     assert "decoder.layers.0.ln_1.weight" not in keys and packed.shape == (64,)
     assert fc.shape == (128, 32)  # (out, in): transposed from ours
@@ -83,6 +86,7 @@ def test_a_family_registered_in_a_test_trains_one_step(tmp_path, monkeypatch):
         np.testing.assert_array_equal(np.asarray(v), np.asarray(models.flatten(trained)[k]))
     np.testing.assert_array_equal(packed, np.concatenate(
         [np.asarray(trained["h"]["ln_1"][k][1]) for k in ("weight", "bias")]))
+    np.testing.assert_array_equal(positions, np.asarray(trained["wpe"]["weight"])[::-1])
     assert type(model.config) is ToyConfig and model.config.activation_function == "squared_relu"
     mlp = gpt2_model.MLP(model.config, rngs=__import__("flax").nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (3, 32))

@@ -38,13 +38,16 @@ class HFTensor:
     nn.Linear stores (out, in); ours is (in, out)); several paths in ``ours`` are fused in the
     checkpoint, concatenated along ``axis`` of HF's layout (after the transpose): a fused
     ``qkv_proj`` or ``gate_up_proj`` split into our separate matrices on import and fused again
-    on export. A norm stored as (w - 1), as Gemma's, stays as stored: the module adds the one
-    (an exact round trip, where storing w + 1 would round)."""
+    on export; ``row_order(n)`` permutes the rows (axis 0 of HF's layout, after any fusing):
+    HF's row i is our row ``row_order(n)[i]`` (a rotary layout of its own, say). A norm stored
+    as (w - 1), as Gemma's, stays as stored: the module adds the one (an exact round trip,
+    where storing w + 1 would round)."""
 
     ours: str | tuple[str, ...]  # our parameter path(s), e.g. "layers.self_attn.q_proj.weight"
     hf: str                 # the HF key; "{i}" stands for the layer index of a stacked param
     transpose: bool = False
     axis: int = 0           # where fused params are concatenated, in HF's layout
+    row_order: Callable[[int], np.ndarray] | None = None  # HF row i = our row order[i]
 
     @property
     def stacked(self) -> bool:
@@ -66,10 +69,13 @@ class HFTensor:
     def to_hf(self, parts: list):
         """Our arrays (one layer each) -> the HF tensor."""
         parts = [p.T if self.transpose else p for p in parts]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=self.axis)
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=self.axis)
+        return out if self.row_order is None else out[self.row_order(len(out))]
 
     def to_ours(self, a, shapes: list[tuple]) -> list:
         """The HF tensor (one layer) -> our arrays, split where fused."""
+        if self.row_order is not None:
+            a = a[np.argsort(self.row_order(len(a)))]
         if len(shapes) == 1:
             parts = [a]
         else:
