@@ -43,8 +43,8 @@ def load_rows(cfg):
 
 
 def read_source(cfg) -> Rows:
-    """The rows of ``cfg.source`` (a DataConfig) with the count of lines skipped on the way."""
-
+    """The rows of ``cfg.source`` (a Source) with the count of lines skipped on the way."""
+    datasets.disable_progress_bars()  # a file's few rows need no bar; the summary line says
     path = Path(cfg.source).expanduser()
     if path.is_dir():
         try:

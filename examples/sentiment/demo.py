@@ -721,6 +721,8 @@ def main(argv):
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)  # progress is the stage lines and bars
     logging.getLogger().setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:  # each run's train.log keeps its INFO lines
+        handler.setLevel(logging.WARNING)
     import jax
     # Runs that differ only in their data order or seed compile nothing the second time; set
     # before the first compilation (JAX reads it once).
