@@ -265,7 +265,10 @@ def _prepared(x: PairLogps, o: LossConfig):
 def loss_terms(x: PairLogps, o: LossConfig) -> dict:
     """{loss name: its weighted per-pair values (B,)} of the configured losses, and RPO's NLL
     term under ``nll_loss`` (ORPO's name for it in TRL)."""
-    x, scored, plain = _prepared(x, o)
+    return _terms(*_prepared(x, o), o)
+
+
+def _terms(x, scored, plain, o) -> dict:
     terms = {name: w * LOSSES[name].fn(plain if LOSSES[name].reference_free else scored, o)
              for name, w in zip(o.loss_type, o.weights)}
     if o.rpo_alpha:
@@ -277,8 +280,8 @@ def pair_losses(x: PairLogps, o: LossConfig):
     """(losses, chosen_rewards, rejected_rewards), each (B,): the weighted sum of the configured
     losses (+ RPO's NLL term), and the rewards: the implicit rewards beta * Dc, beta * Dr, or for
     CPO / ORPO-style losses beta times the policy's per-token mean log-probs."""
-    terms = loss_terms(x, o)
-    x, _, plain = _prepared(x, o)
+    x, scored, plain = _prepared(x, o)
+    terms = _terms(x, scored, plain, o)
     losses = sum(terms[name] for name in o.loss_type)
     if o.use_weighting and x.weight is not None:  # WPO (Zhou et al. 2024, arXiv 2406.11827)
         losses = losses * x.weight
