@@ -81,3 +81,14 @@ def test_a_loss_option_and_the_table_agree():
         if key != "model":
             assert f"| `{key}` |" in table, key
     assert "| `max_grad_norm` | `10.0` |" in table and "TRL's default 1.0" in table
+
+
+def test_discopop_warns_once_at_the_start(tmp_path, caplog):
+    """Issue 25: discopop from a fresh start can learn the wrong preference (its formula at
+    z = 0, as in TRL); the config layer says so once, and not for other losses."""
+    caplog.set_level(logging.WARNING, logger="dpo_jax.config")
+    configs.build(tiny_config(tmp_path, loss_type="sigmoid"))
+    assert not [r for r in caplog.records if "discopop" in r.getMessage()]
+    configs.build(tiny_config(tmp_path, loss_type="discopop"))
+    said = [r.getMessage() for r in caplog.records if "discopop" in r.getMessage()]
+    assert len(said) == 1 and "rewards/accuracies" in said[0]

@@ -335,8 +335,9 @@ def test_step_one_rewards_are_exactly_zero(tmp_path, kw):
     """Issue 25: the policy and the reference are scored the same way, so where they are the
     same function of the same weights (step 1 of full tuning, LoRA with B = 0) the rewards are
     exactly 0 and the strict accuracy 0, as TRL logs them. (The Llama family without remat
-    still differs in the last bit: saving its blocks' activations for the backward pass changes
-    how XLA fuses them; remat recomputes them as the reference computes them.)"""
+    still differs in the last bit, ~1e-7: the attention logits' q.k dot, whose operands the
+    backward also reads, compiles with other layouts than the reference's; remat recomputes the
+    block as the reference computes it. See the README's metrics paragraph.)"""
     from configs import tiny_llama
     kw = dict(kw)
     if kw.pop("family", "gpt2") == "llama":
