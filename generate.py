@@ -38,7 +38,7 @@ def load_policy(config, workdir: Path, reference):
     from dpo_jax.errors import DpoError
     from dpo_jax.models import common
     if FLAGS.from_export:
-        return hf.load_pretrained(workdir / "hf")
+        return hf.load_pretrained(local_copy(workdir / "hf"))
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", async_save=False)
     s = ckpt.latest_step()
     if s is None:
@@ -50,10 +50,18 @@ def load_policy(config, workdir: Path, reference):
     return method.restore_policy(ckpt, s, common.params_of(reference), expect)
 
 
+def local_copy(p):
+    """A folder of the workdir on this disk (fetched once where the workdir is a bucket)."""
+    from dpo_jax import storage
+    return storage.fetch(str(p), "--workdir") if storage.is_remote(p) else p
+
+
 def run():
-    from dpo_jax import config as configs, hf, hub, sampling
+    from dpo_jax import config as configs, hf, hub, sampling, storage
     from dpo_jax.errors import ConfigError, DpoError
-    workdir = Path(FLAGS.workdir)
+    workdir = storage.path(FLAGS.workdir)
+    if storage.is_remote(workdir):
+        storage.check_access(workdir)
     if not (workdir / "config.json").is_file():
         raise DpoError(f"{workdir} is not the workdir of a training run (it has no config.json)")
     config = configs.build(json.loads((workdir / "config.json").read_text()))
@@ -69,7 +77,7 @@ def run():
                                       top_p=FLAGS.top_p)
     except ValueError as e:
         raise ConfigError(f"generate.py flags: {e}") from None
-    tokenizer = hub.load_tokenizer(workdir / "tokenizer")
+    tokenizer = hub.load_tokenizer(local_copy(workdir / "tokenizer"))
     cfg = sampling.SamplingConfig(**{**cfg.__dict__, "eos_id": tokenizer.eos_token_id})
     model_cfg, ref_params = hf.initial_model(config.model, tokenizer, seed=config.run.seed)
     reference = hf.build(model_cfg, ref_params)

@@ -28,12 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dpo_jax import storage
 from dpo_jax.errors import DpoError
 from dpo_jax.models import common
 
 log = logging.getLogger(__name__)
 
 _COMMIT_FILES = ("_CHECKPOINT_METADATA",)
+_GCS_COMMIT = "commit_success.txt"
 _OLD_STATE = "state"  # the single item of the previous format
 
 
@@ -89,14 +91,17 @@ def all_finite(tree) -> bool:
 
 class Checkpointer:
     def __init__(self, directory, *, max_to_keep: int | None = 3, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+        self.remote = storage.is_remote(directory)
+        self.directory = directory if self.remote else Path(directory).absolute()
         opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=opts)
 
     def _complete(self, step: int) -> bool:
         d = self.directory / str(step)
-        return all((d / f).exists() for f in _COMMIT_FILES)
+        # On an object store orbax writes the step in place (no atomic rename) and marks its
+        # end with commit_success.txt.
+        return all((d / f).exists() for f in _COMMIT_FILES + (_GCS_COMMIT,) * self.remote)
 
     def latest_step(self) -> int | None:
         """The newest complete step (read from the folder, so it also answers after close)."""
@@ -125,6 +130,8 @@ class Checkpointer:
     def _check_space(self, state):
         """A full disk found before orbax starts writing (its failure comes from background
         threads, long after the cause): the new step needs room while the old ones remain."""
+        if self.remote:  # a bucket has no free-space figure; a failed write names the object
+            return
         need = sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(state))
         free = shutil.disk_usage(self.directory).free
         if free < 1.1 * need + (16 << 20):
@@ -208,7 +215,7 @@ class Checkpointer:
                 log.warning("%s; moving it to %s and resuming from the checkpoint before it",
                             e, aside)
                 if jax.process_index() == 0:
-                    (self.directory / str(step)).rename(aside)
+                    storage.move(self.directory / str(step), aside)
                 self.manager.reload()
         return None
 
@@ -237,7 +244,7 @@ class Checkpointer:
             if p.name.isdigit() and not self._complete(int(p.name)):
                 log.warning("%s has no commit files (a save cut short); moving it to %s", p,
                             p.with_name(f"{p.name}.incomplete"))
-                p.rename(p.with_name(f"{p.name}.incomplete"))
+                storage.move(p, p.with_name(f"{p.name}.incomplete"))
         self.manager.reload()
 
     def wait(self):

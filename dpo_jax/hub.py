@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from transformers import AutoTokenizer
 
+from dpo_jax import storage
 from dpo_jax.errors import DpoError
 
 CONFIG_FILE = "config.json"
@@ -68,7 +69,10 @@ def _is_local_name(name: str, path: Path) -> bool:
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
-    """A local model folder as is; otherwise a hub id, from the HF cache or downloaded."""
+    """A local model folder as is; a bucket's folder (gs://) fetched once to this disk;
+    otherwise a hub id, from the HF cache or downloaded."""
+    if storage.is_url(str(name_or_path)):
+        return storage.fetch(str(name_or_path), "model_name_or_path")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -254,7 +258,10 @@ def write_weights(folder: Path, tensors: dict[str, np.ndarray], config: dict, *,
 # =========================================================================== tokenizers
 
 def load_tokenizer(name_or_path: str | os.PathLike):
-    """A transformers tokenizer from a local folder, the HF cache, or the hub (fast offline error)."""
+    """A transformers tokenizer from a local folder, a bucket's folder, the HF cache, or the hub
+    (fast offline error)."""
+    if storage.is_url(str(name_or_path)):
+        name_or_path = storage.fetch(str(name_or_path), "tokenizer_name_or_path")
     path = Path(name_or_path).expanduser()
     name = str(name_or_path)
     if path.is_dir():

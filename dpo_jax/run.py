@@ -55,6 +55,7 @@ class Run:
     num_tokens: int = 0         # TRL's num_tokens: the tokens of every trained sequence so far
     last_samples: tuple = (0, None)  # (step, pi_ref / pi_theta completions) of the last eval
     samples_skipped: bool = False    # why samples cannot be drawn was logged
+    mirror: object = None       # a remote workdir's storage.Mirror (None: a local workdir)
 
     @property
     def reference_params(self) -> dict:
@@ -76,6 +77,18 @@ class Run:
         return {"data": cursor, "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),
                 "step": int(self.state["step"]), "run": self.settings,
                 "num_tokens": self.num_tokens, **self.expect}
+
+    def push(self, *, every: float = 0.0, strict: bool = False):
+        """A remote workdir: the run files that changed, to the bucket (the lead process's)."""
+        if self.mirror is not None and self.lead:
+            self.mirror.push(every=every, strict=strict)
+
+    def where(self, local) -> str:
+        """A file of the workdir as the user named it (the bucket's URL for a staged file)."""
+        if self.mirror is None:
+            return str(local)
+        rel = Path(local).relative_to(self.workdir).as_posix()
+        return str(self.mirror.remote) + ("" if rel == "." else f"/{rel}")
 
     def last_checkpoint(self) -> str:
         """The newest complete checkpoint, in words (after any save in flight has finished)."""

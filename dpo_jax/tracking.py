@@ -115,6 +115,12 @@ class MetricsLog:
                                       for s in samples])
             self.wandb.log({"samples": table}, step=step)
 
+    def flush(self):
+        """Everything written so far is in the files (before a remote workdir's push)."""
+        self.file.flush()
+        if self.tb is not None:
+            self.tb.flush()
+
     def close(self):
         self.file.close()
         if self.tb is not None:
@@ -143,7 +149,8 @@ def console_logging():
     up (orbax and absl log every checkpoint step, JAX its backend probes)."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "jax._src", "orbax", "datasets", "transformers", "httpx"):
+    for noisy in ("absl", "jax._src", "orbax", "datasets", "transformers", "httpx", "gcsfs",
+                  "fsspec", "google"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

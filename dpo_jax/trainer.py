@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from dpo_jax import (checkpoint, config as configs, data, evaluation, hf, hub, models, optim,
-                     plan, reference, sharding, steps, tracking, tuning as tunings,
+                     plan, reference, sharding, steps, storage, tracking, tuning as tunings,
                      workdir as workdirs)
 from dpo_jax.errors import ConfigError, DpoError, NonFiniteError, Stopped
 from dpo_jax.interrupts import Interrupts
@@ -34,10 +34,12 @@ log = logging.getLogger(__name__)
 
 # =========================================================================== setup
 
-def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
+def setup(config, workdir: Path, interrupts: Interrupts | None = None,
+          mirror: storage.Mirror | None = None) -> Run:
     """Builds the run (JAX's processes already joined) from its config: a ``configs.Config``,
     or the flat keys (checked here). With ``interrupts``, a SIGTERM or Ctrl-C stops it between
-    phases."""
+    phases. With ``mirror``, the workdir is remote: ``workdir`` is its local staging folder
+    (``storage.Mirror``) and checkpoints go to the remote one."""
 
     def phase_done():
         if interrupts is not None:
@@ -69,7 +71,7 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
     expect = {"model_config": checkpoint.model_config_record(model_cfg),
               "tuning": tuning.record()}
 
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints",
+    ckpt = checkpoint.Checkpointer((mirror.remote if mirror else workdir) / "checkpoints",
                                    max_to_keep=cfg.run.save_total_limit)
     settings = workdirs.run_settings(cfg.flat, configs.resume_keys(),
                                      workdirs.data_fingerprint(train_pairs))
@@ -78,12 +80,13 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None) -> Run:
               eval_layout=planned.eval_layout, loss_cfg=cfg.loss, train_pairs=train_pairs,
               eval_pairs=eval_pairs, train_batches=planned.train, eval_batches=planned.evals,
               total_steps=planned.total_steps, state=state, frozen=frozen, ckpt=ckpt, start=0, rng=jax.random.key(cfg.run.seed),
-              expect=expect, settings=settings)
+              expect=expect, settings=settings, mirror=mirror)
     _resume(run)
     phase_done()
     run.interrupts = interrupts
     if run.lead:  # only now that the resume checks passed
         workdirs.write_run_files(workdir, cfg.flat, tokenizer)
+        run.push()
     if cfg.reference.precompute_ref_log_probs and cfg.loss.needs_reference:
         _precompute_reference(run)
     _compile(run, optimizer, lr_schedule, state_sh)
@@ -263,6 +266,9 @@ def loop(run: Run, metrics_log: tracking.MetricsLog | None):
         progress.synced(m)
         if save_now:
             run.ckpt.save(s, run.state, run.record(cursor))
+        if metrics_log is not None and run.mirror is not None:
+            metrics_log.flush()
+            run.push(every=0 if save_now else storage.PUSH_SECONDS)
         if stop:
             raise Stopped(f"stopped by SIGTERM at step {s}; the last complete checkpoint is "
                           f"{run.last_checkpoint()}; rerun the same command to resume", 143)
@@ -300,7 +306,7 @@ def finish(run: Run) -> dict:
     if run.start == run.total_steps and summary_path.exists():
         summary = json.loads(summary_path.read_text())
         if run.lead:
-            print(f"{run.workdir} holds a finished run of {run.total_steps} steps", flush=True)
+            print(f"{run.where(run.workdir)} holds a finished run of {run.total_steps} steps", flush=True)
             tracking.print_summary(summary)
         return summary
     if run.start == run.total_steps:  # finished, but a kill cut the export or summary short
@@ -322,7 +328,7 @@ def finish(run: Run) -> dict:
         "eval/rewards/accuracies": run.last_eval.get("rewards/accuracies"),
         "eval/rewards/margins": run.last_eval.get("rewards/margins"),
         "checkpoint": str(run.ckpt.directory / str(run.total_steps)),
-        "hf_export": str(hf_dir) if hf_dir else None,
+        "hf_export": run.where(hf_dir) if hf_dir else None,
     }
     step, samples = run.last_samples
     if step != run.total_steps or samples is None:  # none drawn from the final params yet
@@ -334,6 +340,7 @@ def finish(run: Run) -> dict:
         tmp = summary_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         tmp.replace(summary_path)
+        run.push(strict=True)
     return summary
 
 
@@ -355,11 +362,11 @@ def train_and_evaluate(config, workdir) -> dict:
             num_processes=mesh_cfg.num_processes or None,
             process_id=mesh_cfg.process_id if mesh_cfg.process_id >= 0 else None)
     configs.check_backend(cfg)
-    workdir = workdirs.make(workdir)
-    lock = workdirs.Lock(workdir, jax.process_index(), jax.process_count())
+    workdir, lock, mirror = workdirs.open_workdir(workdir, jax.process_index(),
+                                                  jax.process_count())
     handler, interrupts, run = tracking.file_logging(workdir), Interrupts(), None
     try:
-        run = setup(cfg, workdir, interrupts)
+        run = setup(cfg, workdir, interrupts, mirror)
         if run.start < run.total_steps:
             metrics_log = (tracking.MetricsLog(workdir, run.start, cfg.tracking, cfg.flat)
                            if run.lead else None)
@@ -390,4 +397,8 @@ def train_and_evaluate(config, workdir) -> dict:
         interrupts.restore()
         logging.getLogger("dpo_jax").removeHandler(handler)
         handler.close()
+        if mirror is not None:  # train.log's last lines (an error, a stop) reach the bucket too
+            if jax.process_index() == 0:
+                mirror.push()
+            mirror.close()
         lock.release()

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from dpo_jax import keys as K
+from dpo_jax import keys as K, storage
 from dpo_jax.checkpoint import CheckpointMismatch
 from dpo_jax.errors import DpoError
 from dpo_jax.reference import fingerprint
@@ -58,6 +58,25 @@ class RunConfig:
 
     def __post_init__(self):
         K.check_fields(self)
+
+
+def open_workdir(path, process: int = 0, processes: int = 1):
+    """(local folder, lock, mirror) of a run's workdir. Local: the folder itself, its ``Lock``,
+    no mirror. An object store (``storage.path``): the bucket checked, its ``storage.Lease``,
+    and a ``storage.Mirror`` whose staging folder holds the run files, pulled from the bucket."""
+    where = storage.path(path)
+    if not storage.is_remote(where):
+        local = make(where)
+        return local, Lock(local, process, processes), None
+    storage.check_access(where)
+    lease = storage.Lease(f"{where}/{'lock' if processes == 1 else f'lock.{process}'}")
+    try:
+        mirror = storage.Mirror(where)
+        mirror.lease = lease
+        return mirror.pull(), lease, mirror
+    except BaseException:
+        lease.release()
+        raise
 
 
 def make(path) -> Path:

@@ -33,3 +33,17 @@ def wide_hf(tmp_path_factory):
     path = tmp_path_factory.mktemp("wide_gpt2")
     model.save_pretrained(path)
     return model, path
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A real GCS emulator on 127.0.0.1 for the session (tests/gcs_emulator.py); the tests
+    that need it skip, saying why, where it cannot start."""
+    try:
+        from gcs_emulator import Emulator
+        server = Emulator(tmp_path_factory.mktemp("gcs_root"),
+                          tmp_path_factory.mktemp("gcs_log") / "fake-gcs-server.log")
+    except Exception as e:  # no wheel, no binary for this platform, a port refused
+        pytest.skip(f"the GCS emulator cannot start here ({type(e).__name__}: {e})")
+    yield server
+    server.stop()

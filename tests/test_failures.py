@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import sys
 import textwrap
 
@@ -22,7 +23,7 @@ ENV = CLI_ENV
 DRIVER = textwrap.dedent("""
     import os, signal, sys
     from dpo_jax import hf, steps
-    at = {k: int(os.environ[f"FAULT_{k}"]) for k in ("TERM", "INT", "NAN", "RAISE")
+    at = {k: int(os.environ[f"FAULT_{k}"]) for k in ("TERM", "INT", "NAN", "RAISE", "KILL")
           if f"FAULT_{k}" in os.environ}
     make = steps.make_train_step
     def make_faulty(*a, **k):
@@ -33,6 +34,8 @@ DRIVER = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGTERM)
             if at.get("INT") == done:
                 os.kill(os.getpid(), signal.SIGINT)
+            if at.get("KILL") == done:
+                os.kill(os.getpid(), signal.SIGKILL)
             if at.get("RAISE") == done:
                 raise RuntimeError("injected failure")
             if at.get("NAN") == done:
@@ -76,8 +79,16 @@ def straight(tmp_path_factory, cache):
     """The uninterrupted run: its export's bytes are what every resumed run must end with."""
     wd = tmp_path_factory.mktemp("straight") / "wd"
     r = run([*COMMON, cache, "--workdir", str(wd)])
+    exited = time.time()
     assert r.returncode == 0, r.stderr[-3000:]
-    return wd, (wd / "hf" / "model.safetensors").read_bytes()
+    return (wd, (wd / "hf" / "model.safetensors").read_bytes(),
+            exited - (wd / "summary.json").stat().st_mtime)
+
+
+def test_a_finished_run_exits_within_seconds_of_its_summary(straight):
+    """Issue 25: a scheduler counts a run that lingers after summary.json as timed out (tracker
+    or checkpoint-manager shutdown once took over 1.5 minutes under load)."""
+    assert straight[2] < 15, f"exited {straight[2]:.1f} s after writing summary.json"
 
 
 def one_line_error(r, *fragments):

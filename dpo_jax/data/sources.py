@@ -15,6 +15,7 @@ from pathlib import Path
 
 import datasets
 
+from dpo_jax import storage
 from dpo_jax.errors import DpoError
 from dpo_jax.hub import hub_reachable as probe
 
@@ -45,6 +46,13 @@ def load_rows(cfg):
 def read_source(cfg) -> Rows:
     """The rows of ``cfg.source`` (a Source) with the count of lines skipped on the way."""
     datasets.disable_progress_bars()  # a file's few rows need no bar; the summary line says
+    if storage.is_url(cfg.source):  # an object store: a local copy, read as a local file is,
+        # errors naming the URL (every process fetches it and keeps its share, as for a file)
+        local = storage.fetch(cfg.source, "dataset_name")
+        try:
+            return read_source(dataclasses.replace(cfg, source=str(local)))
+        except DataError as e:
+            raise DataError(str(e).replace(str(local), cfg.source)) from None
     path = Path(cfg.source).expanduser()
     if path.is_dir():
         try:

@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import save_file
 
-from dpo_jax import checkpoint, hub, models, sharding
+from dpo_jax import checkpoint, hub, models, sharding, storage
 from dpo_jax.errors import ConfigError
 from dpo_jax.models import common
 from dpo_jax.tuning import Parts, Tuning, register
@@ -317,7 +317,8 @@ def save_peft(path: Path, tuning: LoRATuning, trainable: dict, base_name: str) -
 def load_peft(path, tuning: LoRATuning) -> dict:
     """A PEFT adapter as our trainable params (a pure dict), checked against this run's
     settings: its kind (LoRA or DoRA), rank, alpha and every tensor's shape."""
-    folder = Path(path).expanduser()
+    folder = (storage.fetch(str(path), "config key lora_init") if storage.is_url(str(path))
+              else Path(path).expanduser())
     cfg_file = folder / PEFT_CONFIG
     where = f"config key lora_init={str(path)!r}"
     if not cfg_file.is_file():
