@@ -10,10 +10,25 @@ DPO_JAX_TRACEBACK=1) prints their traceback too; unexpected errors always keep t
 """
 
 import os
+import signal
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+
+def _stopped_at_startup(signum, frame):
+    """SIGTERM or Ctrl-C while the libraries load (before the trainer's own handlers): nothing
+    has been written yet; one line, not an import's traceback."""
+    name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+    print(f"train.py: error: stopped by {name} while starting (nothing was written)",
+          file=sys.stderr, flush=True)
+    os._exit(143 if signum == signal.SIGTERM else 130)
+
+
+if __name__ == "__main__":
+    for _sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(_sig, _stopped_at_startup)
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from dpo_jax import cli  # noqa: E402

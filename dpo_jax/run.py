@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from dpo_jax import checkpoint, config as configs, data, layouts, tuning as tunings
 from dpo_jax.errors import DpoError
@@ -77,6 +78,20 @@ class Run:
         return {"data": cursor, "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),
                 "step": int(self.state["step"]), "run": self.settings,
                 "num_tokens": self.num_tokens, **self.expect}
+
+    def stop_requested(self, at_sync_point: bool) -> bool:
+        """Whether a SIGTERM asks to save this step and stop. With several processes the
+        decision is collective (a save is, and a host that saved alone would wait forever for
+        the others): every process's flag is gathered at the loop's sync points (logging, eval
+        and save steps), so all save the same step and stop together."""
+        if self.interrupts is None:
+            return False
+        if self.n_proc == 1:
+            return self.interrupts.terminate
+        if not at_sync_point:
+            return False
+        flags = multihost_utils.process_allgather(np.int32(self.interrupts.terminate))
+        return bool(np.asarray(flags).any())
 
     def push(self, *, every: float = 0.0, strict: bool = False):
         """A remote workdir: the run files that changed, to the bucket (the lead process's)."""

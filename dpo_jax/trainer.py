@@ -239,11 +239,12 @@ def loop(run: Run, metrics_log: tracking.MetricsLog | None):
                      sync.ref_model_mixup_alpha)
         if run.interrupts is not None:
             run.interrupts.check_interrupt()
-        stop = run.interrupts is not None and run.interrupts.terminate
         log_now = s % config.logging_steps == 0 or last
         eval_now = run.eval_batches is not None and (
             (config.eval_steps and s % config.eval_steps == 0) or last)
-        save_now = s % config.save_steps == 0 or last or stop
+        scheduled = s % config.save_steps == 0 or last
+        stop = run.stop_requested(at_sync_point=log_now or eval_now or scheduled)
+        save_now = scheduled or stop
         if not (log_now or eval_now or save_now):
             continue  # the device runs on; nothing here needs its results yet
         bad = int(run.state["bad_step"])  # waits for step s

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from trainutil import CLI_ENV  # noqa: E402
 
 TINY = ["--config", "configs/tiny.py", "--config.progress_bar=False", "--config.eval_steps=0",

@@ -18,19 +18,22 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(workdir, tmp_path, max_steps):
+def start(workdir, tmp_path, max_steps, env=None, save_steps=3):
     port = free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    procs = [subprocess.Popen(
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2", **(env or {})}
+    return [subprocess.Popen(
         [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(workdir),
          "--config.distributed=True", f"--config.coordinator_address=127.0.0.1:{port}",
          "--config.num_processes=2", f"--config.process_id={i}", f"--config.max_steps={max_steps}",
-         "--config.save_steps=3", "--config.eval_steps=0", "--config.logging_steps=1",
-         "--config.warmup_steps=1",
+         f"--config.save_steps={save_steps}", "--config.eval_steps=0",
+         "--config.logging_steps=1", "--config.warmup_steps=1",
          "--config.progress_bar=False", f"--config.data_cache_dir={tmp_path / 'cache'}"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
+
+
+def finish(procs):
     outs = []
     for p in procs:
         try:
@@ -41,6 +44,10 @@ def launch(workdir, tmp_path, max_steps):
             raise
         outs.append((p.returncode, out, err))
     return outs
+
+
+def launch(workdir, tmp_path, max_steps, env=None):
+    return finish(start(workdir, tmp_path, max_steps, env))
 
 
 def test_two_processes_train_checkpoint_and_resume(tmp_path):
@@ -61,3 +68,48 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
     losses = [json.loads(l)["train/loss"] for l in (wd / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < x < 1 for x in losses)
+
+
+def test_two_processes_on_a_gcs_workdir(tmp_path, gcs):
+    """The same two-process run with its workdir on the GCS emulator: checkpoints from both
+    processes, the lead's run files, and a resume on "other VMs" (nothing local is kept)."""
+    wd = gcs.bucket("multihost") + "/run"
+    outs = launch(wd, tmp_path, max_steps=3, env=gcs.env)
+    for rc, out, err in outs:
+        assert rc == 0, err[-3000:]
+    names = gcs.list(wd)
+    for f in ("hf/model.safetensors", "checkpoints/3/commit_success.txt", "metrics.jsonl",
+              "config.json", "train.log", "summary.json"):
+        assert f"run/{f}" in names, (f, names)
+    assert not [n for n in names if "/lock" in n]  # both leases released
+    outs = launch(wd, tmp_path, max_steps=6, env=gcs.env)
+    for rc, out, err in outs:
+        assert rc == 0, err[-3000:]
+        assert "resumed from" in err and "at step 3" in err
+    steps = [json.loads(x)["step"] for x in gcs.read(f"{wd}/metrics.jsonl").decode().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
+    """Preemption reaches hosts at different times: a SIGTERM to process 1 alone is gathered
+    at the next sync point, both save that step and exit 143 together (no host waits on a save
+    the other skipped), and the rerun resumes from it."""
+    import signal
+    import time
+    wd = tmp_path / "wd"
+    procs = start(wd, tmp_path, max_steps=400, save_steps=1000)
+    metrics = wd / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (
+            metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = finish(procs)
+    said = []
+    for rc, out, err in outs:
+        assert rc == 143, err[-3000:]
+        said.append([x for x in err.splitlines() if "stopped by SIGTERM at step" in x][-1])
+    step = int(said[0].split("at step ")[1].split(";")[0])
+    assert f"at step {step};" in said[1] and step < 400
+    assert (wd / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").exists()
