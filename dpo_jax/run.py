@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from dpo_jax import checkpoint, config as configs, data, layouts, tuning as tunings
+from dpo_jax import checkpoint, config as configs, data, goodput, layouts, tuning as tunings
 from dpo_jax.errors import DpoError
 from dpo_jax.interrupts import Interrupts
 from dpo_jax.losses import LossConfig
@@ -57,6 +57,7 @@ class Run:
     last_samples: tuple = (0, None)  # (step, pi_ref / pi_theta completions) of the last eval
     samples_skipped: bool = False    # why samples cannot be drawn was logged
     mirror: object = None       # a remote workdir's storage.Mirror (None: a local workdir)
+    clock: goodput.Clock = dataclasses.field(default_factory=goodput.Clock)
 
     @property
     def reference_params(self) -> dict:
@@ -78,6 +79,15 @@ class Run:
         return {"data": cursor, "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),
                 "step": int(self.state["step"]), "run": self.settings,
                 "num_tokens": self.num_tokens, **self.expect}
+
+    def step_flops(self) -> float:
+        """Model FLOPs of one update (``goodput.step_flops``) at the batch shapes planned."""
+        batch = self.batch if self.batch is not None else {}
+        if "input_ids" not in batch:
+            return 0.0
+        reference = (self.loss_cfg.needs_reference and "ref_chosen_logps" not in batch)
+        return goodput.step_flops(self.model_cfg, batch, adapters=not self.tuning.trains_base_weights,
+                                  reference=reference, processes=self.n_proc)
 
     def stop_requested(self, at_sync_point: bool) -> bool:
         """Whether a SIGTERM asks to save this step and stop. With several processes the

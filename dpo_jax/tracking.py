@@ -40,6 +40,9 @@ class TrackingConfig:
                            _report_to)
     wandb_project: str = K.key("dpo_jax", "wandb's project; its run is named after the workdir",
                                K.nonempty)
+    peak_tflops: float = K.key(0.0, "a device's peak TFLOP/s for train/mfu; 0 = the dense bf16 "
+                               "figure of known GPUs and TPUs (none for a CPU: no MFU logged)",
+                               K.number(0.0))
 
     def __post_init__(self):
         K.check_fields(self)
@@ -176,6 +179,12 @@ def print_summary(s: dict):
         lines.append(f"eval: loss {s['eval/loss']:.4f}, reward accuracy "
                      f"{s['eval/rewards/accuracies']:.3f}, reward margin "
                      f"{s['eval/rewards/margins']:.4f}")
+    g = s.get("goodput")
+    if g:
+        mfu = f"; MFU {100 * g['mfu']:.1f}%" if g.get("mfu") is not None else ""
+        lines.append(f"goodput: {100 * g['step_share']:.0f}% of {g['wall_s']:.0f} s in train "
+                     f"steps (compile {g['compile_s']:.0f} s, eval {g['eval_s']:.0f} s, "
+                     f"checkpoints {g['checkpoint_s']:.0f} s, data {g['data_s']:.0f} s){mfu}")
     lines.append(f"checkpoint: {s['checkpoint']}")
     if s["hf_export"]:
         lines.append(f"HF export: {s['hf_export']}")

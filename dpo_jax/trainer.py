@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from dpo_jax import (checkpoint, config as configs, data, evaluation, hf, hub, models, optim,
-                     plan, reference, sharding, steps, storage, tracking, tuning as tunings,
-                     workdir as workdirs)
+from dpo_jax import (checkpoint, config as configs, data, evaluation, goodput, hf, hub, models,
+                     optim, plan, reference, sharding, steps, storage, tracking,
+                     tuning as tunings, workdir as workdirs)
 from dpo_jax.errors import ConfigError, DpoError, NonFiniteError, Stopped
 from dpo_jax.interrupts import Interrupts
 from dpo_jax.run import Run
@@ -89,7 +89,8 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None,
         run.push()
     if cfg.reference.precompute_ref_log_probs and cfg.loss.needs_reference:
         _precompute_reference(run)
-    _compile(run, optimizer, lr_schedule, state_sh)
+    with run.clock.phase("compile"):
+        _compile(run, optimizer, lr_schedule, state_sh)
     if run.lead:
         for line in run.describe():
             log.info("%s", line)
@@ -221,6 +222,8 @@ class Progress:
 def loop(run: Run, metrics_log: tracking.MetricsLog | None):
     config, n_proc = run.cfg.run, run.n_proc
     progress = Progress(run, config.progress_bar and run.lead)
+    clock, flops, peak = run.clock, run.step_flops(), goodput.peak_flops(
+        run.cfg.tracking.peak_tflops)
     t_last, s_last, tokens = time.perf_counter(), run.start, 0
     for s in range(run.start + 1, run.total_steps + 1):
         tokens += int(run.batch["attention_mask"].sum()) * n_proc
@@ -231,7 +234,8 @@ def loop(run: Run, metrics_log: tracking.MetricsLog | None):
         # The cursor a checkpoint of step s must hold: where step s + 1's batch starts, so it is
         # taken before that batch is drawn (drawing it now overlaps host work with the device).
         cursor = run.train_batches.state()
-        run.batch = run.next_update() if s < run.total_steps else None
+        with clock.phase("data"):
+            run.batch = run.next_update() if s < run.total_steps else None
         last = s == run.total_steps
         sync = run.cfg.reference
         if sync.sync_ref_model and s % sync.ref_model_sync_steps == 0 and run.lead:
@@ -257,16 +261,23 @@ def loop(run: Run, metrics_log: tracking.MetricsLog | None):
         m["step_time"] = (now - t_last) / (s - s_last)
         m["tokens_per_sec"] = tokens / (now - t_last)
         m["num_tokens"] = float(run.num_tokens)
+        m["model_tflops_per_sec"] = flops / m["step_time"] / 1e12
+        if peak:
+            m["mfu"] = flops / m["step_time"] / peak
         t_last, s_last, tokens = now, s, 0
         run.last_train = m
         scalars = {f"train/{k}": v for k, v in m.items()} if log_now else {}
         if eval_now:
-            scalars.update(_evaluate(run, s, metrics_log))
+            with clock.phase("eval"):
+                scalars.update(_evaluate(run, s, metrics_log))
+        if log_now:
+            scalars.update(clock.shares())
         if scalars and metrics_log is not None:
             metrics_log.write(s, scalars)
         progress.synced(m)
         if save_now:
-            run.ckpt.save(s, run.state, run.record(cursor))
+            with clock.phase("checkpoint"):
+                run.ckpt.save(s, run.state, run.record(cursor))
         if metrics_log is not None and run.mirror is not None:
             metrics_log.flush()
             run.push(every=0 if save_now else storage.PUSH_SECONDS)
@@ -331,6 +342,9 @@ def finish(run: Run) -> dict:
         "checkpoint": str(run.ckpt.directory / str(run.total_steps)),
         "hf_export": run.where(hf_dir) if hf_dir else None,
     }
+    if run.start < run.total_steps:  # this process trained: where its time went
+        summary["goodput"] = dict(run.clock.summary(), mfu=run.last_train.get("mfu"),
+                                  model_tflops_per_sec=run.last_train.get("model_tflops_per_sec"))
     step, samples = run.last_samples
     if step != run.total_steps or samples is None:  # none drawn from the final params yet
         samples = _samples(run)

@@ -10,8 +10,8 @@ the trunk plumbing once (``hidden_states``, ``decode``, the KV cache, ``lm_head`
 and the output hook ``logits_fn``); a family supplies its embedding, stacked blocks, final norm
 and head (see ``trunk.py``). Its ``config`` is a frozen dataclass of architecture fields followed
 by the compute options of ``common.ComputeOptions`` (dtype, remat, remat_policy, attention), with
-``vocab_size``, ``bos_token_id``, ``eos_token_id``, ``n_layers``, ``n_kv_heads``, ``head_size``,
-``max_positions``, ``length_limits()`` (the sequence-length limits, by config field name) and
+``vocab_size``, ``bos_token_id``, ``eos_token_id``, ``n_layers``, ``n_heads``, ``n_kv_heads``,
+``head_size``, ``max_positions``, ``length_limits()`` (the sequence-length limits, by config field name) and
 ``tensor_parallel_dims()`` (the sizes the tensor axis splits, by config field name).
 
 The family (``Family``, below): HF ``config.json`` <-> config, the HF tensor-name table for

@@ -9,7 +9,7 @@ A family's module subclasses ``CausalLM`` and supplies only what is its own:
 - ``block_context(position_ids)``: what every block gets (RoPE's cos / sin), and
   ``layer_inputs()``: arrays with a leading layer axis scanned with the blocks (a layer index);
 - ``final_norm(x)`` and ``head_weight()`` (the (V, C) LM head, tied or not);
-- on its config: ``n_layers``, ``n_kv_heads``, ``head_size``, and optionally
+- on its config: ``n_layers``, ``n_heads``, ``n_kv_heads``, ``head_size``, and optionally
   ``final_logit_softcap`` (Gemma 2's ``final_logit_softcapping``: logits = cap * tanh(z / cap)).
 
 The trunk here runs them: positions from the mask, the scanned stack with remat, the KV cache and

@@ -70,6 +70,9 @@ class Tuning(abc.ABC):
     name: str = ""
     # once the reference's log-probs are precomputed, the frozen params can be dropped
     frees_frozen_after_precompute: bool = False
+    # whether the model's own matrices get weight gradients (full tuning); adapters leave them
+    # frozen, so the backward pass costs one forward less (goodput.step_flops)
+    trains_base_weights: bool = False
 
     def __init__(self, family, model_cfg, ref_dtype: str = ""):
         self.family, self.model_cfg = family, model_cfg

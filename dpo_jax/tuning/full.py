@@ -16,6 +16,7 @@ class FullTuning(Tuning):
     """The policy is ``trainable``; the reference is ``frozen``, its own copy."""
 
     name = "full"
+    trains_base_weights = True
     frees_frozen_after_precompute = True  # the reference is only the reference
 
     def __init__(self, graphdef, family=None, model_cfg=None, ref_dtype: str = ""):

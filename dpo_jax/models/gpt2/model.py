@@ -84,6 +84,10 @@ class GPT2Config(common.ComputeOptions):
         return self.n_layer
 
     @property
+    def n_heads(self) -> int:
+        return self.n_head
+
+    @property
     def n_kv_heads(self) -> int:
         return self.n_head
 

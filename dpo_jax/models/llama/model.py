@@ -73,6 +73,10 @@ class LlamaConfig(common.ComputeOptions):
         return self.num_hidden_layers
 
     @property
+    def n_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
     def n_kv_heads(self) -> int:
         return self.num_key_value_heads
 
