@@ -152,3 +152,30 @@ def test_data_from_the_bucket_equals_the_local_file(gcs, monkeypatch, tmp_path, 
                  (here.rejected, there.rejected)):
         assert len(a) == len(b) == len(rows) // 2  # this process's share
         assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_a_base_model_and_an_adapter_load_from_the_bucket(gcs, monkeypatch, tmp_path):
+    """model_name_or_path=gs://... and lora_init=gs://...: the run starts from the same params
+    as from the local folders."""
+    import jax
+
+    from dpo_jax import models, trainer
+    from test_tuning import lora_config, torch_base
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.url)
+    base = tmp_path / "base"
+    torch_base("gpt2").save_pretrained(base)
+    first = tmp_path / "first"
+    trainer.train_and_evaluate(lora_config(tmp_path, base, max_steps=2, save_steps=2), first)
+    bucket = gcs.bucket("models")
+    for folder, name in ((base, "base"), (first / "adapter", "adapter")):
+        for f in folder.iterdir():
+            gcs.write(f"{bucket}/{name}/{f.name}", f.read_bytes())
+    runs = [trainer.setup(lora_config(tmp_path, b, lora_init=a), tmp_path / w) for b, a, w in
+            ((base, str(first / "adapter"), "here"),
+             (f"{bucket}/base", f"{bucket}/adapter", "there"))]
+    here, there = (models.flatten(jax.tree.map(np.asarray, r.state["params"])) for r in runs)
+    assert here.keys() == there.keys() and any(np.abs(v).max() > 0 for v in here.values())
+    for k in here:
+        np.testing.assert_array_equal(here[k], there[k], err_msg=k)
+    for r in runs:
+        r.ckpt.close()
