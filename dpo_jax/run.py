@@ -85,8 +85,9 @@ class Run:
         batch = self.batch if self.batch is not None else {}
         if "input_ids" not in batch:
             return 0.0
-        reference = (self.loss_cfg.needs_reference and "ref_chosen_logps" not in batch)
-        return goodput.step_flops(self.model_cfg, batch, adapters=not self.tuning.trains_base_weights,
+        reference = self.loss_cfg.needs_reference and "ref_chosen_logps" not in batch
+        return goodput.step_flops(self.model_cfg, batch,
+                                  adapters=not self.tuning.trains_base_weights,
                                   reference=reference, processes=self.n_proc)
 
     def stop_requested(self, at_sync_point: bool) -> bool:

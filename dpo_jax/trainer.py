@@ -318,7 +318,8 @@ def finish(run: Run) -> dict:
     if run.start == run.total_steps and summary_path.exists():
         summary = json.loads(summary_path.read_text())
         if run.lead:
-            print(f"{run.where(run.workdir)} holds a finished run of {run.total_steps} steps", flush=True)
+            print(f"{run.where(run.workdir)} holds a finished run of {run.total_steps} steps",
+                  flush=True)
             tracking.print_summary(summary)
         return summary
     if run.start == run.total_steps:  # finished, but a kill cut the export or summary short
@@ -413,7 +414,10 @@ def train_and_evaluate(config, workdir) -> dict:
         logging.getLogger("dpo_jax").removeHandler(handler)
         handler.close()
         if mirror is not None:  # train.log's last lines (an error, a stop) reach the bucket too
-            if jax.process_index() == 0:
-                mirror.push()
+            try:
+                if jax.process_index() == 0:
+                    mirror.push()
+            except DpoError as e:  # the lease was lost: another run owns the workdir now
+                log.error("%s", e)
             mirror.close()
         lock.release()

@@ -64,8 +64,8 @@ def test_no_credentials_and_no_emulator_names_the_bucket_at_once(monkeypatch, tm
 def test_a_run_on_gcs_matches_the_local_run_and_survives_a_sigkill(gcs, driver, cache,  # noqa: F811
                                                                    straight):
     """SIGKILL at step 10 (checkpoint 4 complete, 8 complete or in flight), then the same
-    command: the final weights read back from the emulator equal the uninterrupted local run's, byte for byte;
-    every step is in metrics.jsonl once."""
+    command: the final weights read back from the emulator equal the uninterrupted local
+    run's, byte for byte; every step is in metrics.jsonl once."""
     wd = gcs.bucket("kill-resume") + "/run"
     r = run_gs([*COMMON, cache, "--workdir", wd], gcs, env={"FAULT_KILL": "10"},
                script=str(driver))

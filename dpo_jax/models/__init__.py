@@ -11,8 +11,9 @@ and the output hook ``logits_fn``); a family supplies its embedding, stacked blo
 and head (see ``trunk.py``). Its ``config`` is a frozen dataclass of architecture fields followed
 by the compute options of ``common.ComputeOptions`` (dtype, remat, remat_policy, attention), with
 ``vocab_size``, ``bos_token_id``, ``eos_token_id``, ``n_layers``, ``n_heads``, ``n_kv_heads``,
-``head_size``, ``max_positions``, ``length_limits()`` (the sequence-length limits, by config field name) and
-``tensor_parallel_dims()`` (the sizes the tensor axis splits, by config field name).
+``head_size``, ``max_positions``, ``length_limits()`` (the sequence-length limits, by config
+field name) and ``tensor_parallel_dims()`` (the sizes the tensor axis splits, by config field
+name).
 
 The family (``Family``, below): HF ``config.json`` <-> config, the HF tensor-name table for
 import and export, the sharding rules, and LoRA's default target. Each folder's ``FAMILY`` is
