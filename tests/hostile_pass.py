@@ -186,6 +186,13 @@ def cases(ctx):
         extra = ["--config.loss_weights=1,0.5"] if override.startswith("loss_type=sigmoid,") else []
         yield f"config: {override}", (SHORT + [ctx.cache, *f"--config.{override}".split(),
                                                *extra, "--workdir", ctx.wd()], expect)
+    bad_adapter = ctx.file("bad_adapter/adapter_config.json", "{ not json")
+    yield "config: lora_init with a corrupt adapter_config.json", (
+        SHORT + [ctx.cache, "--config.lora_rank=4", f"--config.lora_init={bad_adapter.parent}",
+                 "--workdir", ctx.wd()], "not a PEFT adapter config")
+    yield "config: discopop warns at the start", (
+        SHORT + [ctx.cache, "--config.loss_type=discopop", "--workdir", ctx.wd()],
+        "rc=0&watch rewards/accuracies in the first steps")
     yield "config: missing file", (["--config", "nope.py", "--workdir", ctx.wd()],
                                    "config file nope.py does not exist")
     yield "config: misspelled key", (TINY + ["--config.bta=1", "--workdir", ctx.wd()],
@@ -198,6 +205,14 @@ def cases(ctx):
     # ---------------------------------------------------------------- workdir, checkpoints
     f = ctx.file("afile", "x")
     yield "workdir: a file", (SHORT + [ctx.cache, "--workdir", f], "is a file, not a folder")
+    # issue 26: object storage
+    yield "workdir: gs:/ with one slash", (SHORT + ["--workdir", "gs:/bucket/run"],
+                                           "not a gs:// URL")
+    yield "workdir: gcs:// (not a scheme we serve)", (SHORT + ["--workdir", "gcs://bucket/run"],
+                                                      "gcs:// is not a storage this project")
+    yield "workdir: gs:// with no credentials, no emulator", (
+        SHORT + ["--workdir", "gs://my-bucket/run1"],
+        "no Google Cloud credentials for bucket my-bucket")
     yield "checkpoint: latest step's metadata deleted", ("metadata",
                                                          "rc=0&has no commit files&at step 2")
     yield "checkpoint: record JSON mangled", ("record",
