@@ -61,8 +61,8 @@ def run_samples(run) -> tuple[list | None, str]:
     if not ref or run.n_proc > 1:
         why = ("several processes" if ref else "the reference is not in memory (its "
                "log-probs were precomputed, or the loss needs none)")
-        return None, (f"samples skipped: {why}; python generate.py --workdir {run.workdir} "
-                      "compares pi_ref and pi_theta")
+        return None, (f"samples skipped: {why}; python generate.py --workdir "
+                      f"{run.where(run.workdir)} compares pi_ref and pi_theta")
     pairs = run.eval_pairs if run.eval_pairs is not None else run.train_pairs
     prompts = [run.tokenizer.decode(p) for p in pairs.prompt[:config.sample_prompts]]
     return compare_samples(

@@ -222,13 +222,14 @@ class Mirror:
 
     def push(self, *, every: float = 0.0, strict: bool = False) -> int:
         """Copies the staged files that changed since the last push; returns how many. With
-        ``every``, only when that many seconds have passed since the last push. A failure is
+        ``every``, only when that many seconds have passed since the last such push. A failure is
         a warning (the next push retries) unless ``strict``."""
-        if every and time.monotonic() - self.last_push < every:
-            return 0
+        if every:  # the logging steps' cadence (the other pushes do not delay it)
+            if time.monotonic() - self.last_push < every:
+                return 0
+            self.last_push = time.monotonic()
         if self.lease is not None:
             self.lease.check()
-        self.last_push = time.monotonic()
         n = 0
         for f in sorted(self.local.rglob("*")):
             rel = f.relative_to(self.local).as_posix()
