@@ -34,7 +34,7 @@ def attention(cfg, model_cfg, layout: layouts.Layout, mesh):
         impl, why = attention_lib.resolve(
             cfg.model.attention, platform=jax.default_backend(), dtype=cfg.model.dtype,
             head_dim=model_cfg.head_size, mask_forms={layout.mask_form}, lengths=tuple(lengths),
-            devices=mesh.size)
+            devices=mesh.size, model_needs=getattr(model_cfg, "attention_needs", ()))
     except ValueError as e:
         raise ConfigError(f"config key {e}") from None
     log.info("attention: %s", why)

@@ -1,6 +1,6 @@
-"""Issues 7 and 15: every saving gives the plain step's loss and gradients (1e-5) on a tiny model
-of each family (GPT-2; Llama with GQA and an untied head, where prefix sharing's continued
-positions go through RoPE): completion-only LM head, prefix sharing, precomputed reference
+"""Issues 7, 15 and 27: every saving gives the plain step's loss and gradients (1e-5) on a tiny
+model of each family (GPT-2; Llama with GQA and an untied head, where prefix sharing's continued
+positions go through RoPE; Gemma with a sliding window shorter than the rows): completion-only LM head, prefix sharing, precomputed reference
 log-probs. Rows include chosen and rejected of different lengths, and left-padded rows."""
 
 import jax
@@ -13,14 +13,26 @@ from dpo_jax import data, layouts, optim, packing, steps
 from dpo_jax.losses import LossConfig
 from dpo_jax.models import common
 from dpo_jax.models.gpt2 import GPT2, GPT2Config
+from dpo_jax.models.gemma import Gemma, GemmaConfig
 from dpo_jax.models.llama import Llama, LlamaConfig
 from dpo_jax.tuning.full import FullTuning
+
+# Gemma with a window (4) shorter than the rows (up to 20 tokens), so prefix sharing's rejected
+# tokens and packed segments are windowed on their own positions; one local and one global layer
+GEMMA = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+             query_pre_attn_scalar=8.0, sliding_window=4, local_layers=(True, False))
 
 FAMILIES = {
     "gpt2": (GPT2, GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4)),
     "llama": (Llama, LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                  head_dim=8, max_position_embeddings=64)),
+    # every Gemma switch at once (one tiny model keeps the suite short): Gemma 2's soft-caps,
+    # Gemma 3's q/k norms and separate global / local RoPE
+    "gemma": (Gemma, GemmaConfig(model_type="gemma3_text", attn_logit_softcapping=5.0,
+                                 final_logit_softcapping=3.0, qk_norm=True, rope_theta=1e6,
+                                 rope_type="linear", rope_factor=2.0, **GEMMA)),
 }
 W = 9  # max completion length
 

@@ -14,6 +14,7 @@ from dpo_jax.losses import LossConfig
 from dpo_jax import models
 from dpo_jax.models import common, gpt2
 from dpo_jax.models.gpt2 import GPT2, GPT2Config
+from dpo_jax.models.gemma import GemmaConfig
 from dpo_jax.models.llama import Llama, LlamaConfig
 from dpo_jax.tuning.full import FullTuning
 
@@ -30,8 +31,16 @@ LLAMA = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hi
                     max_position_embeddings=32)
 
 
+# Gemma 2: a sliding window shorter than the rows, both soft-caps, GQA over the tensor axis
+GEMMA = GemmaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    max_position_embeddings=32, query_pre_attn_scalar=16.0, sliding_window=5,
+                    local_layers=(True, False), attn_logit_softcapping=5.0,
+                    final_logit_softcapping=3.0)
+
+
 def host_params(cfg=CFG, seed=0):
-    cls = GPT2 if isinstance(cfg, GPT2Config) else Llama
+    cls = models.family_of(cfg).model_cls
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(cls(cfg, rngs=nnx.Rngs(seed)),
                                                                nnx.Param)))
 
@@ -207,14 +216,16 @@ def test_a_parameter_no_rule_matches_is_an_error():
         sharding.param_specs(extra, RULES)
 
 
-def test_llama_with_gqa_gives_the_same_step_on_every_mesh():
+@pytest.mark.parametrize("base", [LLAMA, GEMMA], ids=["llama", "gemma2"])
+def test_gqa_families_give_the_same_step_on_every_mesh(base):
     """Query and KV heads split over the tensor axis (2 KV heads on a tensor axis of 2), the
-    untied head and the embeddings over fsdp: the same loss and params as on one device."""
-    params = host_params(LLAMA)
-    one, ms_one = run_steps(sharding.make_mesh(1, 1, 1), params, [pair_batch()], cfg=LLAMA)
+    head and the embeddings over fsdp: the same loss and params as on one device (Gemma: its
+    windowed and soft-capped attention too)."""
+    params = host_params(base)
+    one, ms_one = run_steps(sharding.make_mesh(1, 1, 1), params, [pair_batch()], cfg=base)
     one = jax.device_get(one["params"])
     for shape in [(8, 1, 1), (1, 4, 2), (2, 2, 2)]:
-        state, ms = run_steps(sharding.make_mesh(*shape), params, [pair_batch()], cfg=LLAMA)
+        state, ms = run_steps(sharding.make_mesh(*shape), params, [pair_batch()], cfg=base)
         np.testing.assert_allclose(ms[0]["loss"], ms_one[0]["loss"], rtol=1e-5)
         np.testing.assert_allclose(ms[0]["grad_norm"], ms_one[0]["grad_norm"], rtol=1e-5)
         for a, b in zip(leaves(state["params"]), leaves(one)):

@@ -75,17 +75,36 @@ def as_mask(mask) -> Mask:
     return mask if isinstance(mask, Mask) else Mask(mask)
 
 
-def attend(q, k, v, mask, *, scale: float, implementation: str = "xla"):
+def attend(q, k, v, mask, *, scale: float, implementation: str = "xla",
+           softcap: float | None = None):
     """Attention of (B, T, H, D) queries over (B, S, K, D) keys and values (K divides H:
     grouped-query attention) under ``mask`` (a ``Mask`` or a dense (B, T, S) array). ``xla``
-    computes the logits and softmax in float32 for bfloat16 inputs."""
+    computes the logits and softmax in float32 for bfloat16 inputs. ``softcap``: Gemma 2's
+    attention-logit soft-capping, cap * tanh(logits / cap) before the mask (XLA only)."""
     mask = as_mask(mask)
+    if softcap:
+        return _softcapped(q, k, v, mask, scale, softcap)
     if implementation == "cudnn" and mask.causal:
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn",
                                             **cudnn_arguments(mask))
     if implementation == "splash" and (mask.segment_ids is not None or mask.lengths is not None):
         return _splash(q, k, v, mask, scale)
     return jax.nn.dot_product_attention(q, k, v, mask=mask.dense[:, None], scale=scale)
+
+
+def _softcapped(q, k, v, mask: Mask, scale: float, cap: float):
+    """XLA attention with soft-capped logits, as transformers' eager Gemma 2 attention: scaled
+    logits in float32, capped, masked, softmax in float32, cast back, then the values."""
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(scale)
+    logits = cap * jnp.tanh(logits / cap)
+    logits = jnp.where(mask.dense[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d).astype(q.dtype)
 
 
 def cudnn_arguments(mask: Mask) -> dict:
@@ -139,11 +158,20 @@ def _splash(q, k, v, mask: Mask, scale: float):
 # ---------------------------------------------------------------------------- choice
 
 def resolve(requested: str, *, platform: str, dtype: str, head_dim: int, mask_forms: set,
-            lengths: tuple[int, ...] = (), devices: int = 1) -> tuple[str, str]:
+            lengths: tuple[int, ...] = (), devices: int = 1,
+            model_needs: tuple[str, ...] = ()) -> tuple[str, str]:
     """(implementation, why) for config key ``attention`` on this platform, compute dtype, head
     size, a layout whose masks come in ``mask_forms`` ({"lengths", "segments", "dense"}) and
     rows of ``lengths`` tokens. ``auto`` takes the fused kernel where it applies and says why
-    not otherwise; an explicit choice that cannot run raises ``ValueError`` with the reason."""
+    not otherwise; an explicit choice that cannot run raises ``ValueError`` with the reason.
+    ``model_needs``: what the model's attention has that the fused paths here do not take (a
+    sliding window, soft-capped logits): XLA then, said so, or an error for an explicit kernel."""
+    if model_needs:
+        if requested in ("cudnn", "splash"):
+            raise ValueError(f"attention={requested!r}: this model's attention has "
+                             f"{' and '.join(model_needs)}, which the {requested} path here "
+                             "does not take; use attention='xla' or 'auto'")
+        return "xla", f"XLA attention (the model's attention has {' and '.join(model_needs)})"
     reasons = []
     if requested in ("auto", "cudnn"):
         if platform != "gpu":

@@ -47,6 +47,12 @@ class CausalLM(nnx.Module):
     def final_norm(self, x):
         raise NotImplementedError
 
+    def layer_masks(self, mask, query_positions, key_positions):
+        """What each block gets as its mask, from the sequence's mask and the positions of its
+        queries (B, T) and keys (B, S): the mask itself, unless the family has local layers
+        (Gemma's sliding windows: (mask, its windowed form), the block picks per layer)."""
+        return mask
+
     def head_weight(self):
         """The LM head's (V, C) matrix."""
         raise NotImplementedError
@@ -65,8 +71,10 @@ class CausalLM(nnx.Module):
                                                       attn_mask)
         return self._trunk(input_ids, position_ids, attn_mask)[0]
 
-    def _trunk(self, input_ids, position_ids, mask, cache=None, index=None):
+    def _trunk(self, input_ids, position_ids, mask, cache=None, index=None, key_positions=None):
         c = self.config
+        mask = self.layer_masks(mask, position_ids,
+                                position_ids if key_positions is None else key_positions)
         x = self.embed(input_ids, position_ids)
         context, per_layer = self.block_context(position_ids), self.layer_inputs()
         n = len(per_layer)
@@ -93,7 +101,8 @@ class CausalLM(nnx.Module):
         Returns (hidden (B, T, C), updated cache).
         """
         mask = common.decode_mask(key_mask, input_ids.shape[1], index)
-        return self._trunk(input_ids, position_ids, mask, cache, index)
+        key_positions = jnp.maximum(jnp.cumsum(key_mask.astype(jnp.int32), -1) - 1, 0)
+        return self._trunk(input_ids, position_ids, mask, cache, index, key_positions)
 
     # ---- the output hook
     def logits_fn(self):

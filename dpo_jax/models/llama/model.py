@@ -102,23 +102,31 @@ class LlamaConfig(common.ComputeOptions):
 
     def inv_freq(self) -> np.ndarray:
         """RoPE's inverse frequencies (head_dim / 2,), float32, as transformers computes them."""
-        d = self.head_dim
-        inv = (1.0 / (self.rope_theta ** (np.arange(0, d, 2, dtype=np.int64)
-                                          .astype(np.float32) / d))).astype(np.float32)
-        if self.rope_type == "linear":
-            inv = inv / np.float32(self.rope_factor)
-        elif self.rope_type == "llama3":
-            old = self.rope_original_max_position_embeddings
-            low_wavelen = old / self.rope_low_freq_factor
-            high_wavelen = old / self.rope_high_freq_factor
-            wavelen = 2 * math.pi / inv
-            scaled = np.where(wavelen > low_wavelen, inv / self.rope_factor, inv)
-            smooth = (old / wavelen - self.rope_low_freq_factor) / (
-                self.rope_high_freq_factor - self.rope_low_freq_factor)
-            smoothed = (1 - smooth) * scaled / self.rope_factor + smooth * scaled
-            medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-            inv = np.where(medium, smoothed, scaled).astype(np.float32)
-        return inv
+        return rope_inv_freq(self.head_dim, self.rope_type, self.rope_theta, self.rope_factor,
+                             self.rope_low_freq_factor, self.rope_high_freq_factor,
+                             self.rope_original_max_position_embeddings)
+
+
+def rope_inv_freq(d: int, rope_type: str, theta: float, factor: float = 1.0,
+                  low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                  original_max_positions: int = 8192) -> np.ndarray:
+    """RoPE's inverse frequencies (d / 2,), float32, as transformers computes them for
+    ``rope_type`` default, linear and llama3."""
+    inv = (1.0 / (theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+           ).astype(np.float32)
+    if rope_type == "linear":
+        inv = inv / np.float32(factor)
+    elif rope_type == "llama3":
+        old = original_max_positions
+        low_wavelen = old / low_freq_factor
+        high_wavelen = old / high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
 
 
 def rope(position_ids, inv_freq, dtype):

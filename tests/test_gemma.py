@@ -1,0 +1,129 @@
+"""Issue 27: the Gemma family (gemma2, gemma3_text) against transformers' PyTorch models on the
+same weights: logits with right and left padding past the sliding window, completion
+log-probs, export round trip, KV-cache sampling past the window, and the fields the module
+refuses."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is the numerical reference for parity tests")
+transformers = pytest.importorskip("transformers")
+
+from parity import padded_batch, perturb_norms_and_biases, torch_logits, torch_sequence_logprobs  # noqa: E402,E501
+from dpo_jax import sampling  # noqa: E402
+from dpo_jax.hf import CheckpointError, load_pretrained, save_pretrained  # noqa: E402
+from dpo_jax.logprobs import sequence_logprobs  # noqa: E402
+
+VOCAB = 320
+BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=24, max_position_embeddings=64, rms_norm_eps=1e-5,
+            query_pre_attn_scalar=20, sliding_window=8, bos_token_id=0, eos_token_id=1,
+            pad_token_id=0)
+VARIANTS = {
+    # both soft-caps (small, so they bite), alternating local / global layers
+    "gemma2": ("Gemma2Config", dict(num_hidden_layers=4, attn_logit_softcapping=5.0,
+                                    final_logit_softcapping=3.0)),
+    # 5 local : 1 global, q/k norms, two RoPE bases, linear scaling on the global layers
+    "gemma3": ("Gemma3TextConfig", dict(
+        num_hidden_layers=6, layer_types=["sliding_attention"] * 5 + ["full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                            "rope_theta": 1_000_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})),
+}
+
+
+def make_torch(variant, seed=0):
+    cls, kw = VARIANTS[variant]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, cls)(**BASE, **kw)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    return perturb_norms_and_biases(model.eval(), scale=0.1)
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def variant(request, tmp_path_factory):
+    """(name, torch model, folder written by save_pretrained)."""
+    model = make_torch(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return request.param, model, path
+
+
+def test_logits_match_transformers_past_the_window_with_right_and_left_padding(variant):
+    name, tmodel, path = variant
+    model = load_pretrained(path)
+    assert model.config.windowed and model.config.sliding_window < 40
+    ids, mask, _ = padded_batch(np.random.default_rng(0), VOCAB, t=40)
+    ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    ref = torch_logits(tmodel, ids, mask)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(ours[real], ref[real], atol=1e-4, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("chunk_size", [0, 7])
+def test_completion_logprobs_match_transformers(variant, chunk_size):
+    name, tmodel, path = variant
+    model = load_pretrained(path)
+    ids, mask, loss_mask = padded_batch(np.random.default_rng(1), VOCAB, t=40)
+    logps, n = sequence_logprobs(model, ids, mask, loss_mask, chunk_size=chunk_size)
+    ref, ref_n = torch_sequence_logprobs(tmodel, ids, mask, loss_mask)
+    np.testing.assert_allclose(np.asarray(logps), ref, rtol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(np.asarray(n), ref_n)
+
+
+def test_export_round_trip_loads_in_transformers(variant, tmp_path):
+    name, tmodel, path = variant
+    save_pretrained(load_pretrained(path), tmp_path / "export")
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "export", output_loading_info=True, attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"], (name, info)
+    assert not info["mismatched_keys"], (name, info)
+    assert type(back) is type(tmodel)
+    ids, mask, _ = padded_batch(np.random.default_rng(2), VOCAB, t=40)
+    np.testing.assert_allclose(torch_logits(back.eval(), ids, mask),
+                               torch_logits(tmodel, ids, mask), atol=1e-5, rtol=0)
+    for k, v in load_pretrained(tmp_path / "export").config.__dict__.items():
+        assert getattr(load_pretrained(path).config, k) == v, k
+
+
+def test_kv_cache_sampling_past_the_window_matches_full_recompute(variant):
+    name, _, path = variant
+    model = load_pretrained(path)
+    ids, mask = sampling.left_pad([[5, 6, 7, 8, 9], [1, 2], [3, 4, 5, 6, 7, 8, 9, 10]], 0)
+    cfg = sampling.SamplingConfig(max_new_tokens=14)  # 8 + 14 tokens: past the window of 8
+    np.testing.assert_array_equal(sampling.generate(model, ids, mask, cfg),
+                                  sampling.generate(model, ids, mask, cfg, use_cache=False),
+                                  err_msg=name)
+
+
+def test_bfloat16_compute_stays_close(variant):
+    name, _, path = variant
+    ids, mask, loss_mask = padded_batch(np.random.default_rng(6), VOCAB, t=40)
+    f32, n = sequence_logprobs(load_pretrained(path), ids, mask, loss_mask)
+    bf16, _ = sequence_logprobs(load_pretrained(path, dtype="bfloat16"), ids, mask, loss_mask)
+    per_token = np.abs(np.asarray(bf16) - np.asarray(f32)) / np.asarray(n)
+    assert per_token.max() < 5e-3, (name, per_token)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(hidden_activation="relu"), "hidden_activation='relu' is not supported"),
+    (dict(use_bidirectional_attention=True), "use_bidirectional_attention=True"),
+    (dict(layer_types=["chunked_attention"] * 4), "layer_types holds ['chunked_attention']"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 2.0}), "rope_type='yarn'"),
+])
+def test_fields_the_module_does_not_implement_are_errors_naming_them(tmp_path, change, message):
+    cfg = json.loads((make_config_dir(tmp_path) / "config.json").read_text())
+    cfg.update(change)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=None) as e:
+        load_pretrained(tmp_path / "m")
+    assert message in str(e.value), str(e.value)
+
+
+def make_config_dir(tmp_path):
+    model = make_torch("gemma2")
+    model.save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
