@@ -18,6 +18,7 @@ exported; ``restore_latest_good`` then moves the damaged step aside and takes th
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -276,5 +277,6 @@ def abstract_like(tree):
 
 
 def model_config_record(cfg) -> dict:
-    """The fields of a model config that fix parameter shapes (compute options do not)."""
-    return common.architecture(cfg)
+    """The fields of a model config that fix parameter shapes (compute options do not), as the
+    record's JSON holds them (tuples as lists), so a record compares equal to its config."""
+    return json.loads(json.dumps(common.architecture(cfg)))

@@ -114,7 +114,8 @@ KILL_DRIVER = textwrap.dedent("""
                          "--config.learning_rate=1e-2"]),
     ("configs/tiny.py", ["--config.sync_ref_model=True", "--config.ref_model_sync_steps=3",
                          "--config.ref_model_mixup_alpha=0.5"]),
-], ids=["gpt2", "llama", "llama-lora", "gpt2-dora", "gpt2-tr-dpo"])
+    ("configs/tiny_gemma.py", []),
+], ids=["gpt2", "llama", "llama-lora", "gpt2-dora", "gpt2-tr-dpo", "gemma"])
 def test_exact_resume_after_sigkill(tmp_path, config, extra):
     driver = tmp_path / "driver.py"
     driver.write_text(KILL_DRIVER)
@@ -136,11 +137,12 @@ def test_exact_resume_after_sigkill(tmp_path, config, extra):
     if "--config.lora_rank=4" in extra:  # LoRA: the adapters themselves, as PEFT's file holds them
         adapter = lambda wd: (wd / "adapter" / "adapter_model.safetensors").read_bytes()
         assert adapter(straight) == adapter(resumed), "final adapters differ after resume"
-    if "llama" in config:  # the family's export is a transformers model; generate.py serves it
+    if "llama" in config or "gemma" in config:  # a transformers model; generate.py serves it
         import transformers
         model, info = transformers.AutoModelForCausalLM.from_pretrained(
             resumed / "hf", output_loading_info=True)
-        assert type(model).__name__ == "LlamaForCausalLM" and not info["missing_keys"]
+        assert type(model).__name__ in ("LlamaForCausalLM", "Gemma3ForCausalLM")
+        assert not info["missing_keys"]
         assert not info["unexpected_keys"]
         r = run(["generate.py", "--workdir", str(resumed), "--prompt", "The acting was",
                  "--max_new_tokens", "4"])
