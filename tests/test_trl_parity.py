@@ -14,7 +14,7 @@ import datasets  # noqa: E402
 from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer  # noqa: E402
 
 from dpo_jax import data as D  # noqa: E402
-from tokenizers_offline import gpt2_like, llama3_like, llama_like, qwen_like  # noqa: E402
+from tokenizers_offline import gemma_like, gpt2_like, llama3_like, llama_like, phi3_like, qwen_like  # noqa: E402,E501
 
 MAX_LENGTH = 24
 
@@ -91,7 +91,14 @@ def test_text_rows_tokenize_as_trl_does(make, tmp_path):
     assert tok.decode(pairs.chosen[1][:1]).startswith(" good")  # the space went to " good"
 
 
-@pytest.mark.parametrize("make", [qwen_like, llama3_like], ids=["chatml", "llama3"])
+END_OF_TURN = {"qwen_like": "<|im_end|>", "llama3_like": "<|eot_id|>",
+               "gemma_like": "<end_of_turn>", "phi3_like": "<|end|>"}
+TEMPLATE_BOS = {"llama3_like", "gemma_like"}  # the template writes BOS
+CHATS = [qwen_like, llama3_like, gemma_like, phi3_like]
+CHAT_IDS = ["chatml", "llama3", "gemma", "phi3"]
+
+
+@pytest.mark.parametrize("make", CHATS, ids=CHAT_IDS)
 def test_chat_rows_tokenize_as_trl_does(make, tmp_path):
     tok = make()
     explicit, implicit = chat_rows()
@@ -99,13 +106,13 @@ def test_chat_rows_tokenize_as_trl_does(make, tmp_path):
     assert pairs.stats["rows_truncated"] == 1  # the long reply
     assert_same(tok, implicit, tmp_path, make.__name__ + "_implicit", max_length=48)
     chosen = pairs.chosen[0].tolist()
-    end_of_turn = tok.convert_tokens_to_ids("<|im_end|>" if make is qwen_like else "<|eot_id|>")
-    assert end_of_turn in chosen[-2:] and chosen.count(tok.eos_token_id) == 1  # no extra EOS
+    end_of_turn = tok.convert_tokens_to_ids(END_OF_TURN[make.__name__])
+    assert end_of_turn in chosen[-3:] and chosen.count(tok.eos_token_id) <= 1  # no extra EOS
     prompt = pairs.prompt[0].tolist()
-    assert prompt.count(tok.bos_token_id) == (1 if make is llama3_like else 0)  # no second BOS
+    assert prompt.count(tok.bos_token_id) == (make.__name__ in TEMPLATE_BOS)  # no second BOS
 
 
-@pytest.mark.parametrize("make", [qwen_like, llama3_like], ids=["chatml", "llama3"])
+@pytest.mark.parametrize("make", CHATS, ids=CHAT_IDS)
 def test_chat_rows_in_separate_mode_end_with_the_turn_and_one_bos(make, tmp_path):
     """tokenization="separate" renders the conversation as text and tokenizes the pieces without
     special tokens: a completion ends with the template's end-of-turn token (nothing appended
@@ -117,7 +124,8 @@ def test_chat_rows_in_separate_mode_end_with_the_turn_and_one_bos(make, tmp_path
     pairs = D.load_pairs(D.Source(source=str(path), cache_dir=str(tmp_path / "c"),
                                       max_length=64, max_prompt_length=48,
                                       tokenization="separate"), tok)
-    end = "<|im_end|>\n" if make is qwen_like else "<|eot_id|>"
+    end = {"qwen_like": "<|im_end|>\n", "llama3_like": "<|eot_id|>",
+           "gemma_like": "<end_of_turn>\n", "phi3_like": "<|end|>\n<|endoftext|>"}[make.__name__]
     assert tok.decode(pairs.chosen[0]) == "Yes, very." + end
     assert tok.decode(pairs.rejected[0]) == "No idea." + end
-    assert pairs.prompt[0].tolist().count(tok.bos_token_id) == (1 if make is llama3_like else 0)
+    assert pairs.prompt[0].tolist().count(tok.bos_token_id) == (make.__name__ in TEMPLATE_BOS)

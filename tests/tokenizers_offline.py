@@ -1,5 +1,6 @@
 """Tokenizers built offline for the tests: GPT-2-style byte-level BPE, one that adds BOS the way
-the Llama family's do, and chat templates shaped like Qwen's (ChatML) and Llama 3's."""
+the Llama family's do, and chat templates shaped like Qwen's (ChatML), Llama 3's, Gemma's and
+Phi-3's."""
 
 from dpo_jax.bpe import train_byte_level_bpe
 
@@ -15,6 +16,18 @@ LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role']
           "<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
           "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
           "{% endif %}")
+# Gemma 3: the template writes BOS, the assistant is "model", turns end with <end_of_turn> and a
+# newline, and there is no system role (a system message is folded into the first user turn)
+GEMMA = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+         "{% set prefix = messages[0]['content'] + '\n\n' %}{% set turns = messages[1:] %}"
+         "{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+         "{% for m in turns %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' "
+         "else m['role'] }}\n{{ prefix if loop.first else '' }}{{ m['content'] | trim }}"
+         "<end_of_turn>\n{% endfor %}"
+         "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+# Phi-3 / Phi-4-mini: <|role|> headers, turns end with <|end|>, EOS after a finished conversation
+PHI3 = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}")
 
 
 def gpt2_like(vocab_size=400):
@@ -58,4 +71,21 @@ def llama3_like():
     t = _with_specials(["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>",
                         "<|end_header_id|>"], "<|begin_of_text|>", "<|eot_id|>", add_bos=True)
     t.chat_template = LLAMA3
+    return t
+
+
+def gemma_like():
+    """Gemma's template (BOS written by it, <end_of_turn>) on a tokenizer that adds BOS on
+    __call__, EOS <eos>: the completions end with the turn, and the prompt holds one BOS."""
+    t = _with_specials(["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>",
+                       "<eos>", add_bos=True)
+    t.chat_template = GEMMA
+    return t
+
+
+def phi3_like():
+    """Phi-3's template (turns end with <|end|>, EOS <|endoftext|> after the conversation)."""
+    t = _with_specials(["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+                       "<|endoftext|>", "<|endoftext|>", add_bos=False)
+    t.chat_template = PHI3
     return t
