@@ -151,9 +151,11 @@ class Checkpointer:
         where = self.directory / str(step)
         want = (expect or {}).get("model_config")
         have = record.get("model_config")  # (none in records written before it was kept)
-        if want is not None and have is not None and have != want:
-            diff = {k: (have.get(k), want.get(k)) for k in sorted(set(have) | set(want))
-                    if have.get(k) != want.get(k)}
+        # (a field the record lacks was added to the family after it was written: its
+        # default is what that checkpoint was trained with)
+        diff = {k: (have[k], want.get(k)) for k in sorted(have)
+                if have[k] != want.get(k)} if want is not None and have is not None else {}
+        if diff:
             raise CheckpointMismatch(f"{where} holds a checkpoint of another model (saved vs "
                                      f"this config: {diff}); use a fresh --workdir or the "
                                      "matching config")

@@ -40,13 +40,22 @@ VARIANTS = {
                                          head_dim=32, tie_word_embeddings=False)),
     "mistral": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2,
                                       sliding_window=4096, tie_word_embeddings=False)),
+    # Phi-4-mini's shape of Phi-3: fused qkv_proj / gate_up_proj, RoPE on 3/4 of each head,
+    # longrope (short factors below the original length, the attention factor), a tied head
+    "phi3": ("Phi3Config", dict(
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0,
+        max_position_embeddings=96, original_max_position_embeddings=48,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 0.75,
+                         "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                         "long_factor": [1.5, 2.0, 3.0, 4.0, 6.0, 8.0]})),
 }
 
 
 def make_torch(variant, seed=0):
     cls, kw = VARIANTS[variant]
     torch.manual_seed(seed)
-    cfg = getattr(transformers, cls)(**BASE, **kw)
+    cfg = getattr(transformers, cls)(**{**BASE, **kw})
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     return perturb_norms_and_biases(model, scale=0.1)
 

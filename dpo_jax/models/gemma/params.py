@@ -56,6 +56,8 @@ def _ropes(hf: dict, model_type: str) -> dict:
                          f"{local['rope_type']!r} is not supported (default only)")
     glob.setdefault("rope_theta", hf.get("rope_theta", d["rope_theta"]))
     out = _rope({"rope_parameters": glob, "rope_scaling": hf.get("rope_scaling")})
+    if "partial_rotary_factor" in out or out["rope_type"] == "longrope":
+        raise ValueError("partial_rotary_factor and longrope are not supported for Gemma")
     local_theta = local.get("rope_theta", hf.get("rope_local_base_freq", d["local_theta"]))
     out["rope_local_theta"] = float(local_theta if local_theta is not None else
                                     out["rope_theta"])

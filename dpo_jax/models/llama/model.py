@@ -1,6 +1,7 @@
-"""The Llama family as a Flax NNX module: Llama 2/3.x, SmolLM2, Mistral, Qwen2/2.5 and Qwen3.
+"""The Llama family as a Flax NNX module: Llama 2/3.x, SmolLM2, Mistral, Qwen2/2.5, Qwen3 and
+Phi-3 / Phi-4-mini.
 
-One module covers the HF ``model_type``s llama, mistral, qwen2 and qwen3; they differ only in
+One module covers the HF ``model_type``s llama, mistral, qwen2, qwen3 and phi3; they differ only in
 switches of ``LlamaConfig``: biases on q/k/v (Qwen2) or on every projection (``attention_bias``),
 per-head RMSNorm of q and k before RoPE (Qwen3), a ``head_dim`` of its own, a tied or untied LM
 head. Parameter names are HF's (``embed_tokens``, ``layers.self_attn.q_proj``, ``norm``) with
@@ -10,7 +11,8 @@ the transpose of ``nn.Linear``'s (out, in), which the name table (``params.py``)
 
 Numerics follow transformers' ``LlamaForCausalLM``: RMSNorm in float32, cast to the compute dtype
 before the scale; rotary embeddings in HF's rotate-half layout from the position ids, their
-cos / sin computed in float32 (``rope_type`` default, ``linear`` or ``llama3``);
+cos / sin computed in float32 (``rope_type`` default, ``linear``, ``llama3`` or ``longrope``),
+on the first ``partial_rotary_factor`` of each head (Phi-4-mini);
 grouped-query attention with a float32 softmax; a SwiGLU MLP ``down(silu(gate(x)) * up(x))``.
 """
 
@@ -27,7 +29,7 @@ from flax import nnx
 from dpo_jax.models import common
 from dpo_jax.models.trunk import CausalLM
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,10 @@ class LlamaConfig(common.ComputeOptions):
     qkv_bias: bool = False          # biases on q, k, v only (Qwen2)
     qk_norm: bool = False           # RMSNorm of each head of q and k before RoPE (Qwen3)
     sliding_window: int | None = None  # attention window; runs only where it never applies
+    partial_rotary_factor: float = 1.0  # RoPE on this share of each head (Phi-4-mini: 0.75)
+    rope_short_factor: tuple = ()       # longrope (Phi-3 128k, Phi-4-mini): per-frequency
+    rope_long_factor: tuple = ()        # longrope: past the original length (kept for export)
+    rope_attention_factor: float = 1.0  # longrope: cos / sin scaled by this
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
     eos_token_id: int = 2
@@ -93,7 +99,14 @@ class LlamaConfig(common.ComputeOptions):
         limits = {"max_position_embeddings": self.max_position_embeddings}
         if self.sliding_window is not None:  # within the window, attention is plain causal
             limits["sliding_window"] = self.sliding_window
+        if self.rope_type == "longrope":  # past it transformers switches to the long factors
+            limits["rope original_max_position_embeddings (longrope's short factors)"] = \
+                self.rope_original_max_position_embeddings
         return limits
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def tensor_parallel_dims(self) -> dict[str, int]:
         return {"num_attention_heads": self.num_attention_heads,
@@ -102,7 +115,12 @@ class LlamaConfig(common.ComputeOptions):
 
     def inv_freq(self) -> np.ndarray:
         """RoPE's inverse frequencies (head_dim / 2,), float32, as transformers computes them."""
-        return rope_inv_freq(self.head_dim, self.rope_type, self.rope_theta, self.rope_factor,
+        if self.rope_type == "longrope":  # the short factors (the length limit keeps to them)
+            d = self.rotary_dim
+            base = self.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d)
+            return (1.0 / (np.asarray(self.rope_short_factor, np.float32) * base)
+                    ).astype(np.float32)
+        return rope_inv_freq(self.rotary_dim, self.rope_type, self.rope_theta, self.rope_factor,
                              self.rope_low_freq_factor, self.rope_high_freq_factor,
                              self.rope_original_max_position_embeddings)
 
@@ -137,7 +155,11 @@ def rope(position_ids, inv_freq, dtype):
 
 
 def apply_rope(x_bthd, cos, sin):
-    """HF's rotate-half layout: x * cos + rotate_half(x) * sin, per head."""
+    """HF's rotate-half layout: x * cos + rotate_half(x) * sin, per head; on the first
+    cos.shape[-1] dims of each head where the rotary part is partial (the rest pass)."""
+    if cos.shape[-1] < x_bthd.shape[-1]:
+        d = cos.shape[-1]
+        return jnp.concatenate([apply_rope(x_bthd[..., :d], cos, sin), x_bthd[..., d:]], -1)
     half = x_bthd.shape[-1] // 2
     rotated = jnp.concatenate([-x_bthd[..., half:], x_bthd[..., :half]], axis=-1)
     return x_bthd * cos[:, :, None] + rotated * sin[:, :, None]
@@ -230,6 +252,10 @@ class Llama(CausalLM):
 
     def block_context(self, position_ids):
         c = self.config
+        if c.rope_type == "longrope":  # cos / sin scaled by the attention factor
+            cos, sin = rope(position_ids, c.inv_freq(), jnp.float32)
+            f = np.float32(c.rope_attention_factor)
+            return (cos * f).astype(c.compute_dtype), (sin * f).astype(c.compute_dtype)
         return rope(position_ids, c.inv_freq(), c.compute_dtype)  # (cos, sin)
 
     def final_norm(self, x):
