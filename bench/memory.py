@@ -5,6 +5,7 @@
     python bench/memory.py --model gpt2 --compare-remat                      # remat off vs on
     python bench/memory.py --model qwen3-0.6b --dtype bfloat16 --remat         # Llama family
     python bench/memory.py --model llama-3.2-1b --mesh 1,8,1 --devices 8 --remat
+    python bench/memory.py --model gemma-3-1b --dtype bfloat16 --remat --seq 8192 --pairs 1
 
 Nothing is run and no weights are needed: the train step is compiled from abstract inputs
 (ShapeDtypeStructs with their shardings) and XLA's memory analysis of the executable is read.
@@ -35,7 +36,20 @@ LLAMA_SHAPES = {  # the shapes of the published configs (random weights; nothing
                          head_dim=64, tie_word_embeddings=True, rope_type="llama3",
                          rope_factor=32.0, rope_theta=500000.0),
 }
-PRESETS = sorted(GPT2_SIZES) + sorted(LLAMA_SHAPES)
+GEMMA_SHAPES = {  # Gemma 2 2B and Gemma 3 1B as published (windows and soft-caps included)
+    "gemma-2-2b": dict(model_type="gemma2", vocab_size=256000, hidden_size=2304,
+                       intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                       num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256.0,
+                       sliding_window=4096, local_layers=tuple(i % 2 == 0 for i in range(26)),
+                       attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "gemma-3-1b": dict(model_type="gemma3_text", vocab_size=262144, hidden_size=1152,
+                       intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+                       num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256.0,
+                       sliding_window=512, local_layers=tuple(bool((i + 1) % 6)
+                                                              for i in range(26)),
+                       qk_norm=True, rope_theta=1_000_000.0, rope_local_theta=10_000.0),
+}
+PRESETS = sorted(GPT2_SIZES) + sorted(LLAMA_SHAPES) + sorted(GEMMA_SHAPES)
 
 
 def model_config(name: str, **compute):
@@ -44,6 +58,10 @@ def model_config(name: str, **compute):
         from dpo_jax.models.gpt2 import GPT2, GPT2Config
         n_layer, n_embd, n_head = GPT2_SIZES[name]
         return GPT2, GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, **compute)
+    if name in GEMMA_SHAPES:
+        from dpo_jax.models.gemma import Gemma, GemmaConfig
+        return Gemma, GemmaConfig(max_position_embeddings=131072, **GEMMA_SHAPES[name],
+                                  **compute)
     from dpo_jax.models.llama import Llama, LlamaConfig
     return Llama, LlamaConfig(max_position_embeddings=131072, **LLAMA_SHAPES[name], **compute)
 
