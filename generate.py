@@ -78,8 +78,9 @@ def run():
     except ValueError as e:
         raise ConfigError(f"generate.py flags: {e}") from None
     tokenizer = hub.load_tokenizer(local_copy(workdir / "tokenizer"))
-    cfg = sampling.SamplingConfig(**{**cfg.__dict__, "eos_id": tokenizer.eos_token_id})
     model_cfg, ref_params = hf.initial_model(config.model, tokenizer, seed=config.run.seed)
+    cfg = sampling.SamplingConfig(**{**cfg.__dict__,
+                                     "eos_id": sampling.stop_ids(model_cfg, tokenizer)})
     reference = hf.build(model_cfg, ref_params)
     policy = load_policy(config, workdir, reference)
     ref = sampling.complete(reference, tokenizer, prompts, cfg, seed=FLAGS.seed)

@@ -44,7 +44,8 @@ def compare_samples(reference, policy, tokenizer, prompts, *, max_new_tokens: in
     """Completions of each prompt by both models (greedy unless ``temperature`` > 0; both
     draw with the same seed): [{prompt, pi_ref, pi_theta}]."""
     cfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_token_id)
+                                  top_k=top_k, top_p=top_p,
+                                  eos_id=sampling.stop_ids(reference.config, tokenizer))
     ref, theta = (sampling.complete(m, tokenizer, prompts, cfg, seed=seed)
                   for m in (reference, policy))
     return [{"prompt": p, "pi_ref": r, "pi_theta": t} for p, r, t in zip(prompts, ref, theta)]

@@ -25,7 +25,14 @@ class SamplingConfig:
     temperature: float = 0.0   # 0 = greedy
     top_k: int = 0             # 0 = off
     top_p: float = 1.0         # 1 = off
-    eos_id: int | None = None  # stop a row here; None = never stop early
+    eos_id: int | tuple[int, ...] | None = None  # stop a row at (any of) these; None = never
+
+    @property
+    def stops(self) -> tuple[int, ...]:
+        """The ids that end a row (the first also pads a finished row)."""
+        if self.eos_id is None:
+            return ()
+        return tuple(self.eos_id) if isinstance(self.eos_id, (tuple, list)) else (self.eos_id,)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -56,6 +63,21 @@ def sample_token(logits, rng, cfg: SamplingConfig):
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def _stopped(tok, cfg: SamplingConfig):
+    if not cfg.stops:
+        return jnp.zeros(tok.shape, bool)
+    return jnp.isin(tok, jnp.asarray(cfg.stops, jnp.int32))
+
+
+def stop_ids(model_config, tokenizer) -> tuple[int, ...]:
+    """What ends a completion: the tokenizer's EOS and the model config's ``eos_token_id``(s)
+    (an instruct model lists its end-of-turn token there: Gemma's <end_of_turn>)."""
+    ids = [tokenizer.eos_token_id]
+    eos = getattr(model_config, "eos_token_id", None)
+    ids += list(eos) if isinstance(eos, (tuple, list)) else [eos]
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
 def _generate_cached(model, prompt_ids, prompt_mask, rng, cfg: SamplingConfig):
     b, p = prompt_ids.shape
     n = cfg.max_new_tokens
@@ -64,8 +86,8 @@ def _generate_cached(model, prompt_ids, prompt_mask, rng, cfg: SamplingConfig):
     h, cache = model.decode(prompt_ids, positions_from_mask(prompt_mask), key_mask, cache, 0)
     logits = model.lm_head(h[:, -1])
     n_real = prompt_mask.sum(-1).astype(jnp.int32)
-    eos = -1 if cfg.eos_id is None else cfg.eos_id
-    out = jnp.full((b, n), max(eos, 0), jnp.int32)
+    fill = cfg.stops[0] if cfg.stops else 0
+    out = jnp.full((b, n), fill, jnp.int32)
 
     def cond(c):
         i, _, _, _, done, _ = c
@@ -74,9 +96,9 @@ def _generate_cached(model, prompt_ids, prompt_mask, rng, cfg: SamplingConfig):
     def body(c):
         i, cache, logits, out, done, rng = c
         rng, sub = jax.random.split(rng)
-        tok = jnp.where(done, max(eos, 0), sample_token(logits, sub, cfg))
+        tok = jnp.where(done, fill, sample_token(logits, sub, cfg))
         out = out.at[:, i].set(tok)
-        done = done | (tok == eos)
+        done = done | _stopped(tok, cfg)
         h, cache = model.decode(tok[:, None], (n_real + i)[:, None], key_mask, cache, p + i)
         return i + 1, cache, model.lm_head(h[:, -1]), out, done, rng
 
@@ -88,17 +110,17 @@ def _generate_uncached(model, prompt_ids, prompt_mask, rng, cfg: SamplingConfig)
     """The reference: a full forward over the whole buffer for every new token."""
     b, p = prompt_ids.shape
     n = cfg.max_new_tokens
-    eos = -1 if cfg.eos_id is None else cfg.eos_id
+    fill = cfg.stops[0] if cfg.stops else 0
     ids = jnp.concatenate([prompt_ids, jnp.zeros((b, n), prompt_ids.dtype)], axis=1)
     mask = jnp.concatenate([prompt_mask, jnp.zeros((b, n), prompt_mask.dtype)], axis=1)
     done = jnp.zeros((b,), bool)
     for i in range(n):
         rng, sub = jax.random.split(rng)
         logits = model(ids, mask)[:, p + i - 1]
-        tok = jnp.where(done, max(eos, 0), sample_token(logits, sub, cfg))
+        tok = jnp.where(done, fill, sample_token(logits, sub, cfg))
         ids = ids.at[:, p + i].set(tok)
         mask = mask.at[:, p + i].set(1)
-        done = done | (tok == eos)
+        done = done | _stopped(tok, cfg)
     return ids[:, p:]
 
 
@@ -146,7 +168,6 @@ def complete(model, tokenizer, prompts, cfg: SamplingConfig, *, seed: int = 0) -
     texts = []
     for row in out:
         row = list(row)
-        if cfg.eos_id is not None and cfg.eos_id in row:
-            row = row[: row.index(cfg.eos_id)]
-        texts.append(tokenizer.decode(row))
+        ends = [row.index(t) for t in cfg.stops if t in row]
+        texts.append(tokenizer.decode(row[: min(ends)] if ends else row))
     return texts

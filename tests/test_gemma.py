@@ -158,3 +158,22 @@ def test_lora_and_dora_exports_equal_peft_on_the_base(tmp_path, dora):
     a, b = logits(merged, ids, mask), logits(with_adapter, ids, mask)
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     assert np.abs(a - logits(base, ids, mask)).max() > 1e-3  # the adapters did move
+
+
+def test_sampling_stops_at_the_end_of_turn_the_model_config_lists(variant):
+    """An instruct Gemma lists <end_of_turn> in its config's eos_token_id beside the tokenizer's
+    <eos>: a completion stops at either (sampling.stop_ids)."""
+    import types
+    name, _, path = variant
+    model = load_pretrained(path)
+    ids, mask = sampling.left_pad([[5, 6, 7, 8, 9], [3, 4]], 0)
+    free = sampling.generate(model, ids, mask, sampling.SamplingConfig(max_new_tokens=6))
+    row = free[0].tolist()
+    j = next((k for k in range(1, 6) if row[k] not in row[:k] and row[k] != 1), 0)
+    turn = row[j]  # pretend this greedy token of row 0 is <end_of_turn>
+    stops = sampling.stop_ids(types.SimpleNamespace(eos_token_id=(1, turn)),
+                              types.SimpleNamespace(eos_token_id=1))
+    assert stops == ((1, turn) if turn != 1 else (1,))
+    out = sampling.generate(model, ids, mask, sampling.SamplingConfig(max_new_tokens=6,
+                                                                      eos_id=stops))
+    assert out[0, :j + 1].tolist() == row[:j + 1] and set(out[0, j + 1:]) <= {stops[0]}
