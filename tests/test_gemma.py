@@ -108,6 +108,33 @@ def test_bfloat16_compute_stays_close(variant):
     assert per_token.max() < 5e-3, (name, per_token)
 
 
+def test_a_multimodal_gemma3_trains_its_language_model(tmp_path):
+    """model_type gemma3 (vision + text): its text_config and language-model tensors load, and
+    text-only logits equal the multimodal model's; the export is a text-only Gemma 3."""
+    cls, kw = VARIANTS["gemma3"]
+    torch.manual_seed(0)
+    text = transformers.Gemma3TextConfig(**{**BASE, **kw})
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=2,
+                                             image_size=28, patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                    boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2,
+                                    image_token_index=VOCAB - 1)
+    tmodel = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    perturb_norms_and_biases(tmodel, scale=0.1)
+    tmodel.save_pretrained(tmp_path / "mm")
+    model = load_pretrained(tmp_path / "mm")
+    assert model.config.model_type == "gemma3_text" and model.config.qk_norm
+    ids, mask, _ = padded_batch(np.random.default_rng(3), VOCAB - 3, t=40)
+    ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    ref = torch_logits(tmodel, ids, mask)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(ours[real], ref[real], atol=1e-4, rtol=0)
+    save_pretrained(model, tmp_path / "text")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "text")
+    assert type(back).__name__ == "Gemma3ForCausalLM"
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(hidden_activation="relu"), "hidden_activation='relu' is not supported"),
     (dict(use_bidirectional_attention=True), "use_bidirectional_attention=True"),

@@ -1,6 +1,7 @@
 """The Gemma family's side of the model contract: config.json <-> ``GemmaConfig`` for the HF
-model_types gemma2 and gemma3_text (and the multimodal gemma3's language model), the HF
-tensor-name table and the sharding rules.
+model_types gemma2 and gemma3_text, and the multimodal gemma3's language model (its
+``text_config`` and language-model tensors; the vision tower is not loaded, and the export is a
+text-only Gemma3ForCausalLM), the HF tensor-name table and the sharding rules.
 
 A config field the module does not implement is an error naming the field (another activation,
 bidirectional attention, a rope type other than default / linear / llama3), never ignored.
@@ -8,20 +9,31 @@ bidirectional attention, a rope type other than default / linear / llama3), neve
 
 from __future__ import annotations
 
+import logging
+import re
+
 from jax.sharding import PartitionSpec as P
 
 from dpo_jax.models import Family, HFTensor, common, flatten
 from dpo_jax.models.gemma.model import Gemma, GemmaConfig
 from dpo_jax.models.llama.params import RULES as LLAMA_RULES, _rope
 
+log = logging.getLogger(__name__)
+
 ARCHITECTURES = {"gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 # Gemma 2's defaults in transformers (Gemma2Config); Gemma 3's (Gemma3TextConfig)
 DEFAULTS = {
     "gemma2": dict(attn_logit_softcapping=50.0, final_logit_softcapping=30.0, pattern=2,
-                   sliding_window=4096, rope_theta=10000.0, local_theta=None),
+                   sliding_window=4096, rope_theta=10000.0, local_theta=None,
+                   vocab_size=256000, max_position_embeddings=8192),
     "gemma3_text": dict(attn_logit_softcapping=None, final_logit_softcapping=None, pattern=6,
-                        sliding_window=4096, rope_theta=1_000_000.0, local_theta=10_000.0),
+                        sliding_window=4096, rope_theta=1_000_000.0, local_theta=10_000.0,
+                        vocab_size=262208, max_position_embeddings=131072),
 }
+# the multimodal Gemma 3 (model_type gemma3): its language model's keys, under either spelling
+# (the hub's checkpoints, and transformers 5's), read as the text model's; the vision tower and
+# projector are left out
+_LANGUAGE_MODEL = re.compile(r"^(?:language_model\.model\.|model\.language_model\.)")
 
 # Llama's rules, with Gemma's two extra norms replicated as the others are
 RULES = LLAMA_RULES[:-1] + (
@@ -64,11 +76,22 @@ def _ropes(hf: dict, model_type: str) -> dict:
     return out
 
 
+def hf_key(key: str) -> str:
+    """A multimodal Gemma 3's language-model key as the text model spells it."""
+    key = _LANGUAGE_MODEL.sub("model.", key)
+    return "lm_head.weight" if key == "language_model.lm_head.weight" else key
+
+
 def config_from_hf(hf: dict, **compute) -> GemmaConfig:
     model_type = hf.get("model_type", "gemma2")
     if model_type == "gemma3":  # the multimodal checkpoint: its language model
-        raise ValueError("model_type gemma3 is the multimodal Gemma 3 (vision + text); load a "
-                         "text-only checkpoint (model_type gemma3_text, e.g. gemma-3-1b)")
+        log.info("model_type gemma3 (vision + text): training its language model; the vision "
+                 "tower is not loaded, and the export is a text-only Gemma3ForCausalLM")
+        text = dict(hf.get("text_config") or {})
+        for k in ("bos_token_id", "eos_token_id", "tie_word_embeddings"):
+            if k not in text and k in hf:
+                text[k] = hf[k]
+        hf, model_type = dict(text, model_type="gemma3_text"), "gemma3_text"
     d = DEFAULTS[model_type]
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
     if act != "gelu_pytorch_tanh":
@@ -80,12 +103,13 @@ def config_from_hf(hf: dict, **compute) -> GemmaConfig:
     heads = hf.get("num_attention_heads", 8)
     eos = hf.get("eos_token_id", 1)
     return GemmaConfig(
-        model_type=model_type, vocab_size=hf.get("vocab_size", 256000),
+        model_type=model_type, vocab_size=hf.get("vocab_size", d["vocab_size"]),
         hidden_size=hf.get("hidden_size", 2304),
         intermediate_size=hf.get("intermediate_size", 9216), num_hidden_layers=n,
         num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf.get("hidden_size", 2304) // heads,
-        max_position_embeddings=hf.get("max_position_embeddings", 8192),
+        max_position_embeddings=hf.get("max_position_embeddings",
+                                       d["max_position_embeddings"]),
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
         sliding_window=hf.get("sliding_window", d["sliding_window"]),
@@ -149,9 +173,12 @@ def hf_tensors(cfg: GemmaConfig) -> list[HFTensor]:
 
 
 FAMILY = Family(
-    name="gemma", model_types=tuple(ARCHITECTURES), config_cls=GemmaConfig, model_cls=Gemma,
-    config_from_hf=config_from_hf, config_to_hf=config_to_hf, hf_tensors=hf_tensors,
-    hf_ignored=(r"lm_head\.weight",),  # a tied head some checkpoints store anyway
+    name="gemma", model_types=(*ARCHITECTURES, "gemma3"), config_cls=GemmaConfig,
+    model_cls=Gemma, config_from_hf=config_from_hf, config_to_hf=config_to_hf,
+    hf_tensors=hf_tensors, hf_key=hf_key,
+    # a tied head some checkpoints store anyway; a multimodal checkpoint's vision side
+    hf_ignored=(r"lm_head\.weight",
+                r"(model\.)?(vision_tower|multi_modal_projector)\..*"),
     rules=RULES,
     lora_target=r"layers\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
 )
