@@ -204,3 +204,65 @@ def test_sampling_stops_at_the_end_of_turn_the_model_config_lists(variant):
     out = sampling.generate(model, ids, mask, sampling.SamplingConfig(max_new_tokens=6,
                                                                       eos_id=stops))
     assert out[0, :j + 1].tolist() == row[:j + 1] and set(out[0, j + 1:]) <= {stops[0]}
+
+
+@pytest.mark.parametrize("form", ["lengths", "segments"])
+def test_the_splash_kernel_takes_the_window_and_the_soft_cap(form):
+    """Splash (Pallas, interpreted on the CPU) with its local mask and logit cap on Gemma's
+    local layers and its causal one on the global layers: the XLA path's hidden states (1e-5)
+    and gradients (1e-5 of each leaf's scale), over rows and packed segments longer than the
+    window."""
+    import dataclasses
+
+    import jax
+    from flax import nnx
+
+    from dpo_jax.models import common
+    from dpo_jax.models.attention import Mask
+    from dpo_jax.models.gemma import Gemma, GemmaConfig
+    cfg = GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                      max_position_embeddings=256, query_pre_attn_scalar=16.0, sliding_window=9,
+                      local_layers=(True, False), attn_logit_softcapping=4.0)
+    t = 128
+    ids = jax.random.randint(jax.random.key(0), (2, t), 1, 64)
+    attn = (jnp.arange(t)[None] < jnp.array([t, 77])[:, None]).astype(jnp.int32)
+    if form == "lengths":
+        mask, pos = Mask.causal_padded(attn), None
+    else:  # two packed sequences per row, positions restarting
+        seg = jnp.where(jnp.arange(t)[None] < jnp.array([50, 30])[:, None], 0, 1)
+        seg = jnp.where(attn.astype(bool), seg, -1)
+        mask = Mask.segments(seg, attn)
+        starts = jnp.where(seg == 1, jnp.array([50, 30])[:, None], 0)
+        pos = jnp.maximum(jnp.arange(t)[None] - starts, 0)
+    params = common.params_of(Gemma(cfg, rngs=nnx.Rngs(0)))
+
+    def run(impl):
+        gd = nnx.graphdef(common.abstract(Gemma, dataclasses.replace(cfg, attention=impl)))
+
+        def f(p):
+            h = nnx.merge(gd, p).hidden_states(ids, attn, pos, attn_mask=mask)
+            return (h * attn[..., None]).sum(), h * attn[..., None]
+        return jax.value_and_grad(f, has_aux=True)(params)
+
+    (_, want), gw = run("xla")
+    (_, got), gg = run("splash")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    for a, b in zip(jax.tree.leaves(gw), jax.tree.leaves(gg)):  # 1e-5 of each leaf's scale
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(b, a, atol=1e-5 * np.abs(a).max())
+
+
+def test_the_kernel_choice_follows_what_each_kernel_takes():
+    """Splash takes windows and soft-caps; cuDNN takes a window (in its mask bias) but no cap:
+    Gemma 2 on a GPU runs XLA and says why, an explicit cudnn is an error naming the cap."""
+    from dpo_jax.models import attention
+    kw = dict(dtype="bfloat16", head_dim=128, mask_forms={"lengths"}, lengths=(512,))
+    gemma3, gemma2 = ("a sliding window",), ("a sliding window", "soft-capped logits")
+    assert attention.resolve("auto", platform="gpu", model_needs=gemma3, **kw)[0] == "cudnn"
+    impl, why = attention.resolve("auto", platform="gpu", model_needs=gemma2, **kw)
+    assert impl == "xla" and "cudnn does not soft-cap attention logits" in why
+    with pytest.raises(ValueError, match="cudnn does not soft-cap"):
+        attention.resolve("cudnn", platform="gpu", model_needs=gemma2, **kw)
+    impl, why = attention.resolve("auto", platform="tpu", model_needs=gemma2, **kw)
+    assert impl == "splash" and "soft-capped logits in the kernel" in why

@@ -76,19 +76,24 @@ def as_mask(mask) -> Mask:
 
 
 def attend(q, k, v, mask, *, scale: float, implementation: str = "xla",
-           softcap: float | None = None):
+           softcap: float | None = None, window: int | None = None):
     """Attention of (B, T, H, D) queries over (B, S, K, D) keys and values (K divides H:
     grouped-query attention) under ``mask`` (a ``Mask`` or a dense (B, T, S) array). ``xla``
     computes the logits and softmax in float32 for bfloat16 inputs. ``softcap``: Gemma 2's
-    attention-logit soft-capping, cap * tanh(logits / cap) before the mask (XLA only)."""
+    attention-logit soft-capping, cap * tanh(logits / cap) before the mask (XLA and splash).
+    ``window``: splash's local window over a compact mask (lengths or segments, where index
+    distance is position distance); elsewhere the window is in the dense mask already."""
     mask = as_mask(mask)
+    if implementation == "splash" and (mask.segment_ids is not None or mask.lengths is not None):
+        return _splash(q, k, v, mask, scale, window, softcap)
+    if window:
+        raise ValueError("attend's window is the splash kernel's (a compact mask); other "
+                         "paths take the window in the dense mask")
     if softcap:
         return _softcapped(q, k, v, mask, scale, softcap)
     if implementation == "cudnn" and mask.causal:
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn",
                                             **cudnn_arguments(mask))
-    if implementation == "splash" and (mask.segment_ids is not None or mask.lengths is not None):
-        return _splash(q, k, v, mask, scale)
     return jax.nn.dot_product_attention(q, k, v, mask=mask.dense[:, None], scale=scale)
 
 
@@ -129,22 +134,32 @@ def splash_block(t: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _splash_kernel(heads: int, t: int, interpret: bool):
+def _splash_kernel(heads: int, t: int, interpret: bool, window: int | None = None,
+                   softcap: float | None = None):
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as sk, splash_attention_mask as sm)
     b = splash_block(t)
     blocks = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
                            block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-    mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(heads)])
-    return sk.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
-                              interpret=interpret), sk.SegmentIds
+    # causal, or causal within the last `window` positions (a query sees keys > it - window)
+    one = (sm.LocalMask((t, t), window_size=(window - 1, 0), offset=0) if window
+           else sm.CausalMask((t, t)))
+    mask = sm.MultiHeadMask([one for _ in range(heads)])
+    # built as concrete arrays even when first asked for inside a trace (a cond's branch): the
+    # kernel is cached, and a traced mask array would leak out of that trace
+    with jax.ensure_compile_time_eval():
+        kernel = sk.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                                    interpret=interpret, attn_logits_soft_cap=softcap)
+    return kernel, sk.SegmentIds
 
 
-def _splash(q, k, v, mask: Mask, scale: float):
+def _splash(q, k, v, mask: Mask, scale: float, window: int | None = None,
+            softcap: float | None = None):
     b, t, h, d = q.shape
     if k.shape[2] != h:  # grouped-query: the kernel takes one key head per query head
         k, v = (jnp.repeat(a, h // k.shape[2], axis=2) for a in (k, v))
-    kernel, segment_type = _splash_kernel(h, t, jax.default_backend() != "tpu")
+    kernel, segment_type = _splash_kernel(h, t, jax.default_backend() != "tpu", window,
+                                          softcap)
     if mask.segment_ids is not None:
         seg = mask.segment_ids
     else:  # lengths: real tokens are segment 0, padding segment 1
@@ -164,16 +179,13 @@ def resolve(requested: str, *, platform: str, dtype: str, head_dim: int, mask_fo
     size, a layout whose masks come in ``mask_forms`` ({"lengths", "segments", "dense"}) and
     rows of ``lengths`` tokens. ``auto`` takes the fused kernel where it applies and says why
     not otherwise; an explicit choice that cannot run raises ``ValueError`` with the reason.
-    ``model_needs``: what the model's attention has that the fused paths here do not take (a
-    sliding window, soft-capped logits): XLA then, said so, or an error for an explicit kernel."""
-    if model_needs:
-        if requested in ("cudnn", "splash"):
-            raise ValueError(f"attention={requested!r}: this model's attention has "
-                             f"{' and '.join(model_needs)}, which the {requested} path here "
-                             "does not take; use attention='xla' or 'auto'")
-        return "xla", f"XLA attention (the model's attention has {' and '.join(model_needs)})"
+    ``model_needs``: what the model's attention has beyond a causal mask ("a sliding window",
+    "soft-capped logits"): splash takes both (a local mask, its logit cap), cuDNN the window (in
+    its mask bias) but not the cap."""
     reasons = []
     if requested in ("auto", "cudnn"):
+        if "soft-capped logits" in model_needs:
+            reasons.append("cudnn does not soft-cap attention logits (the model does)")
         if platform != "gpu":
             reasons.append(f"cudnn needs a GPU (platform {platform})")
         if dtype not in ("bfloat16", "float16"):
@@ -185,7 +197,7 @@ def resolve(requested: str, *, platform: str, dtype: str, head_dim: int, mask_fo
             raise ValueError("attention='cudnn': " + "; ".join(reasons))
         if platform == "gpu" and not reasons:
             return "cudnn", "cuDNN flash attention" + (
-                " (the mask as a bias)" if mask_forms == {"dense"} else "")
+                " (the mask as a bias)" if mask_forms == {"dense"} or model_needs else "")
     if requested in ("auto", "splash"):
         why = []
         if platform != "tpu":
@@ -202,6 +214,7 @@ def resolve(requested: str, *, platform: str, dtype: str, head_dim: int, mask_fo
             raise ValueError("attention='splash': " + "; ".join(why))
         if not why:
             return "splash", "Pallas splash attention with segment ids" + (
+                f" ({' and '.join(model_needs)} in the kernel)" if model_needs else "") + (
                 "" if platform == "tpu" else " (interpreted: exact but slow off a TPU)")
         if platform == "tpu":
             reasons += why

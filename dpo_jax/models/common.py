@@ -175,12 +175,13 @@ def decode_mask(key_mask_bs, t: int, index):
 
 
 def attention(q, k, v, mask, *, scale: float, implementation: str = "xla", kv=None,
-              index=None, softcap: float | None = None):
+              index=None, softcap: float | None = None, window: int | None = None):
     """The one place attention runs, for every family and layout (``models/attention.py``):
     ``mask`` is an ``attention.Mask`` or a dense (B, T, S) boolean array. With ``kv``, a (k, v)
     cache of (B, S, K, D) arrays, the new keys and values are written at ``index`` and attention
     runs over the whole cache (with XLA: one query at a time gains nothing from a kernel).
-    ``softcap``: soft-capped attention logits (Gemma 2). Returns (output (B, T, H, D), the updated cache or None)."""
+    ``softcap``: soft-capped attention logits (Gemma 2); ``window``: splash's local window.
+    Returns (output (B, T, H, D), the updated cache or None)."""
     if kv is not None:
         at = (0, index, 0, 0)
         kv = (jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), at),
@@ -188,7 +189,7 @@ def attention(q, k, v, mask, *, scale: float, implementation: str = "xla", kv=No
         k, v = kv
         implementation = "xla"
     return attention_lib.attend(q, k, v, mask, scale=scale, implementation=implementation,
-                                softcap=softcap), kv
+                                softcap=softcap, window=window), kv
 
 
 class PreNormBlock(nnx.Module):

@@ -21,6 +21,7 @@ Which layers are local is a scanned per-layer input, so the stack still compiles
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -162,18 +163,13 @@ class Attention(nnx.Module):
         self.heads, self.kv_heads, self.head_dim = h, k, d
         self.scale = float(cfg.query_pre_attn_scalar) ** -0.5
         self.softcap = cfg.attn_logit_softcapping
-        self.windowed = cfg.windowed
+        self.windowed, self.window = cfg.windowed, cfg.sliding_window
         self.implementation = cfg.attention
 
     def __call__(self, x, masks, context, per_layer, kv=None, index=None):
         (local,) = per_layer
         cos_g, sin_g, cos_l, sin_l = context
         cos, sin = jnp.where(local, cos_l, cos_g), jnp.where(local, sin_l, sin_g)
-        if self.windowed:  # (the sequence's mask, its windowed form): this layer's
-            glob, windowed = masks
-            mask = Mask(jnp.where(local, windowed.dense, as_mask(glob).dense), causal=True)
-        else:
-            mask = masks
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
@@ -181,8 +177,20 @@ class Attention(nnx.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y, kv = common.attention(q, k, v, mask, scale=self.scale, implementation=self.implementation,
-                                 kv=kv, index=index, softcap=self.softcap)
+        run = functools.partial(common.attention, scale=self.scale, kv=kv, index=index,
+                                softcap=self.softcap)
+        if not self.windowed:
+            y, kv = run(q, k, v, masks, implementation=self.implementation)
+        elif self.implementation == "splash" and kv is None:  # the kernel's own local mask
+            glob = masks[0]
+            y, kv = jax.lax.cond(
+                local, lambda: run(q, k, v, glob, implementation="splash",
+                                   window=self.window),
+                lambda: run(q, k, v, glob, implementation="splash"))
+        else:  # this layer's dense mask: the sequence's, or its windowed form
+            glob, windowed = masks
+            mask = Mask(jnp.where(local, windowed.dense, as_mask(glob).dense), causal=True)
+            y, kv = run(q, k, v, mask, implementation=self.implementation)
         return self.o_proj(y.reshape(b, t, self.heads * self.head_dim)), kv
 
 
