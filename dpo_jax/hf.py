@@ -109,7 +109,9 @@ def hf_state_dict(cfg, params: dict) -> dict[str, np.ndarray]:
         values = [np.asarray(flat[p], dtype=np.float32) for p in t.paths]
         for i in range(len(values[0]) if t.stacked else 1):
             parts = [v[i] for v in values] if t.stacked else values
-            out[t.hf.format(i=i)] = np.ascontiguousarray(t.to_hf(parts))
+            for j in range(t.experts or 1):  # one HF tensor per expert where there are any
+                one = [x[j] for x in parts] if t.experts else parts
+                out[t.hf.format(i=i, j=j)] = np.ascontiguousarray(t.to_hf(one))
     return out
 
 
@@ -131,7 +133,8 @@ def load_pretrained_params(name_or_path: str | os.PathLike, *, dtype: str = "flo
     template = common.params_of(common.abstract(family.model_cls, cfg))
     shapes = {k: tuple(v.shape) for k, v in models.flatten(template).items()}
     table = family.hf_tensors(cfg)
-    expected = {t.hf.format(i=i) for t in table for i in range(cfg.n_layers if t.stacked else 1)}
+    expected = {t.hf.format(i=i, j=j) for t in table
+                for i in range(cfg.n_layers if t.stacked else 1) for j in range(t.experts or 1)}
     missing = sorted(expected - set(tensors), key=_natural)
     if missing:
         raise CheckpointError(f"{folder}: missing tensors {missing[:8]}"
@@ -139,16 +142,25 @@ def load_pretrained_params(name_or_path: str | os.PathLike, *, dtype: str = "flo
     loaded = {}
     for t in table:
         ours = [shapes[p][1:] if t.stacked else shapes[p] for p in t.paths]
+        if t.experts:  # one HF tensor per expert: shapes without the expert axis
+            ours = [s[1:] for s in ours]
         want = t.hf_shape(ours)
-        layers = []
-        for i in range(cfg.n_layers if t.stacked else 1):
-            key = t.hf.format(i=i)
+
+        def read(key):
             a = tensors[key]
             if tuple(a.shape) != want:
                 raise CheckpointError(
                     f"{folder / origin[key]}: tensor {key!r} has shape {tuple(a.shape)}, "
                     f"but {hub.CONFIG_FILE} implies {want}")
-            layers.append(t.to_ours(np.asarray(a, dtype=np.float32), ours))
+            return t.to_ours(np.asarray(a, dtype=np.float32), ours)
+
+        layers = []
+        for i in range(cfg.n_layers if t.stacked else 1):
+            if t.experts:
+                per = [read(t.hf.format(i=i, j=j)) for j in range(t.experts)]
+                layers.append([np.stack([e[k] for e in per]) for k in range(len(t.paths))])
+            else:
+                layers.append(read(t.hf.format(i=i)))
         for j, path in enumerate(t.paths):
             loaded[path] = (np.stack([parts[j] for parts in layers]) if t.stacked
                             else layers[0][j])

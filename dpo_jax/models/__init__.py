@@ -49,6 +49,8 @@ class HFTensor:
     transpose: bool = False
     axis: int = 0           # where fused params are concatenated, in HF's layout
     row_order: Callable[[int], np.ndarray] | None = None  # HF row i = our row order[i]
+    experts: int = 0        # >0: our params carry an expert axis after the layer axis, and
+    #                         "{j}" in ``hf`` stands for the expert (one HF tensor per expert)
 
     @property
     def stacked(self) -> bool:

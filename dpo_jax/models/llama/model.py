@@ -183,14 +183,22 @@ class Attention(nnx.Module):
         self.heads, self.kv_heads, self.head_dim = h, k, d
         self.implementation = cfg.attention
 
-    def __call__(self, x, mask_bts, context, per_layer, kv=None, index=None):
-        cos, sin = context  # RoPE's, from the positions
+    def queries_keys(self, x):
+        """q (B, T, H, D) and k (B, T, K, D) before RoPE: projected, split into heads, and
+        normalized per head where the config says (Qwen3). A family that normalizes otherwise
+        (OLMoE: the whole projection) overrides this."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        return q, k
+
+    def __call__(self, x, mask_bts, context, per_layer, kv=None, index=None):
+        cos, sin = context  # RoPE's, from the positions
+        b, t, _ = x.shape
+        q, k = self.queries_keys(x)
+        v = self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y, kv = common.attention(q, k, v, mask_bts, scale=self.head_dim ** -0.5,
                                  implementation=self.implementation, kv=kv, index=index)

@@ -1,0 +1,224 @@
+"""Mixture-of-experts LMs as a Flax NNX module: Qwen3-MoE, Mixtral and OLMoE.
+
+The attention is the Llama family's (``llama.model.Attention``: GQA, RoPE, Qwen3's per-head q/k
+norms); OLMoE normalizes the whole q and k projections instead (``qk_norm="full"``). The MLP of
+every layer is a sparse mixture of SwiGLU experts:
+
+- the router as each checkpoint defines it: logits = x @ gate (the compute dtype), softmax over
+  the experts in float32, the top k, renormalized where ``norm_topk_prob`` (Qwen3-MoE's switch;
+  always for Mixtral, whose softmax over the selected logits is the same thing; never for
+  OLMoE by default), cast back;
+- **dropless** experts: the (token, choice) pairs sorted by expert and run as three grouped
+  matmuls (``jax.lax.ragged_dot``) over the experts' stacked weights, each pair scaled by its
+  routing weight and added back to its token: no capacity, no token dropped, no dense
+  all-experts compute.
+
+Parameters: ``layers.mlp.gate`` (the router, (C, E) as a Linear) and ``layers.mlp.experts.{gate,
+up,down}_proj`` (layer, expert, in, out). ``router_logits`` of a batch (for the load-balancing
+loss, ``moe.aux_loss``) come from ``MoE.router_logits``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dpo_jax.models import common
+from dpo_jax.models.llama.model import ROPE_TYPES, Attention, rope, rope_inv_freq
+from dpo_jax.models.trunk import CausalLM
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig(common.ComputeOptions):
+    """Architecture (the fields of HF's Qwen3MoeConfig / MixtralConfig / OlmoeConfig that change
+    the math), then compute options."""
+
+    model_type: str = "qwen3_moe"    # qwen3_moe | mixtral | olmoe
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    moe_intermediate_size: int = 768  # each expert's SwiGLU width
+    num_experts: int = 128
+    num_experts_per_tok: int = 8
+    norm_topk_prob: bool = True
+    num_hidden_layers: int = 48
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 4
+    head_dim: int = 128
+    max_position_embeddings: int = 40960
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    qk_norm: bool | str = False      # True: per head (Qwen3-MoE); "full": whole q / k (OLMoE)
+    attention_bias: bool = False
+    qkv_bias: bool = False
+    sliding_window: int | None = None  # Mixtral's: a length limit, as Mistral's
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int | tuple = 2
+
+    def __post_init__(self):
+        self.check_compute()
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple "
+                             f"of num_key_value_heads={self.num_key_value_heads}")
+        if self.rope_type not in ("default", "linear"):
+            raise ValueError(f"rope type {self.rope_type!r} is not supported for MoE models "
+                             "(default, linear)")
+        if not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must lie in "
+                             f"[1, num_experts={self.num_experts}]")
+
+    @property
+    def n_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.num_key_value_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings
+
+    def length_limits(self) -> dict[str, int]:
+        limits = {"max_position_embeddings": self.max_position_embeddings}
+        if self.sliding_window is not None:
+            limits["sliding_window"] = self.sliding_window
+        return limits
+
+    def tensor_parallel_dims(self) -> dict[str, int]:
+        return {"num_attention_heads": self.num_attention_heads,
+                "num_key_value_heads": self.num_key_value_heads,
+                "moe_intermediate_size": self.moe_intermediate_size,
+                "hidden_size": self.hidden_size}
+
+    def inv_freq(self) -> np.ndarray:
+        return rope_inv_freq(self.head_dim, self.rope_type, self.rope_theta, self.rope_factor)
+
+
+class FullQKNormAttention(Attention):
+    """OLMoE's attention: RMSNorm over the whole q and k projections before the heads split."""
+
+    def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
+        super().__init__(dataclasses.replace(cfg, qk_norm=False), rngs=rngs)
+        h, k, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_norm = common.RMSNorm(h * d, cfg.rms_norm_eps, cfg.compute_dtype)
+        self.k_norm = common.RMSNorm(k * d, cfg.rms_norm_eps, cfg.compute_dtype)
+
+    def queries_keys(self, x):
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x)).reshape(b, t, self.heads, self.head_dim)
+        k = self.k_norm(self.k_proj(x)).reshape(b, t, self.kv_heads, self.head_dim)
+        return q, k
+
+
+class Experts(nnx.Module):
+    """E SwiGLU experts, their weights stacked: (E, C, F), (E, C, F), (E, F, C)."""
+
+    def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
+        e, c, f = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_proj = nnx.Param(common.normal(rngs, (e, c, f), 0.02))
+        self.up_proj = nnx.Param(common.normal(rngs, (e, c, f), 0.02))
+        self.down_proj = nnx.Param(common.normal(rngs, (e, f, c), 0.02))
+        self.dtype = cfg.compute_dtype
+
+    def __call__(self, x_sorted, group_sizes):
+        """Rows of x sorted by expert, ``group_sizes[e]`` of them for expert e: dropless."""
+        w = lambda p: p[...].astype(self.dtype)
+        g = jax.lax.ragged_dot(x_sorted, w(self.gate_proj), group_sizes)
+        u = jax.lax.ragged_dot(x_sorted, w(self.up_proj), group_sizes)
+        return jax.lax.ragged_dot(jax.nn.silu(g) * u, w(self.down_proj), group_sizes)
+
+
+class SparseMoE(nnx.Module):
+    def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
+        self.gate = common.Linear(cfg.hidden_size, cfg.num_experts, std=0.02,
+                                  dtype=cfg.compute_dtype, rngs=rngs, bias=False)
+        self.experts = Experts(cfg, rngs=rngs)
+        self.k, self.n_experts = cfg.num_experts_per_tok, cfg.num_experts
+        self.norm_topk = cfg.norm_topk_prob
+
+    def route(self, x_nc):
+        """(router logits (N, E), top-k weights (N, k) in x's dtype, top-k experts (N, k))."""
+        logits = self.gate(x_nc)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        weights, experts = jax.lax.top_k(probs, self.k)
+        if self.norm_topk:
+            weights = weights / weights.sum(-1, keepdims=True)
+        return logits, weights.astype(x_nc.dtype), experts
+
+    def __call__(self, x):
+        b, t, c = x.shape
+        xf = x.reshape(b * t, c)
+        _, weights, experts = self.route(xf)
+        flat = experts.reshape(-1)                    # (N k,): the expert of each choice
+        order = jnp.argsort(flat, stable=True)        # choices grouped by expert
+        token = order // self.k
+        sizes = jnp.bincount(flat, length=self.n_experts).astype(jnp.int32)
+        y = self.experts(xf[token], sizes)            # (N k, C), in expert order
+        y = y * weights.reshape(-1)[order][:, None]
+        out = jnp.zeros_like(xf).at[token].add(y.astype(xf.dtype))
+        return out.reshape(b, t, c)
+
+
+class DecoderLayer(common.PreNormBlock):
+    def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
+        norm = lambda: common.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compute_dtype)
+        self.input_layernorm = norm()
+        self.self_attn = (FullQKNormAttention(cfg, rngs=rngs) if cfg.qk_norm == "full"
+                          else Attention(cfg, rngs=rngs))
+        self.post_attention_layernorm = norm()
+        self.mlp = SparseMoE(cfg, rngs=rngs)
+
+    def parts(self):
+        return self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp
+
+
+class Head(nnx.Module):
+    def __init__(self, vocab: int, width: int, *, rngs: nnx.Rngs):
+        self.weight = nnx.Param(common.normal(rngs, (vocab, width), 0.02))
+
+
+class MoE(CausalLM):
+    """``Qwen3MoeForCausalLM`` / ``MixtralForCausalLM`` / ``OlmoeForCausalLM``."""
+
+    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = common.Embedding(config.vocab_size, config.hidden_size, rngs=rngs)
+        self.layers = common.stacked(lambda r: DecoderLayer(config, rngs=r),
+                                     config.num_hidden_layers, rngs)
+        self.norm = common.RMSNorm(config.hidden_size, config.rms_norm_eps, config.compute_dtype)
+        if not config.tie_word_embeddings:
+            self.head = Head(config.vocab_size, config.hidden_size, rngs=rngs)
+
+    @property
+    def stack(self):
+        return self.layers
+
+    def embed(self, input_ids, position_ids):
+        return self.embed_tokens(input_ids).astype(self.config.compute_dtype)
+
+    def block_context(self, position_ids):
+        c = self.config
+        return rope(position_ids, c.inv_freq(), c.compute_dtype)
+
+    def final_norm(self, x):
+        return self.norm(x)
+
+    def head_weight(self):
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.weight[...]
+        return self.head.weight[...]

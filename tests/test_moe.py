@@ -1,0 +1,99 @@
+"""Issue 28 (first part): the mixture-of-experts family (qwen3_moe, mixtral, olmoe) against
+transformers' PyTorch models on the same weights: logits with right and left padding, completion
+log-probs, export round trip, KV-cache sampling, and the router's load-balancing loss against
+transformers' ``load_balancing_loss_func``."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is the numerical reference for parity tests")
+transformers = pytest.importorskip("transformers")
+
+from parity import padded_batch, perturb_norms_and_biases, torch_logits, torch_sequence_logprobs  # noqa: E402,E501
+from dpo_jax import sampling  # noqa: E402
+from dpo_jax.hf import load_pretrained, save_pretrained  # noqa: E402
+from dpo_jax.logprobs import sequence_logprobs  # noqa: E402
+from dpo_jax.models.moe.aux import load_balancing_loss  # noqa: E402
+
+VOCAB = 320
+BASE = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+            bos_token_id=0, eos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
+VARIANTS = {  # 4-8 experts, top-2; routing is uneven at random init
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=40, head_dim=16,
+                                         norm_topk_prob=True)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2,
+                                      intermediate_size=40)),
+    "olmoe": ("OlmoeConfig", dict(num_experts=8, num_experts_per_tok=2, intermediate_size=40)),
+}
+
+
+def make_torch(variant, seed=0):
+    cls, kw = VARIANTS[variant]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, cls)(**{**BASE, **kw})
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    return perturb_norms_and_biases(model.eval(), scale=0.1)
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def variant(request, tmp_path_factory):
+    model = make_torch(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return request.param, model, path
+
+
+def test_logits_and_logprobs_match_transformers(variant):
+    name, tmodel, path = variant
+    model = load_pretrained(path)
+    ids, mask, loss_mask = padded_batch(np.random.default_rng(0), VOCAB, t=40)
+    ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    ref = torch_logits(tmodel, ids, mask)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(ours[real], ref[real], atol=1e-4, rtol=0, err_msg=name)
+    logps, _ = sequence_logprobs(model, ids, mask, loss_mask, chunk_size=7)
+    want, _ = torch_sequence_logprobs(tmodel, ids, mask, loss_mask)
+    np.testing.assert_allclose(np.asarray(logps), want, rtol=1e-5, err_msg=name)
+
+
+def test_export_round_trip_loads_in_transformers(variant, tmp_path):
+    name, tmodel, path = variant
+    save_pretrained(load_pretrained(path), tmp_path / "export")
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "export", output_loading_info=True, attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"], (name, info)
+    assert type(back) is type(tmodel)
+    ids, mask, _ = padded_batch(np.random.default_rng(2), VOCAB, t=24)
+    np.testing.assert_allclose(torch_logits(back.eval(), ids, mask),
+                               torch_logits(tmodel, ids, mask), atol=1e-5, rtol=0)
+
+
+def test_kv_cache_sampling_matches_full_recompute(variant):
+    name, _, path = variant
+    model = load_pretrained(path)
+    ids, mask = sampling.left_pad([[5, 6, 7, 8, 9], [1, 2], [3, 4, 5, 6]], 0)
+    cfg = sampling.SamplingConfig(max_new_tokens=6)
+    np.testing.assert_array_equal(sampling.generate(model, ids, mask, cfg),
+                                  sampling.generate(model, ids, mask, cfg, use_cache=False),
+                                  err_msg=name)
+
+
+def test_the_load_balancing_loss_is_transformers(variant):
+    name, tmodel, _ = variant
+    mod = __import__(type(tmodel).__module__, fromlist=["load_balancing_loss_func"])
+    ids, mask, _ = padded_batch(np.random.default_rng(3), VOCAB, t=24)
+    with torch.no_grad():
+        out = tmodel(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                     output_router_logits=True)
+    cfg = tmodel.config
+    experts = getattr(cfg, "num_experts", None) or cfg.num_local_experts
+    for m in (None, mask):
+        want = float(mod.load_balancing_loss_func(
+            out.router_logits, experts, cfg.num_experts_per_tok,
+            None if m is None else torch.tensor(m)))
+        got = float(load_balancing_loss(np.stack([r.numpy() for r in out.router_logits]),
+                                        experts, cfg.num_experts_per_tok, m))
+        np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=name)
