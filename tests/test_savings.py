@@ -15,6 +15,7 @@ from dpo_jax.models import common
 from dpo_jax.models.gpt2 import GPT2, GPT2Config
 from dpo_jax.models.gemma import Gemma, GemmaConfig
 from dpo_jax.models.llama import Llama, LlamaConfig
+from dpo_jax.models.moe import MoE, MoEConfig
 from dpo_jax.tuning.full import FullTuning
 
 # Gemma with a window (4) shorter than the rows (up to 20 tokens), so prefix sharing's rejected
@@ -33,6 +34,11 @@ FAMILIES = {
     "gemma": (Gemma, GemmaConfig(model_type="gemma3_text", attn_logit_softcapping=5.0,
                                  final_logit_softcapping=3.0, qk_norm=True, rope_theta=1e6,
                                  rope_type="linear", rope_factor=2.0, **GEMMA)),
+    # dropless top-2 of 4 experts (Qwen3-MoE's routing): the token groups differ by layout
+    "moe": (MoE, MoEConfig(vocab_size=97, hidden_size=32, moe_intermediate_size=24,
+                           num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                           max_position_embeddings=64, qk_norm=True)),
 }
 W = 9  # max completion length
 
