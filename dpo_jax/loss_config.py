@@ -152,6 +152,9 @@ class LossConfig:
     token_metrics: bool = K.key(True, "log TRL's entropy, logits/*, mean_token_accuracy (about "
                                 "5% of a CPU step at GPT-2 small; False skips them where no loss "
                                 "option needs the pass)", K.flag, resume=True)
+    router_aux_loss_coef: float = K.key(0.0, "mixture-of-experts: adds this x the router's "
+                                        "load-balancing loss of the policy (logged aux_loss); "
+                                        "0 = off", K.number(0.0), resume=True)
     options: tuple = ()  # (name, value) of the options the losses registered
 
     @classmethod

@@ -42,8 +42,9 @@ def make_loss_fn(tuning, layout, loss_cfg: LossConfig, chunk_size: int, pair_blo
     ld = loss_cfg.ld_alpha
 
     def loss_fn(trainable, frozen, batch, rng=None):
-        c, r = layout.logps(tuning.model(trainable, frozen, rng), batch, chunk_size=chunk_size,
-                            pair_blocks=pair_blocks, stats=loss_cfg.needs_stats)
+        policy = tuning.model(trainable, frozen, rng)
+        c, r = layout.logps(policy, batch, chunk_size=chunk_size, pair_blocks=pair_blocks,
+                            stats=loss_cfg.needs_stats)
         pc, pr = completion_logps(c, ld), completion_logps(r, ld)
         if "ref_chosen_logps" in batch:  # precomputed once over the data
             rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
@@ -69,6 +70,9 @@ def make_loss_fn(tuning, layout, loss_cfg: LossConfig, chunk_size: int, pair_blo
         m = metrics(x, loss_cfg, losses, chosen_rewards, rejected_rewards)
         if loss_cfg.token_metrics:
             m.update(token_metrics(c, r, valid))
+        if loss_cfg.router_aux_loss_coef:  # a mixture of experts' load balance (TRL's name)
+            aux = policy.aux_loss()
+            m.update(aux_loss=aux, loss=m["loss"] + loss_cfg.router_aux_loss_coef * aux)
         return m["loss"], m
 
     return loss_fn

@@ -126,6 +126,10 @@ def _check_model(cfg, model_cfg, mesh):
                               f"model's {field}={limit}")
     for size in (cfg.optim.train_batch_size, cfg.optim.eval_batch_size):
         sharding.check_model_fits(mesh, model_cfg, size)
+    if cfg.loss.router_aux_loss_coef and not getattr(model_cfg, "num_experts", 0):
+        raise ConfigError(f"config key router_aux_loss_coef={cfg.loss.router_aux_loss_coef}: "
+                          f"this model ({type(model_cfg).__name__}) has no router (not a "
+                          "mixture of experts)")
 
 
 def _check_processes(cfg, n_proc: int):

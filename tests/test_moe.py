@@ -97,3 +97,36 @@ def test_the_load_balancing_loss_is_transformers(variant):
         got = float(load_balancing_loss(np.stack([r.numpy() for r in out.router_logits]),
                                         experts, cfg.num_experts_per_tok, m))
         np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=name)
+
+
+def test_the_train_step_adds_the_router_loss_of_the_policy(tmp_path):
+    """router_aux_loss_coef (TRL's name): the step's loss is the DPO loss + coef x the
+    load-balancing loss of the policy's router over the chosen and rejected tokens (padding
+    excluded), logged as aux_loss; its gradient reaches the routers. A model without a router
+    refuses the key."""
+    import jax
+
+    from configs import tiny_moe
+    from dpo_jax import sharding, trainer
+    from dpo_jax.errors import ConfigError
+    from trainutil import tiny_config
+    kw = dict(model=tiny_moe.get_config().model.to_dict(), max_steps=2, warmup_steps=0,
+              sample_prompts=0, layout="pair", max_completion_length=0)
+    runs = [trainer.setup(tiny_config(tmp_path, router_aux_loss_coef=coef, **kw),
+                          tmp_path / f"wd{coef}") for coef in (0.0, 0.5)]
+    batch = sharding.shard_batch(runs[0].mesh, runs[0].batch)
+    before = jax.tree.map(jnp.copy, runs[1].state["params"])  # (the step donates the state)
+    (_, plain), (state, with_aux) = (r.train_step(r.state, r.frozen, batch) for r in runs)
+    aux = float(with_aux["aux_loss"])
+    assert 0.9 < aux < 2.5  # E * sum(f * p): 1 when perfectly balanced, up to E
+    np.testing.assert_allclose(float(with_aux["loss"]), float(plain["loss"]) + 0.5 * aux,
+                               rtol=1e-6)
+    # the policy's router logits, recomputed outside the step, give the same aux loss
+    model = runs[1].tuning.model(before, runs[1].frozen)
+    b = jax.tree.map(lambda a: a[0], batch)
+    model.hidden_states(b["input_ids"], b["attention_mask"])
+    np.testing.assert_allclose(float(model.aux_loss()), aux, rtol=1e-6)
+    for r in runs:
+        r.ckpt.close()
+    with pytest.raises(ConfigError, match="router_aux_loss_coef=0.1: this model .* has no router"):
+        trainer.setup(tiny_config(tmp_path, router_aux_loss_coef=0.1), tmp_path / "gpt2")

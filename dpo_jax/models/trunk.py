@@ -79,14 +79,30 @@ class CausalLM(nnx.Module):
         context, per_layer = self.block_context(position_ids), self.layer_inputs()
         n = len(per_layer)
         if cache is None:
-            x, _ = common.scan_stack(
-                self.stack, x, lambda blk, x, *xs: (blk(x, mask, context, xs)[0], None),
+            x, extras = common.scan_stack(
+                self.stack, x,
+                lambda blk, x, *xs: (blk(x, mask, context, xs)[0], self.layer_extras(blk)),
                 per_layer, remat=c.remat, remat_policy=c.remat_policy)
+            self.keep_extras(extras, mask)
             return self.final_norm(x), None
         x, kv = common.scan_stack(
             self.stack, x, lambda blk, x, *xs: blk(x, mask, context, xs[:n], xs[n:], index),
             (*per_layer, *cache))
         return self.final_norm(x), kv
+
+    # ---- what a family may add to a training pass (a mixture of experts' router)
+    def layer_extras(self, block):
+        """What a block hands out of the scanned stack besides its output (stacked over the
+        layers), or None."""
+        return None
+
+    def keep_extras(self, extras, mask):
+        """Keeps the stack's extras of this pass for ``aux_loss`` (a no-op by default)."""
+
+    def aux_loss(self):
+        """The family's auxiliary training loss over the passes since the model was built (a
+        float32 scalar), or None: a mixture of experts' load-balancing loss."""
+        return None
 
     def init_cache(self, batch: int, length: int):
         """An empty KV cache: (k, v), each (layers, B, S, KV heads, head size), compute dtype."""

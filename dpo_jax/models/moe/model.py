@@ -28,7 +28,9 @@ import numpy as np
 from flax import nnx
 
 from dpo_jax.models import common
-from dpo_jax.models.llama.model import ROPE_TYPES, Attention, rope, rope_inv_freq
+from dpo_jax.models.attention import as_mask
+from dpo_jax.models.llama.model import Attention, rope, rope_inv_freq
+from dpo_jax.models.moe.aux import load_balancing_loss
 from dpo_jax.models.trunk import CausalLM
 
 
@@ -163,7 +165,8 @@ class SparseMoE(nnx.Module):
     def __call__(self, x):
         b, t, c = x.shape
         xf = x.reshape(b * t, c)
-        _, weights, experts = self.route(xf)
+        logits, weights, experts = self.route(xf)
+        self.router_logits = nnx.Intermediate(logits)  # for the stack's extras (aux_loss)
         flat = experts.reshape(-1)                    # (N k,): the expert of each choice
         order = jnp.argsort(flat, stable=True)        # choices grouped by expert
         token = order // self.k
@@ -217,6 +220,27 @@ class MoE(CausalLM):
 
     def final_norm(self, x):
         return self.norm(x)
+
+    def layer_extras(self, block):
+        """The block's router logits (N, E), taken out of the scan."""
+        return block.mlp.router_logits.get_value()
+
+    def keep_extras(self, extras, mask):
+        """(router logits (layers, N, E), the real queries (N,)) of this pass, for aux_loss."""
+        real = jnp.diagonal(as_mask(mask).dense, axis1=1, axis2=2).reshape(-1)  # sees itself
+        passes = self.routing.get_value() if hasattr(self, "routing") else ()
+        self.routing = nnx.Intermediate(passes + ((extras, real),))
+
+    def aux_loss(self):
+        """The router's load-balancing loss over every pass since this module was built (the
+        chosen and rejected rows of a step; padding excluded), as transformers computes it."""
+        if not hasattr(self, "routing"):
+            return None
+        passes = self.routing.get_value()
+        logits = jnp.concatenate([p[0] for p in passes], axis=1)
+        real = jnp.concatenate([p[1] for p in passes])
+        c = self.config
+        return load_balancing_loss(logits, c.num_experts, c.num_experts_per_tok, real)
 
     def head_weight(self):
         if self.config.tie_word_embeddings:
