@@ -15,6 +15,7 @@ from dpo_jax import models
 from dpo_jax.models import common, gpt2
 from dpo_jax.models.gpt2 import GPT2, GPT2Config
 from dpo_jax.models.gemma import GemmaConfig
+from dpo_jax.models.moe import MoEConfig
 from dpo_jax.models.llama import Llama, LlamaConfig
 from dpo_jax.tuning.full import FullTuning
 
@@ -37,6 +38,12 @@ GEMMA = GemmaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hi
                     max_position_embeddings=32, query_pre_attn_scalar=16.0, sliding_window=5,
                     local_layers=(True, False), attn_logit_softcapping=5.0,
                     final_logit_softcapping=3.0)
+
+
+# a mixture of experts: 4 experts, top-2, dropless; the experts' matrices over fsdp / tensor
+MOE = MoEConfig(vocab_size=96, hidden_size=64, moe_intermediate_size=32, num_experts=4,
+                num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=32, qk_norm=True)
 
 
 def host_params(cfg=CFG, seed=0):
@@ -216,7 +223,7 @@ def test_a_parameter_no_rule_matches_is_an_error():
         sharding.param_specs(extra, RULES)
 
 
-@pytest.mark.parametrize("base", [LLAMA, GEMMA], ids=["llama", "gemma2"])
+@pytest.mark.parametrize("base", [LLAMA, GEMMA, MOE], ids=["llama", "gemma2", "moe"])
 def test_gqa_families_give_the_same_step_on_every_mesh(base):
     """Query and KV heads split over the tensor axis (2 KV heads on a tensor axis of 2), the
     head and the embeddings over fsdp: the same loss and params as on one device (Gemma: its
