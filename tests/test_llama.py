@@ -183,7 +183,8 @@ def test_a_sliding_window_is_a_length_limit_naming_the_field():
 
 
 @pytest.mark.parametrize("config", ["configs/qwen3.py", "configs/smollm2.py",
-                                    "configs/gemma3_1b.py", "configs/phi4_mini.py"])
+                                    "configs/gemma3_1b.py", "configs/phi4_mini.py",
+                                    "configs/qwen3_moe.py"])
 def test_hub_configs_fail_at_once_offline(config, tmp_path):
     """The real-model configs name their hub ids; offline they stop in seconds, saying what."""
     import subprocess
