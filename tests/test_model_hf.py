@@ -152,7 +152,9 @@ def test_folder_without_weights(tiny_hf, tmp_path):
 def test_unsupported_model_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(CheckpointError, match="model_type is 'bert', which is not supported; "
-                                              "supported: gpt2, llama, mistral, qwen2, qwen3"):
+                                              "supported: gemma2, gemma3, gemma3_text, gpt2, "
+                                              "llama, mistral, mixtral, olmoe, phi3, qwen2, "
+                                              "qwen3, qwen3_moe"):
         load_pretrained(tmp_path)
 
 
