@@ -171,7 +171,7 @@ def fetch(url: str, what: str) -> Path:
     local = Path(tempfile.gettempdir()) / "dpo_jax_fetch" / digest / p.name
     if not local.exists():
         tmp = local.with_name(local.name + f".part{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         tmp.parent.mkdir(parents=True, exist_ok=True)
         if len(infos) == 1 and key in infos:
             fs.get(key, str(tmp))
@@ -180,8 +180,20 @@ def fetch(url: str, what: str) -> Path:
                 dest = tmp / os.path.relpath(k, key)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 fs.get(k, str(dest))
-        os.replace(tmp, local)
+        try:
+            os.replace(tmp, local)
+        except OSError:  # another process on this host fetched the same objects first
+            if not local.exists():
+                raise
+            _remove(tmp)
     return local
+
+
+def _remove(p: Path):
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists():
+        p.unlink()
 
 
 class Mirror:
