@@ -73,6 +73,8 @@ def test_export_round_trip_loads_in_transformers(variant, tmp_path):
 
 def test_kv_cache_sampling_matches_full_recompute(variant):
     name, _, path = variant
+    if name != "qwen3_moe":
+        pytest.skip("one decode path for the three: checked on qwen3_moe")
     model = load_pretrained(path)
     ids, mask = sampling.left_pad([[5, 6, 7, 8, 9], [1, 2], [3, 4, 5, 6]], 0)
     cfg = sampling.SamplingConfig(max_new_tokens=6)

@@ -50,7 +50,10 @@ def launch(workdir, tmp_path, max_steps, env=None):
     return finish(start(workdir, tmp_path, max_steps, env))
 
 
-def test_two_processes_train_checkpoint_and_resume(tmp_path):
+def test_two_processes_train_and_checkpoint_in_a_shared_folder(tmp_path):
+    """A local (shared-filesystem) workdir: each process loads its half of the data, both write
+    the checkpoint, the lead reports and exports. (Resuming across both processes, and a
+    SIGTERM to one of them, run below on a bucket workdir.)"""
     wd = tmp_path / "wd"
     outs = launch(wd, tmp_path, max_steps=3)
     for rc, out, err in outs:
@@ -59,13 +62,8 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     assert "final train loss" not in outs[1][1]  # (gloo prints its connections there)
     assert "kept 256" in outs[0][2] and "kept 256" in outs[1][2]  # each read half of 512 rows
     assert (wd / "hf" / "model.safetensors").exists() and (wd / "checkpoints" / "3").exists()
-    # rerun to 6 steps: both processes resume from step 3
-    outs = launch(wd, tmp_path, max_steps=6)
-    for rc, out, err in outs:
-        assert rc == 0, err[-3000:]
-        assert "resumed from" in err and "at step 3" in err
     steps = [json.loads(l)["step"] for l in (wd / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    assert steps == [1, 2, 3]
     losses = [json.loads(l)["train/loss"] for l in (wd / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < x < 1 for x in losses)
 

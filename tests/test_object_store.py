@@ -3,8 +3,8 @@ started by the session's ``gcs`` fixture; the project's own clients talk to it t
 standard STORAGE_EMULATOR_HOST, nothing mocked).
 
 A run to gs:// ends with the same weights, byte for byte, as the same run to a local folder; a
-SIGKILL mid-run and a rerun end with them too, read back from the emulator; a damaged
-checkpoint in the bucket is set aside and the one before it resumed; a second run on a workdir
+SIGKILL mid-run and a rerun end with them too, read back from the emulator (and a damaged
+checkpoint in the bucket is then set aside and the one before it resumed); a second run on a workdir
 whose lease is held stops naming the holder.
 """
 
@@ -88,24 +88,18 @@ def test_a_run_on_gcs_matches_the_local_run_and_survives_a_sigkill(gcs, driver, 
     g = run_gs(["--workdir", wd, "--prompt", "The movie was", "--max_new_tokens", "4"], gcs,
                script="generate.py")
     assert g.returncode == 0 and "The movie was" in g.stdout, g.stderr[-2000:]
-
-
-def test_a_damaged_checkpoint_in_the_bucket_is_set_aside(gcs, cache):  # noqa: F811
-    wd = gcs.bucket("damaged") + "/run"
-    args = [*COMMON[:2], "--config.max_steps=8", *COMMON[3:], cache, "--workdir", wd]
-    r = run_gs(args, gcs)
-    assert r.returncode == 0, r.stderr[-3000:]
-    data = [n for n in gcs.list(f"{wd}/checkpoints/8/params") if "/d/" in n]
-    for n in data:  # flip the bytes of every params data object of step 8
-        blob = bytearray(gcs.read(f"gs://damaged/{n}"))
+    # a damaged checkpoint in the bucket is set aside and the one before it resumed: flip a
+    # byte of every params data object of step 12, then extend the run to 16 steps
+    for n in [n for n in gcs.list(f"{wd}/checkpoints/12/params") if "/d/" in n]:
+        blob = bytearray(gcs.read(f"gs://kill-resume/{n}"))
         blob[len(blob) // 2] ^= 0xFF
-        gcs.write(f"gs://damaged/{n}", bytes(blob))
-    r = run_gs([*COMMON[:2], "--config.max_steps=12", *COMMON[3:], cache, "--workdir", wd], gcs)
+        gcs.write(f"gs://kill-resume/{n}", bytes(blob))
+    r = run_gs([*COMMON[:2], "--config.max_steps=16", *COMMON[3:], cache, "--workdir", wd], gcs)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "moving it to" in r.stderr and "8.damaged" in r.stderr, r.stderr[-3000:]
-    assert "resumed from" in r.stderr and "at step 4" in r.stderr
+    assert "moving it to" in r.stderr and "12.damaged" in r.stderr, r.stderr[-3000:]
+    assert "resumed from" in r.stderr and "at step 8" in r.stderr
     names = gcs.list(f"{wd}/checkpoints")
-    assert any("/8.damaged/" in n for n in names) and any("/12/" in n for n in names)
+    assert any("/12.damaged/" in n for n in names) and any("/16/" in n for n in names)
 
 
 def test_the_lease_stops_a_second_run_and_expires_after_a_kill(gcs, monkeypatch):

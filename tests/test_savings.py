@@ -185,9 +185,11 @@ def test_budget_batches_accumulate_to_the_plain_step(models, layout, request):
 
 
 @pytest.mark.parametrize("layout", ["pair", "prefix_sharing"])
-def test_packed_rows_match_the_plain_step(models, layout):
+def test_packed_rows_match_the_plain_step(models, layout, request):
     """Several pairs per row (units of unequal length, positions restarting, attention within
     each unit): the per-pair log-probs, loss and gradients of the plain step, within 1e-5."""
+    if layout == "pair":  # (Gemma's windows and MoE's routing meet packing in prefix sharing)
+        only_for(request, ("gpt2", "llama"), "packed pair rows are prefix sharing's segments")
     tp = pairs(n=8, seed=5)
     plain = loss_and_grads(models, batch(tp))
     pk = loss_and_grads(models, packed(tp, layout))
