@@ -6,6 +6,8 @@
     python bench/memory.py --model qwen3-0.6b --dtype bfloat16 --remat         # Llama family
     python bench/memory.py --model llama-3.2-1b --mesh 1,8,1 --devices 8 --remat
     python bench/memory.py --model gemma-3-1b --dtype bfloat16 --remat --seq 8192 --pairs 1
+    python bench/memory.py --model qwen3-30b-a3b --mesh 1,8,1,8 --devices 64 --pairs 64 \
+        --seq 1024 --dtype bfloat16 --ref-dtype bfloat16 --remat --lora-rank 16
 
 Nothing is run and no weights are needed: the train step is compiled from abstract inputs
 (ShapeDtypeStructs with their shardings) and XLA's memory analysis of the executable is read.
@@ -49,7 +51,17 @@ GEMMA_SHAPES = {  # Gemma 2 2B and Gemma 3 1B as published (windows and soft-cap
                                                               for i in range(26)),
                        qk_norm=True, rope_theta=1_000_000.0, rope_local_theta=10_000.0),
 }
-PRESETS = sorted(GPT2_SIZES) + sorted(LLAMA_SHAPES) + sorted(GEMMA_SHAPES)
+MOE_SHAPES = {  # Qwen3-30B-A3B and Mixtral-8x7B as published
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
+                          moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128, qk_norm=True),
+    "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096,
+                         moe_intermediate_size=14336, num_experts=8, num_experts_per_tok=2,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=128, norm_topk_prob=True),
+}
+PRESETS = sorted(GPT2_SIZES) + sorted(LLAMA_SHAPES) + sorted(GEMMA_SHAPES) + sorted(MOE_SHAPES)
 
 
 def model_config(name: str, **compute):
@@ -62,6 +74,9 @@ def model_config(name: str, **compute):
         from dpo_jax.models.gemma import Gemma, GemmaConfig
         return Gemma, GemmaConfig(max_position_embeddings=131072, **GEMMA_SHAPES[name],
                                   **compute)
+    if name in MOE_SHAPES:
+        from dpo_jax.models.moe import MoE, MoEConfig
+        return MoE, MoEConfig(max_position_embeddings=32768, **MOE_SHAPES[name], **compute)
     from dpo_jax.models.llama import Llama, LlamaConfig
     return Llama, LlamaConfig(max_position_embeddings=131072, **LLAMA_SHAPES[name], **compute)
 
@@ -71,7 +86,7 @@ def parse():
     ap.add_argument("--model", default="gpt2", choices=PRESETS)
     ap.add_argument("--pairs", type=int, default=8, help="pairs per step (global)")
     ap.add_argument("--seq", type=int, default=512, help="tokens per sequence")
-    ap.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor")
+    ap.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor[,expert]")
     ap.add_argument("--devices", type=int, default=0, help="simulate this many CPU devices")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--ref-dtype", default="", help='"" = float32, or bfloat16')
@@ -100,9 +115,11 @@ def main():
     from dpo_jax.tuning.full import FullTuning
     from dpo_jax.models import common
 
-    mesh = sharding.make_mesh(*[int(x) for x in a.mesh.split(",")])
+    sizes = [int(x) for x in a.mesh.split(",")]
+    mesh = sharding.make_mesh(*sizes[:3], expert=sizes[3] if len(sizes) > 3 else 1)
     model_cls, base = model_config(a.model, dtype=a.dtype, remat=a.remat,
-                                   remat_policy=a.remat_policy)
+                                   remat_policy=a.remat_policy,
+                                   mesh_axes=sharding.mesh_axes(mesh))
     rules = models.family_of(base).rules
     sharding.check_model_fits(mesh, base, a.pairs)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-6))

@@ -51,7 +51,7 @@ PAIRS = 4  # --pairs
 class Shape:
     """The matmul shape of a model: what its FLOPs and its JAX / torch twins are built from."""
 
-    family: str        # gpt2 | llama
+    family: str        # gpt2 | llama | moe
     layers: int
     width: int
     heads: int
@@ -60,6 +60,8 @@ class Shape:
     ffn: int           # MLP width
     vocab: int
     gated: bool        # SwiGLU (3 MLP matrices) or GELU (2)
+    experts: int = 0   # a mixture of experts (Qwen3-MoE's layout): experts per layer,
+    top_k: int = 0     # and experts per token (ffn is then each expert's width)
 
 
 SHAPES = {
@@ -67,6 +69,9 @@ SHAPES = {
     "smollm2": Shape("llama", 30, 576, 9, 3, 64, 1536, 49152, True),
     "gpt2-medium": Shape("gpt2", 24, 1024, 16, 16, 64, 4096, 50257, False),
     "qwen3-0.6b": Shape("llama", 28, 1024, 16, 8, 128, 3072, 151936, True),
+    # configs/tiny_moe.py's shape, and a small Qwen3-MoE (16 experts, top-4)
+    "tiny-moe": Shape("moe", 2, 64, 4, 2, 16, 48, 512, True, experts=4, top_k=2),
+    "small-moe": Shape("moe", 8, 512, 8, 4, 64, 256, 32000, True, experts=16, top_k=4),
 }
 # the vendors' dense bfloat16 peaks (MFU is also reported against these on such a GPU)
 NOMINAL_BF16 = {"NVIDIA H100 80GB HBM3": 989.4e12, "NVIDIA H200": 989.4e12}
@@ -77,8 +82,9 @@ def model_flops(m: Shape, rows, seq, head_positions):
     LM head over ``head_positions`` positions in all."""
     tokens = rows * seq
     q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
-    per_layer = 2 * tokens * (m.width * (q + 2 * kv) + q * m.width
-                              + (3 if m.gated else 2) * m.width * m.ffn)
+    active = max(1, m.top_k)  # the experts a token runs through (+ its router)
+    per_layer = 2 * tokens * (m.width * (q + 2 * kv) + q * m.width + m.width * m.experts
+                              + active * (3 if m.gated else 2) * m.width * m.ffn)
     attention = 2 * 2 * rows * seq * seq * q
     head = 2 * head_positions * m.width * m.vocab
     return m.layers * (per_layer + attention) + head
@@ -110,6 +116,14 @@ def jax_model(m: Shape, dtype: str, attention: str = "xla"):
                                 vocab_size=m.vocab, remat=False, dtype=dtype,
                                 n_positions=max(1024, PROMPT + 2 * COMPLETION),
                                 attention=attention)
+    if m.family == "moe":
+        from dpo_jax.models.moe import MoE, MoEConfig
+        return MoE, MoEConfig(vocab_size=m.vocab, hidden_size=m.width,
+                              moe_intermediate_size=m.ffn, num_experts=m.experts,
+                              num_experts_per_tok=m.top_k, num_hidden_layers=m.layers,
+                              num_attention_heads=m.heads, num_key_value_heads=m.kv_heads,
+                              head_dim=m.head_dim, max_position_embeddings=4096, qk_norm=True,
+                              dtype=dtype, attention=attention)
     from dpo_jax.models.llama import Llama, LlamaConfig
     return Llama, LlamaConfig(vocab_size=m.vocab, hidden_size=m.width, intermediate_size=m.ffn,
                               num_hidden_layers=m.layers, num_attention_heads=m.heads,
@@ -123,6 +137,13 @@ def torch_model(m: Shape, transformers):
         cfg = transformers.GPT2Config(n_layer=m.layers, n_embd=m.width, n_head=m.heads,
                                       vocab_size=m.vocab, attn_implementation="sdpa")
         return transformers.GPT2LMHeadModel(cfg)
+    if m.family == "moe":
+        cfg = transformers.Qwen3MoeConfig(
+            vocab_size=m.vocab, hidden_size=m.width, moe_intermediate_size=m.ffn,
+            num_experts=m.experts, num_experts_per_tok=m.top_k, num_hidden_layers=m.layers,
+            num_attention_heads=m.heads, num_key_value_heads=m.kv_heads, head_dim=m.head_dim,
+            max_position_embeddings=2048, norm_topk_prob=True, attn_implementation="sdpa")
+        return transformers.Qwen3MoeForCausalLM(cfg)
     cfg = transformers.LlamaConfig(
         vocab_size=m.vocab, hidden_size=m.width, intermediate_size=m.ffn,
         num_hidden_layers=m.layers, num_attention_heads=m.heads, num_key_value_heads=m.kv_heads,

@@ -1,5 +1,6 @@
 """Qwen3-30B-A3B (128 experts, 8 active) on UltraFeedback (binarized) with LoRA on attention, bf16,
-for a pod slice (FSDP over every device; the experts' matrices split over fsdp and tensor).
+for a pod slice: each layer's 128 experts split over an expert axis of 8 (tokens exchanged by
+all-gather / reduce-scatter), FSDP over the rest of the devices (16 per expert group on a v5p-256).
 
     python train.py --config configs/qwen3_moe.py --workdir gs://BUCKET/qwen3-moe \\
         --config.distributed=True          # on every worker (launch/tpu_pod.sh does it)
@@ -28,7 +29,7 @@ def get_config():
     c.lora_rank = 16
     c.lora_alpha = 32.0
     c.router_aux_loss_coef = 0.001
-    c.mesh_data, c.mesh_fsdp, c.mesh_tensor = 1, -1, 1
+    c.mesh_data, c.mesh_fsdp, c.mesh_expert, c.mesh_tensor = 1, -1, 8, 1
     c.beta = 0.1
     c.learning_rate = 5e-6
     c.lr_scheduler_type = "linear"

@@ -94,11 +94,11 @@ def _per_device(key: str):
             raise ConfigError(f"config key per_device_{key} (TRL's name) needs the device count, "
                               f"which a multi-host run knows only later: set {key} (pairs per "
                               "micro-batch over all devices and processes) instead")
-        sizes = [c.mesh_data, c.mesh_fsdp, c.mesh_tensor]  # as sharding.make_mesh sizes them
+        sizes = [c.mesh_data, c.mesh_fsdp, c.mesh_expert, c.mesh_tensor]  # as make_mesh does
         if -1 in sizes:
             known = [s for s in sizes if s != -1]
             sizes[sizes.index(-1)] = jax.device_count() // max(1, math.prod(known))
-        return {key: int(v) * sizes[0] * sizes[1]}  # the data-parallel devices
+        return {key: int(v) * sizes[0] * sizes[1] * sizes[2]}  # the data-parallel devices
     return convert
 
 

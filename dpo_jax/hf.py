@@ -71,6 +71,9 @@ class ModelConfig:
                               "dots_with_no_batch_dims_saveable", K.one_of(*common.REMAT))
     attention: str = K.key("auto", "auto (cudnn on GPU, splash on TPU, else xla) / xla / cudnn "
                            "/ splash", K.one_of(*attention.CHOICES))
+    moe_kernel: str = K.key("auto", "a mixture of experts' grouped matmuls: auto (ragged_dot on "
+                            "GPU / TPU, else scan) / ragged_dot / scan",
+                            K.one_of("auto", "ragged_dot", "scan"))
 
     def __post_init__(self):
         K.check_fields(self)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from dpo_jax import data, layouts, packing
+from dpo_jax import data, layouts, packing, sharding
 from dpo_jax.errors import ConfigError
 from dpo_jax.models import attention as attention_lib
 
@@ -25,9 +25,10 @@ def layout(cfg) -> layouts.Layout:
                         packed=cfg.layout.packing != "none")
 
 
-def attention(cfg, model_cfg, layout: layouts.Layout, mesh):
+def compute(cfg, model_cfg, layout: layouts.Layout, mesh):
     """``model_cfg`` with the attention kernel of config key ``attention`` (``auto``: the fused
-    one where it applies), logged once with the reason."""
+    one where it applies), logged once with the reason, the mesh it is traced for (a mixture of
+    experts exchanges tokens over its expert axis) and its experts' kernel."""
     lengths = sorted({int(b) for b in cfg.data.length_buckets} |
                      {layout.row_length(cfg.data.max_length)})
     try:
@@ -38,7 +39,21 @@ def attention(cfg, model_cfg, layout: layouts.Layout, mesh):
     except ValueError as e:
         raise ConfigError(f"config key {e}") from None
     log.info("attention: %s", why)
-    return dataclasses.replace(model_cfg, attention=impl)
+    model_cfg = dataclasses.replace(model_cfg, attention=impl, mesh_axes=sharding.mesh_axes(mesh))
+    return experts_kernel(cfg.model.moe_kernel, model_cfg)
+
+
+def experts_kernel(key: str, model_cfg):
+    """``model_cfg`` with config key ``moe_kernel`` (``models.moe.model.resolve_kernel``), for a
+    mixture of experts, logged; the key set for another model is an error."""
+    if not hasattr(model_cfg, "experts_kernel"):
+        if key != "auto":
+            raise ConfigError(f"config key moe_kernel={key}: this model "
+                              f"({type(model_cfg).__name__}) has no experts")
+        return model_cfg
+    from dpo_jax.models.moe.model import resolve_kernel
+    log.info("experts: %s grouped matmuls (moe_kernel=%s), dropless", resolve_kernel(key), key)
+    return dataclasses.replace(model_cfg, experts_kernel=key)
 
 
 def agree(*values, op=np.max):
@@ -69,7 +84,7 @@ def batches(cfg, tokenizer, layout, train_pairs, eval_pairs, mesh) -> Plan:
     pad_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
               else tokenizer.eos_token_id)
     budget = lay.packing == "budget"
-    multiple = max(1, mesh.shape["data"] * mesh.shape["fsdp"] // n_proc)
+    multiple = max(1, sharding.batch_split(mesh) // n_proc)
     kw = dict(max_length=d.max_length, pad_id=pad_id, buckets=d.length_buckets,
               layout=layout, epochs=None, budget=budget)
     train = data.PairBatches(train_pairs, batch_size=opt.train_batch_size // n_proc,

@@ -1,8 +1,10 @@
 """Device mesh, parameter sharding rules and batch sharding: what ``pjit`` did, with ``jax.jit``.
 
-The mesh has three axes:
+The mesh has four axes:
   data    pure data parallelism: params replicated, batch split
   fsdp    data parallelism with params (and optimizer state) split too, gathered per use
+  expert  expert parallelism (a mixture of experts): each device holds its share of the experts;
+          for everything else it is one more data-parallel axis (the batch is split over it)
   tensor  Megatron tensor parallelism: attention heads and the MLP's hidden units split
 
 Parameters are placed by one ordered table of (regex on the parameter path, PartitionSpec) that
@@ -29,8 +31,8 @@ from dpo_jax.steps import init_state as make_state
 
 log = logging.getLogger(__name__)
 
-AXES = ("data", "fsdp", "tensor")
-BATCH = ("data", "fsdp")  # the batch axis is split over both data-parallel axes
+AXES = ("data", "fsdp", "expert", "tensor")
+BATCH = ("data", "fsdp", "expert")  # the batch axis is split over the data-parallel axes
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -41,6 +43,8 @@ class MeshConfig:
     mesh_fsdp: int = K.key(1, "fully sharded data-parallel axis (params + optimizer split)",
                            K.mesh_axis)
     mesh_tensor: int = K.key(1, "tensor-parallel axis (heads and MLP units split)", K.mesh_axis)
+    mesh_expert: int = K.key(1, "expert-parallel axis (a mixture of experts' experts split; "
+                             "the batch too)", K.mesh_axis)
     distributed: bool = K.key(False, "multi-host: call jax.distributed.initialize() first",
                               K.flag)
     coordinator_address: str = K.key("", "host:port of process 0; \"\" = auto-detect (SLURM, "
@@ -50,22 +54,23 @@ class MeshConfig:
 
     def __post_init__(self):
         K.check_fields(self)
-        if [self.mesh_data, self.mesh_fsdp, self.mesh_tensor].count(-1) > 1:
-            raise ConfigError("config keys mesh_data, mesh_fsdp, mesh_tensor: at most one may "
-                              "be -1")
+        if [self.mesh_data, self.mesh_fsdp, self.mesh_tensor, self.mesh_expert].count(-1) > 1:
+            raise ConfigError("config keys mesh_data, mesh_fsdp, mesh_tensor, mesh_expert: at "
+                              "most one may be -1")
 
 
 class ShardingError(DpoError, ValueError):
     """A mesh or rule that does not fit the model or the batch (raised before compiling)."""
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; one size may be -1: the devices left over. Sizes whose
-    product is below the device count use the first devices (e.g. one device for debugging)."""
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *,
+              expert: int = 1) -> Mesh:
+    """A (data, fsdp, expert, tensor) mesh; one size may be -1: the devices left over. Sizes
+    whose product is below the device count use the first devices (one device for debugging)."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, tensor]
+    sizes = [data, fsdp, expert, tensor]
     if sizes.count(-1) > 1:
-        raise ShardingError(f"mesh (data, fsdp, tensor)={tuple(sizes)}: at most one -1")
+        raise ShardingError(f"mesh (data, fsdp, expert, tensor)={tuple(sizes)}: at most one -1")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if len(devices) % known:
@@ -74,11 +79,17 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
         sizes[sizes.index(-1)] = len(devices) // known
     n = int(np.prod(sizes))
     if any(s < 1 for s in sizes) or n > len(devices):
-        raise ShardingError(f"mesh (data, fsdp, tensor)={tuple(sizes)} needs {n} devices; there "
-                            f"are {len(devices)}")
+        raise ShardingError(f"mesh (data, fsdp, expert, tensor)={tuple(sizes)} needs {n} "
+                            f"devices; there are {len(devices)}")
     if n < len(devices):
         log.info("mesh %s uses %d of the %d devices", tuple(sizes), n, len(devices))
     return Mesh(np.asarray(devices[:n]).reshape(sizes), AXES)
+
+
+def mesh_axes(mesh: Mesh) -> tuple:
+    """The mesh's ((axis, size), ...): what a model config carries (``mesh_axes``) to run its
+    own collectives (``shard_map``) over the mesh it is traced for."""
+    return tuple((name, int(size)) for name, size in mesh.shape.items())
 
 
 def _path_name(path) -> str:
@@ -103,6 +114,11 @@ def param_specs(params, rules):
     return jax.tree_util.tree_map_with_path(spec, params)
 
 
+def batch_split(mesh: Mesh) -> int:
+    """Into how many parts the batch's rows are split: data x fsdp x expert."""
+    return _axis_size(mesh, BATCH)
+
+
 def _axis_size(mesh: Mesh, entry) -> int:
     if entry is None:
         return 1
@@ -123,16 +139,23 @@ def check_divisible(mesh: Mesh, tree, specs, what: str = "parameter"):
 
 
 def check_model_fits(mesh: Mesh, model_config, pairs_per_batch: int):
-    """The head and batch constraints of a mesh, in the terms a user sets."""
-    t = mesh.shape["tensor"]
-    for field, size in model_config.tensor_parallel_dims().items():
-        if size % t:
-            raise ShardingError(f"{field}={size} does not divide over the tensor axis of size "
-                                f"{t} (config key mesh_tensor)")
+    """The head, expert and batch constraints of a mesh, in the terms a user sets."""
+    for axis, dims in (("tensor", model_config.tensor_parallel_dims()),
+                       ("expert", getattr(model_config, "expert_parallel_dims", dict)())):
+        n = mesh.shape[axis]
+        for field, size in dims.items():
+            if size % n:
+                raise ShardingError(f"{field}={size} does not divide over the {axis} axis of "
+                                    f"size {n} (config key mesh_{axis})")
+    if mesh.shape["expert"] > 1 and not hasattr(model_config, "expert_parallel_dims"):
+        raise ShardingError(f"mesh_expert={mesh.shape['expert']} splits experts, and this model "
+                            f"({type(model_config).__name__}) has none: use mesh_data or "
+                            "mesh_fsdp for data parallelism")
     n = _axis_size(mesh, BATCH)
     if pairs_per_batch % n:
         raise ShardingError(f"a batch of {pairs_per_batch} pairs does not divide over the "
-                            f"data x fsdp axes ({mesh.shape['data']} x {mesh.shape['fsdp']} = {n})")
+                            f"data x fsdp x expert axes ({mesh.shape['data']} x "
+                            f"{mesh.shape['fsdp']} x {mesh.shape['expert']} = {n})")
 
 
 def named(mesh: Mesh, specs):
@@ -160,7 +183,8 @@ def state_shardings(mesh: Mesh, abstract_state, param_spec_tree):
 
 
 def batch_sharding(mesh: Mesh, ndim: int, accumulate: bool = True) -> NamedSharding:
-    """Batch leaves: (A, rows, ...) with rows split over (data, fsdp); A (micro-batches) whole."""
+    """Batch leaves: (A, rows, ...) with rows split over (data, fsdp, expert); A (micro-batches)
+    whole."""
     lead = (None,) if accumulate else ()
     spec = P(*lead, BATCH, *([None] * (ndim - len(lead) - 1)))
     return NamedSharding(mesh, spec)

@@ -49,7 +49,8 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None,
                               "rerun the same command to start again", 143)
 
     cfg = config if isinstance(config, configs.Config) else configs.build(config)
-    mesh = sharding.make_mesh(cfg.mesh.mesh_data, cfg.mesh.mesh_fsdp, cfg.mesh.mesh_tensor)
+    mesh = sharding.make_mesh(cfg.mesh.mesh_data, cfg.mesh.mesh_fsdp, cfg.mesh.mesh_tensor,
+                              expert=cfg.mesh.mesh_expert)
     n_proc, proc = jax.process_count(), jax.process_index()
     _check_processes(cfg, n_proc)
     tokenizer = hub.load_tokenizer(cfg.model.tokenizer_name_or_path
@@ -59,7 +60,7 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None,
     family = models.family_of(model_cfg)
     _check_model(cfg, model_cfg, mesh)
     layout = plan.layout(cfg)
-    model_cfg = plan.attention(cfg, model_cfg, layout, mesh)
+    model_cfg = plan.compute(cfg, model_cfg, layout, mesh)
 
     train_pairs, eval_pairs = data.load_splits(cfg.data, tokenizer, shard=(proc, n_proc))
     phase_done()

@@ -50,10 +50,13 @@ def test_logits_and_logprobs_match_transformers(variant):
     name, tmodel, path = variant
     model = load_pretrained(path)
     ids, mask, loss_mask = padded_batch(np.random.default_rng(0), VOCAB, t=40)
-    ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
     ref = torch_logits(tmodel, ids, mask)
     real = mask.astype(bool)
-    np.testing.assert_allclose(ours[real], ref[real], atol=1e-4, rtol=0, err_msg=name)
+    for kernel in ("scan", "ragged_dot"):  # the tiled kernel, and XLA's grouped matmul
+        ours = np.asarray(load_pretrained(path, experts_kernel=kernel)(jnp.asarray(ids),
+                                                                       jnp.asarray(mask)))
+        np.testing.assert_allclose(ours[real], ref[real], atol=1e-4, rtol=0,
+                                   err_msg=f"{name} {kernel}")
     logps, _ = sequence_logprobs(model, ids, mask, loss_mask, chunk_size=7)
     want, _ = torch_sequence_logprobs(tmodel, ids, mask, loss_mask)
     np.testing.assert_allclose(np.asarray(logps), want, rtol=1e-5, err_msg=name)
@@ -69,6 +72,29 @@ def test_export_round_trip_loads_in_transformers(variant, tmp_path):
     ids, mask, _ = padded_batch(np.random.default_rng(2), VOCAB, t=24)
     np.testing.assert_allclose(torch_logits(back.eval(), ids, mask),
                                torch_logits(tmodel, ids, mask), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("sizes,tile", [([0, 7, 20, 0, 13], 8), ([10, 0, 0, 30], 16),
+                                        ([3, 4, 5, 0], 128), ([0, 0, 0, 0], 8)])
+def test_the_tiled_kernel_equals_ragged_dot(sizes, tile):
+    """The ``scan`` kernel: tiles crossing group boundaries, empty groups, rows after the last
+    group (zeros), a tile larger than the rows; values and all four gradients."""
+    import jax
+    from dpo_jax.models.moe.model import _tiled_swiglu, swiglu_experts
+    rng = np.random.default_rng(0)
+    e, c, f, m = len(sizes), 6, 5, 50
+    x = jnp.asarray(rng.normal(size=(m, c)), jnp.float32)
+    w = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(e, c, f), (e, c, f), (e, f, c)]]
+    gs = jnp.asarray(sizes, jnp.int32)
+    fns = (lambda *p: swiglu_experts(p[0], gs, *p[1:], "ragged_dot"),
+           lambda *p: _tiled_swiglu(p[0], gs, *p[1:], tile=tile))
+    want, got = (np.asarray(fn(x, *w)) for fn in fns)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-6)
+    assert not got[sum(sizes):].any()
+    grads = [jax.grad(lambda *p: jnp.sum(fn(*p) ** 2), argnums=(0, 1, 2, 3))(x, *w)
+             for fn in fns]
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(b, a, atol=1e-5 * max(1.0, float(jnp.abs(a).max())))
 
 
 def test_kv_cache_sampling_matches_full_recompute(variant):
@@ -132,3 +158,17 @@ def test_the_train_step_adds_the_router_loss_of_the_policy(tmp_path):
         r.ckpt.close()
     with pytest.raises(ConfigError, match="router_aux_loss_coef=0.1: this model .* has no router"):
         trainer.setup(tiny_config(tmp_path, router_aux_loss_coef=0.1), tmp_path / "gpt2")
+
+
+def test_moe_kernel_is_resolved_for_experts_and_refused_without():
+    from dpo_jax import plan
+    from dpo_jax.errors import ConfigError
+    from dpo_jax.models.llama import LlamaConfig
+    from dpo_jax.models.moe import MoEConfig
+    from dpo_jax.models.moe.model import resolve_kernel
+    assert plan.experts_kernel("scan", MoEConfig()).experts_kernel == "scan"
+    assert resolve_kernel("auto") == "scan"  # the CPU: ragged_dot would be a dense pass
+    assert plan.experts_kernel("auto", LlamaConfig()) == LlamaConfig()
+    with pytest.raises(ConfigError, match="config key moe_kernel=scan: this model "
+                                          r"\(LlamaConfig\) has no experts"):
+        plan.experts_kernel("scan", LlamaConfig())

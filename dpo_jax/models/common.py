@@ -35,7 +35,8 @@ REMAT = {
 ATTENTION = attention_lib.IMPLEMENTATIONS  # dot-product attention kernels (models/attention.py)
 # Fields of a family config that are compute options, not architecture: they are not written to
 # config.json and do not fix parameter shapes (a checkpoint restores under any of them).
-COMPUTE_FIELDS = ("dtype", "remat", "remat_policy", "attention")
+COMPUTE_FIELDS = ("dtype", "remat", "remat_policy", "attention", "mesh_axes",
+                  "experts_kernel")  # the last: a mixture of experts' only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,10 @@ class ComputeOptions:
     remat: bool = False     # recompute each block's activations in the backward pass
     remat_policy: str = "nothing_saveable"  # what a rematerialized block keeps (see REMAT)
     attention: str = "xla"  # attention implementation (see ATTENTION); "xla" runs everywhere
+    # the device mesh the model is traced for, ((axis, size), ...) (``sharding.mesh_axes``; set
+    # by the trainer): a layer that runs its own collectives (a mixture of experts' token
+    # exchange over the expert axis) reads it; () = no mesh (one device, or GSPMD's choice)
+    mesh_axes: tuple = ()
 
     def check_compute(self):
         choice("dtype", self.dtype, tuple(DTYPES))
@@ -55,6 +60,10 @@ class ComputeOptions:
     @property
     def compute_dtype(self):
         return DTYPES[self.dtype]
+
+    def mesh_size(self, axis: str) -> int:
+        """The size of a mesh axis the model is traced for (1 without one)."""
+        return dict(self.mesh_axes).get(axis, 1)
 
 
 def architecture(cfg) -> dict:

@@ -113,7 +113,7 @@ class GemmaConfig(common.ComputeOptions):
 
     @property
     def attention_needs(self) -> tuple[str, ...]:
-        """What this attention has that the fused kernels here do not take (plan.attention)."""
+        """What this attention has that the fused kernels here do not take (plan.compute)."""
         return tuple(n for n, on in (("a sliding window", self.windowed),
                                      ("soft-capped logits", bool(self.attn_logit_softcapping)))
                      if on)

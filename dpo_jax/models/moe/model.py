@@ -10,8 +10,11 @@ every layer is a sparse mixture of SwiGLU experts:
   OLMoE by default), cast back;
 - **dropless** experts: the (token, choice) pairs sorted by expert and run as three grouped
   matmuls (``jax.lax.ragged_dot``) over the experts' stacked weights, each pair scaled by its
-  routing weight and added back to its token: no capacity, no token dropped, no dense
-  all-experts compute.
+  routing weight and added back to its token: no capacity, no token dropped. (On GPU and TPU
+  ``ragged_dot`` is a grouped-matmul kernel; JAX lowers it on the CPU as a masked matmul per
+  expert, E times the work: fine for tests, not for CPU speed.)
+- on a mesh with an ``expert`` axis, each device holds its share of the experts and the tokens
+  go to them (``expert_parallel``: ``shard_map``, all-gather and reduce-scatter over the axis).
 
 Parameters: ``layers.mlp.gate`` (the router, (C, E) as a Linear) and ``layers.mlp.experts.{gate,
 up,down}_proj`` (layer, expert, in, out). ``router_logits`` of a batch (for the load-balancing
@@ -26,7 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from dpo_jax.errors import choice
 from dpo_jax.models import common
 from dpo_jax.models.attention import as_mask
 from dpo_jax.models.llama.model import Attention, rope, rope_inv_freq
@@ -62,9 +67,12 @@ class MoEConfig(common.ComputeOptions):
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
     eos_token_id: int | tuple = 2
+    # compute option: how the experts' grouped matmuls run (KERNELS; ModelConfig's moe_kernel)
+    experts_kernel: str = "auto"
 
     def __post_init__(self):
         self.check_compute()
+        choice("experts_kernel", self.experts_kernel, KERNELS)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple "
                              f"of num_key_value_heads={self.num_key_value_heads}")
@@ -100,6 +108,10 @@ class MoEConfig(common.ComputeOptions):
         if self.sliding_window is not None:
             limits["sliding_window"] = self.sliding_window
         return limits
+
+    def expert_parallel_dims(self) -> dict[str, int]:
+        """The sizes the expert axis splits (``sharding.check_model_fits``)."""
+        return {"num_experts": self.num_experts}
 
     def tensor_parallel_dims(self) -> dict[str, int]:
         return {"num_attention_heads": self.num_attention_heads,
@@ -137,12 +149,119 @@ class Experts(nnx.Module):
         self.down_proj = nnx.Param(common.normal(rngs, (e, f, c), 0.02))
         self.dtype = cfg.compute_dtype
 
-    def __call__(self, x_sorted, group_sizes):
-        """Rows of x sorted by expert, ``group_sizes[e]`` of them for expert e: dropless."""
-        w = lambda p: p[...].astype(self.dtype)
-        g = jax.lax.ragged_dot(x_sorted, w(self.gate_proj), group_sizes)
-        u = jax.lax.ragged_dot(x_sorted, w(self.up_proj), group_sizes)
-        return jax.lax.ragged_dot(jax.nn.silu(g) * u, w(self.down_proj), group_sizes)
+    def weights(self):
+        return tuple(p[...].astype(self.dtype)
+                     for p in (self.gate_proj, self.up_proj, self.down_proj))
+
+
+KERNELS = ("auto", "ragged_dot", "scan")  # how the grouped matmuls run (experts_kernel)
+TILE = 128  # rows per step of the "scan" kernel
+
+
+def resolve_kernel(kernel: str) -> str:
+    """``auto``: XLA's grouped-matmul kernel (``ragged_dot``) on GPU and TPU; elsewhere JAX
+    lowers ragged_dot as a masked matmul per expert, so the tiled ``scan``."""
+    if kernel != "auto":
+        return kernel
+    return "ragged_dot" if jax.default_backend() in ("gpu", "tpu") else "scan"
+
+
+def swiglu_experts(rows, group_sizes, gate, up, down, kernel: str = "ragged_dot"):
+    """Rows sorted by expert, ``group_sizes[e]`` of them for expert e (any rows after the last
+    group give zeros), through their experts' SwiGLU, dropless.
+
+    ``ragged_dot``: three grouped matmuls (``jax.lax.ragged_dot``), XLA's grouped-matmul kernel
+    on GPU and TPU; on the CPU JAX lowers it as one masked matmul per expert over all the rows
+    (E times the work and E copies of the rows). ``scan``: the same sums as a ``lax.scan`` over
+    row tiles of one expert each (a tile that crosses a group boundary runs once per group it
+    holds, masked): (rows + E x tile) x the expert's work in all, on any backend."""
+    if kernel == "ragged_dot":
+        g = jax.lax.ragged_dot(rows, gate, group_sizes)
+        u = jax.lax.ragged_dot(rows, up, group_sizes)
+        return jax.lax.ragged_dot(jax.nn.silu(g) * u, down, group_sizes)
+    return _tiled_swiglu(rows, group_sizes, gate, up, down)
+
+
+def _tiled_swiglu(rows, group_sizes, gate, up, down, tile: int = TILE):
+    m, c = rows.shape
+    n_groups = gate.shape[0]
+    tile = min(tile, m)
+    n_tiles = -(-m // tile)
+    x = jnp.pad(rows, ((0, n_tiles * tile - m), (0, 0)))
+    ends = jnp.cumsum(group_sizes)
+    starts = ends - group_sizes
+    first = starts // tile
+    spans = jnp.where(group_sizes > 0, (ends - 1) // tile - first + 1, 0)  # tiles per group
+    done = jnp.cumsum(spans)
+    # each group boundary inside a tile adds one item: at most n_tiles + n_groups - 1 of them
+    item = jnp.arange(n_tiles + n_groups - 1)
+    real = item < done[-1]
+    group = jnp.minimum(jnp.searchsorted(done, item, side="right"), n_groups - 1)
+    at = jnp.where(real, first[group] + item - (done[group] - spans[group]), 0) * tile
+
+    def step(_, it):
+        g, at, real = it
+        xt = jax.lax.dynamic_slice_in_dim(x, at, tile)
+        r = at + jnp.arange(tile)
+        mine = real & (r >= starts[g]) & (r < ends[g])
+        h = jax.nn.silu(xt @ gate[g]) * (xt @ up[g])
+        return None, jnp.where(mine[:, None], h @ down[g], 0)
+
+    # the backward keeps each tile's matmul outputs, not its expert's weight slices (one
+    # (C, F) slice per tile would outweigh the rows many times): those are sliced again
+    step = jax.checkpoint(step, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    _, ys = jax.lax.scan(step, None, (group, at, real))  # (items, tile, C)
+    rows_of = (at[:, None] + jnp.arange(tile)).reshape(-1)
+    return jnp.zeros_like(x).at[rows_of].add(ys.reshape(-1, c).astype(x.dtype))[:m]
+
+
+def dispatch(x, weights, experts, weight_mats, first: int = 0, kernel: str = "ragged_dot"):
+    """Each token's routed experts among [first, first + n) (n = the experts in ``weight_mats``)
+    applied to it, scaled by its routing weights and summed: (N, C). The (token, choice) pairs
+    are sorted by expert (the others last, outside every group, contributing nothing) and run as
+    grouped matmuls. ``x`` (N, C), ``weights`` and ``experts`` (N, k)."""
+    n, k = weight_mats[0].shape[0], experts.shape[-1]
+    expert = experts.reshape(-1) - first
+    mine = (expert >= 0) & (expert < n)
+    expert = jnp.where(mine, expert, n)
+    order = jnp.argsort(expert, stable=True)         # choices grouped by expert
+    token = order // k
+    sizes = jnp.bincount(expert, length=n + 1)[:n].astype(jnp.int32)
+    y = swiglu_experts(x[token], sizes, *weight_mats, kernel)  # (N k, C), in expert order
+    scale = jnp.where(mine, weights.reshape(-1), 0)[order]
+    y = jnp.where(mine[order][:, None], y * scale[:, None], 0)
+    return jnp.zeros_like(x).at[token].add(y.astype(x.dtype))
+
+
+def expert_parallel(mesh_axes, x, weights, experts, weight_mats, kernel: str = "ragged_dot"):
+    """``dispatch`` with the experts split over the mesh's ``expert`` axis (``shard_map``).
+
+    The tokens are split over (data, fsdp, expert) as the batch is. Each device gathers the
+    tokens of its expert group (all-gather over ``expert``), runs the choices routed to its own
+    experts, and the partial sums go back to the tokens' devices (reduce-scatter over
+    ``expert``; a sum over ``tensor`` where the experts' hidden units are split). The experts'
+    matrices arrive split over ``fsdp`` and are gathered per use, as FSDP does. Dropless and
+    exact: every choice is run once, on the device that holds its expert. Against an all-to-all
+    exchange it sends each token to every device of the group rather than to the ones its k
+    experts live on: the same bytes for k >= the expert axis size (Qwen3-MoE's 8 of 128 on 8),
+    more for Mixtral's top-2, and no worst-case receive buffer to size."""
+    mesh = jax.sharding.AbstractMesh(tuple(s for _, s in mesh_axes),
+                                     tuple(n for n, _ in mesh_axes))
+    batch = P(("data", "fsdp", "expert"), None)
+    in_out, out_in = P("expert", "fsdp", "tensor"), P("expert", "tensor", "fsdp")
+
+    def local(x, weights, experts, gate, up, down):
+        gather = lambda a: jax.lax.all_gather(a, "expert", axis=0, tiled=True)
+        gate, up = (jax.lax.all_gather(w, "fsdp", axis=1, tiled=True) for w in (gate, up))
+        down = jax.lax.all_gather(down, "fsdp", axis=2, tiled=True)
+        first = jax.lax.axis_index("expert") * gate.shape[0]
+        y = dispatch(gather(x), gather(weights), gather(experts), (gate, up, down), first,
+                     kernel)
+        y = jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
+        return jax.lax.psum(y, "tensor")
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(batch, batch, batch, in_out, in_out, out_in),
+                         out_specs=batch)(x, weights, experts, *weight_mats)
 
 
 class SparseMoE(nnx.Module):
@@ -152,6 +271,8 @@ class SparseMoE(nnx.Module):
         self.experts = Experts(cfg, rngs=rngs)
         self.k, self.n_experts = cfg.num_experts_per_tok, cfg.num_experts
         self.norm_topk = cfg.norm_topk_prob
+        self.mesh_axes = cfg.mesh_axes if cfg.mesh_size("expert") > 1 else None
+        self.kernel = resolve_kernel(cfg.experts_kernel)
 
     def route(self, x_nc):
         """(router logits (N, E), top-k weights (N, k) in x's dtype, top-k experts (N, k))."""
@@ -167,13 +288,11 @@ class SparseMoE(nnx.Module):
         xf = x.reshape(b * t, c)
         logits, weights, experts = self.route(xf)
         self.router_logits = nnx.Intermediate(logits)  # for the stack's extras (aux_loss)
-        flat = experts.reshape(-1)                    # (N k,): the expert of each choice
-        order = jnp.argsort(flat, stable=True)        # choices grouped by expert
-        token = order // self.k
-        sizes = jnp.bincount(flat, length=self.n_experts).astype(jnp.int32)
-        y = self.experts(xf[token], sizes)            # (N k, C), in expert order
-        y = y * weights.reshape(-1)[order][:, None]
-        out = jnp.zeros_like(xf).at[token].add(y.astype(xf.dtype))
+        if self.mesh_axes is None:
+            out = dispatch(xf, weights, experts, self.experts.weights(), kernel=self.kernel)
+        else:
+            out = expert_parallel(self.mesh_axes, xf, weights, experts, self.experts.weights(),
+                                  self.kernel)
         return out.reshape(b, t, c)
 
 

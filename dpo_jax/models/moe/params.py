@@ -29,8 +29,8 @@ RULES = (
     (r"layers\.self_attn\.(q|k|v)_proj\.bias", P(None, "tensor")),
     (r"layers\.self_attn\.o_proj\.weight", P(None, "tensor", "fsdp")),
     (r"layers\.mlp\.gate\.weight", P(None, "fsdp", None)),
-    (r"layers\.mlp\.experts\.(gate|up)_proj", P(None, None, "fsdp", "tensor")),
-    (r"layers\.mlp\.experts\.down_proj", P(None, None, "tensor", "fsdp")),
+    (r"layers\.mlp\.experts\.(gate|up)_proj", P(None, "expert", "fsdp", "tensor")),
+    (r"layers\.mlp\.experts\.down_proj", P(None, "expert", "tensor", "fsdp")),
     (r"(layers\.)?(input_layernorm|post_attention_layernorm|norm|self_attn\.(q|k)_norm)"
      r"\.weight|layers\.self_attn\.o_proj\.bias", P()),
 )
