@@ -66,6 +66,32 @@ class ComputeOptions:
         return dict(self.mesh_axes).get(axis, 1)
 
 
+class HFLayout:
+    """The model contract's sizes for a config spelled as HF's Llama-style config.json
+    (``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``,
+    ``max_position_embeddings``): the Llama, Gemma and MoE families' configs."""
+
+    @property
+    def n_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.num_attention_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.num_key_value_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings
+
+
 def architecture(cfg) -> dict:
     """The fields of a family config that fix parameter shapes and the math (no compute options)."""
     d = dataclasses.asdict(cfg)
@@ -109,6 +135,13 @@ def project(layer, x2, *, bias: bool = True):
     if bias and layer.bias is not None:
         y = y + layer.bias[...].astype(layer.dtype)
     return y
+
+
+class Head(nnx.Module):
+    """An untied LM head: a (V, C) matrix, as HF's ``lm_head.weight`` stores it."""
+
+    def __init__(self, vocab: int, width: int, *, rngs: nnx.Rngs):
+        self.weight = nnx.Param(normal(rngs, (vocab, width), 0.02))
 
 
 class LayerNorm(nnx.Module):

@@ -35,7 +35,7 @@ from dpo_jax.models.trunk import CausalLM
 
 
 @dataclasses.dataclass(frozen=True)
-class GemmaConfig(common.ComputeOptions):
+class GemmaConfig(common.HFLayout, common.ComputeOptions):
     """Architecture (the fields of HF's Gemma2Config / Gemma3TextConfig that change the math),
     then compute options (``common.ComputeOptions``, first by dataclass inheritance)."""
 
@@ -82,27 +82,7 @@ class GemmaConfig(common.ComputeOptions):
             raise ValueError("layer_types has sliding_attention layers but sliding_window is "
                              f"{self.sliding_window!r}")
 
-    # the model contract
-    @property
-    def n_layers(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def n_heads(self) -> int:
-        return self.num_attention_heads
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.num_key_value_heads
-
-    @property
-    def head_size(self) -> int:
-        return self.head_dim
-
-    @property
-    def max_positions(self) -> int:
-        return self.max_position_embeddings
-
+    # the model contract (the sizes: common.HFLayout)
     @property
     def final_logit_softcap(self):
         return self.final_logit_softcapping
@@ -226,12 +206,6 @@ class DecoderLayer(nnx.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), kv
 
 
-class Head(nnx.Module):
-    """An untied LM head: a (V, C) matrix, as HF's ``lm_head.weight`` stores it."""
-
-    def __init__(self, vocab: int, width: int, *, rngs: nnx.Rngs):
-        self.weight = nnx.Param(common.normal(rngs, (vocab, width), 0.02))
-
 
 class Gemma(CausalLM):
     """``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` (see the module docstring)."""
@@ -243,7 +217,7 @@ class Gemma(CausalLM):
                                      config.num_hidden_layers, rngs)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.compute_dtype)
         if not config.tie_word_embeddings:
-            self.head = Head(config.vocab_size, config.hidden_size, rngs=rngs)
+            self.head = common.Head(config.vocab_size, config.hidden_size, rngs=rngs)
 
     @property
     def stack(self):

@@ -33,7 +33,7 @@ ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig(common.ComputeOptions):
+class LlamaConfig(common.HFLayout, common.ComputeOptions):
     """Architecture (the fields of HF's Llama / Mistral / Qwen2 / Qwen3 configs that change the
     math), then compute options (``common.ComputeOptions``, first by dataclass inheritance)."""
 
@@ -75,24 +75,8 @@ class LlamaConfig(common.ComputeOptions):
                              f"{', '.join(ROPE_TYPES)}")
 
     @property
-    def n_layers(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def n_heads(self) -> int:
-        return self.num_attention_heads
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.num_key_value_heads
-
-    @property
     def max_positions(self) -> int:
         return min(self.length_limits().values())
-
-    @property
-    def head_size(self) -> int:
-        return self.head_dim
 
     def length_limits(self) -> dict[str, int]:
         """The sequence-length limits, by config field (a clear error names the one exceeded)."""
@@ -232,12 +216,6 @@ class DecoderLayer(common.PreNormBlock):
         return self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp
 
 
-class Head(nnx.Module):
-    """An untied LM head: a (V, C) matrix, as HF's ``lm_head.weight`` stores it."""
-
-    def __init__(self, vocab: int, width: int, *, rngs: nnx.Rngs):
-        self.weight = nnx.Param(common.normal(rngs, (vocab, width), 0.02))
-
 
 class Llama(CausalLM):
     """``LlamaForCausalLM`` and its relatives (see the module docstring)."""
@@ -249,7 +227,7 @@ class Llama(CausalLM):
                                      config.num_hidden_layers, rngs)
         self.norm = common.RMSNorm(config.hidden_size, config.rms_norm_eps, config.compute_dtype)
         if not config.tie_word_embeddings:
-            self.head = Head(config.vocab_size, config.hidden_size, rngs=rngs)
+            self.head = common.Head(config.vocab_size, config.hidden_size, rngs=rngs)
 
     @property
     def stack(self):

@@ -40,7 +40,7 @@ from dpo_jax.models.trunk import CausalLM
 
 
 @dataclasses.dataclass(frozen=True)
-class MoEConfig(common.ComputeOptions):
+class MoEConfig(common.HFLayout, common.ComputeOptions):
     """Architecture (the fields of HF's Qwen3MoeConfig / MixtralConfig / OlmoeConfig that change
     the math), then compute options."""
 
@@ -82,26 +82,6 @@ class MoEConfig(common.ComputeOptions):
         if not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must lie in "
                              f"[1, num_experts={self.num_experts}]")
-
-    @property
-    def n_layers(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def n_heads(self) -> int:
-        return self.num_attention_heads
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.num_key_value_heads
-
-    @property
-    def head_size(self) -> int:
-        return self.head_dim
-
-    @property
-    def max_positions(self) -> int:
-        return self.max_position_embeddings
 
     def length_limits(self) -> dict[str, int]:
         limits = {"max_position_embeddings": self.max_position_embeddings}
@@ -309,10 +289,6 @@ class DecoderLayer(common.PreNormBlock):
         return self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp
 
 
-class Head(nnx.Module):
-    def __init__(self, vocab: int, width: int, *, rngs: nnx.Rngs):
-        self.weight = nnx.Param(common.normal(rngs, (vocab, width), 0.02))
-
 
 class MoE(CausalLM):
     """``Qwen3MoeForCausalLM`` / ``MixtralForCausalLM`` / ``OlmoeForCausalLM``."""
@@ -324,7 +300,7 @@ class MoE(CausalLM):
                                      config.num_hidden_layers, rngs)
         self.norm = common.RMSNorm(config.hidden_size, config.rms_norm_eps, config.compute_dtype)
         if not config.tie_word_embeddings:
-            self.head = Head(config.vocab_size, config.hidden_size, rngs=rngs)
+            self.head = common.Head(config.vocab_size, config.hidden_size, rngs=rngs)
 
     @property
     def stack(self):
