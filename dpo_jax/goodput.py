@@ -37,18 +37,22 @@ PEAK_TFLOPS = {
 
 
 def matrix_params(model_cfg) -> tuple[int, int]:
-    """(the blocks' matrix parameters, the LM head's V x C), from the model's abstract shapes
-    (nothing allocated): every weight of two or more dims inside the stacked blocks."""
+    """(the blocks' matrix parameters a token runs through, the LM head's V x C), from the
+    model's abstract shapes (nothing allocated): every stacked weight of two or more dims
+    ((layers, in, out)), a mixture of experts' (layers, experts, in, out) counted for the
+    ``num_experts_per_tok`` of its ``num_experts`` that each token uses."""
     family = models.family_of(model_cfg)
 
     def shapes():
         m = family.model_cls(model_cfg, rngs=nnx.Rngs(0))
-        return nnx.to_pure_dict(nnx.state(m.stack, nnx.Param)), m.head_weight()
+        return nnx.to_pure_dict(nnx.state(m, nnx.Param)), m.head_weight()
 
-    stack, head = jax.eval_shape(shapes)
-    blocks = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(stack)
-                 if len(x.shape) >= 3)  # (layers, in, out)
-    return blocks, int(np.prod(head.shape))
+    params, head = jax.eval_shape(shapes)
+    active = (model_cfg.num_experts_per_tok / model_cfg.num_experts
+              if getattr(model_cfg, "num_experts", 0) else 1.0)
+    blocks = sum(int(np.prod(x.shape)) * (active if len(x.shape) == 4 else 1)
+                 for x in jax.tree.leaves(params) if len(x.shape) >= 3)
+    return int(blocks), int(np.prod(head.shape))
 
 
 def forward_flops(model_cfg, rows: int, seq: int, head_positions: int) -> float:

@@ -110,8 +110,8 @@ def hf_state_dict(cfg, params: dict) -> dict[str, np.ndarray]:
     out = {}
     for t in models.family_of(cfg).hf_tensors(cfg):
         values = [np.asarray(flat[p], dtype=np.float32) for p in t.paths]
-        for i in range(len(values[0]) if t.stacked else 1):
-            parts = [v[i] for v in values] if t.stacked else values
+        for n, i in enumerate(t.layer_ids(len(values[0]))):
+            parts = [v[n] for v in values] if t.stacked else values
             for j in range(t.experts or 1):  # one HF tensor per expert where there are any
                 one = [x[j] for x in parts] if t.experts else parts
                 out[t.hf.format(i=i, j=j)] = np.ascontiguousarray(t.to_hf(one))
@@ -137,7 +137,7 @@ def load_pretrained_params(name_or_path: str | os.PathLike, *, dtype: str = "flo
     shapes = {k: tuple(v.shape) for k, v in models.flatten(template).items()}
     table = family.hf_tensors(cfg)
     expected = {t.hf.format(i=i, j=j) for t in table
-                for i in range(cfg.n_layers if t.stacked else 1) for j in range(t.experts or 1)}
+                for i in t.layer_ids(cfg.n_layers) for j in range(t.experts or 1)}
     missing = sorted(expected - set(tensors), key=_natural)
     if missing:
         raise CheckpointError(f"{folder}: missing tensors {missing[:8]}"
@@ -158,7 +158,7 @@ def load_pretrained_params(name_or_path: str | os.PathLike, *, dtype: str = "flo
             return t.to_ours(np.asarray(a, dtype=np.float32), ours)
 
         layers = []
-        for i in range(cfg.n_layers if t.stacked else 1):
+        for i in t.layer_ids(cfg.n_layers):
             if t.experts:
                 per = [read(t.hf.format(i=i, j=j)) for j in range(t.experts)]
                 layers.append([np.stack([e[k] for e in per]) for k in range(len(t.paths))])

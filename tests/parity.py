@@ -60,3 +60,31 @@ def padded_batch(rng, vocab, b=4, t=24):
     loss_mask = mask.copy()
     loss_mask[:, : t // 3] = 0   # "prompt" positions are not scored
     return ids, mask, loss_mask
+
+
+def check_adapter_export_against_peft(tmp_path, make, vocab, **lora_kw):
+    """Trains LoRA (DoRA with use_dora=True) on the base that ``make()`` builds (a PyTorch
+    model, seeded here so two calls build the same one): our merged export ``hf`` equals PEFT's
+    base + our ``adapter``, loaded by transformers and PEFT, and the adapters moved it. Returns
+    (the run's workdir, PEFT's model)."""
+    import peft
+    import torch
+    import transformers
+    from dpo_jax import trainer
+    from test_tuning import lora_config
+    torch.manual_seed(0)
+    base = make()
+    base.save_pretrained(tmp_path / "base")
+    wd = tmp_path / "wd"
+    trainer.train_and_evaluate(lora_config(tmp_path, tmp_path / "base", **lora_kw), wd)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(
+        wd / "hf", attn_implementation="eager").eval()
+    torch.manual_seed(0)
+    with_adapter = peft.PeftModel.from_pretrained(make(), wd / "adapter").eval()
+    ids = np.random.default_rng(0).integers(0, vocab, (3, 20))
+    mask = np.ones_like(ids)
+    mask[1, 14:] = 0
+    a, b = torch_logits(merged, ids, mask), torch_logits(with_adapter, ids, mask)
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    assert np.abs(a - torch_logits(base, ids, mask)).max() > 1e-3  # the adapters did move
+    return wd, with_adapter

@@ -1,5 +1,5 @@
-"""Issue 28 (first part): the mixture-of-experts family (qwen3_moe, mixtral, olmoe) against
-transformers' PyTorch models on the same weights: logits with right and left padding, completion
+"""Issue 28: the mixture-of-experts family (qwen3_moe, with and without a dense layer, mixtral,
+olmoe) against transformers' PyTorch models on the same weights: logits with right and left padding, completion
 log-probs, export round trip, KV-cache sampling, and the router's load-balancing loss against
 transformers' ``load_balancing_loss_func``."""
 
@@ -27,6 +27,11 @@ VARIANTS = {  # 4-8 experts, top-2; routing is uneven at random init
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2,
                                       intermediate_size=40)),
     "olmoe": ("OlmoeConfig", dict(num_experts=8, num_experts_per_tok=2, intermediate_size=40)),
+    # a dense layer between two sparse ones (mlp_only_layers): two stacks, run in HF order
+    "qwen3_moe_dense": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2,
+                                               moe_intermediate_size=40, head_dim=16,
+                                               norm_topk_prob=True, num_hidden_layers=3,
+                                               mlp_only_layers=[1], intermediate_size=56)),
 }
 
 
@@ -99,8 +104,8 @@ def test_the_tiled_kernel_equals_ragged_dot(sizes, tile):
 
 def test_kv_cache_sampling_matches_full_recompute(variant):
     name, _, path = variant
-    if name != "qwen3_moe":
-        pytest.skip("one decode path for the three: checked on qwen3_moe")
+    if name not in ("qwen3_moe", "qwen3_moe_dense"):
+        pytest.skip("one decode path for the three: checked on qwen3_moe (and its dense layer)")
     model = load_pretrained(path)
     ids, mask = sampling.left_pad([[5, 6, 7, 8, 9], [1, 2], [3, 4, 5, 6]], 0)
     cfg = sampling.SamplingConfig(max_new_tokens=6)
@@ -110,7 +115,7 @@ def test_kv_cache_sampling_matches_full_recompute(variant):
 
 
 def test_the_load_balancing_loss_is_transformers(variant):
-    name, tmodel, _ = variant
+    name, tmodel, path = variant
     mod = __import__(type(tmodel).__module__, fromlist=["load_balancing_loss_func"])
     ids, mask, _ = padded_batch(np.random.default_rng(3), VOCAB, t=24)
     with torch.no_grad():
@@ -125,6 +130,12 @@ def test_the_load_balancing_loss_is_transformers(variant):
         got = float(load_balancing_loss(np.stack([r.numpy() for r in out.router_logits]),
                                         experts, cfg.num_experts_per_tok, m))
         np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=name)
+    # our model's own router logits, gathered out of its scanned stacks, give transformers'
+    # aux_loss (the attention mask excluding padding)
+    model = load_pretrained(path)
+    model(jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_allclose(float(model.aux_loss()), float(out.aux_loss), rtol=1e-5,
+                               err_msg=name)
 
 
 def test_the_train_step_adds_the_router_loss_of_the_policy(tmp_path):
@@ -172,3 +183,15 @@ def test_moe_kernel_is_resolved_for_experts_and_refused_without():
     with pytest.raises(ConfigError, match="config key moe_kernel=scan: this model "
                                           r"\(LlamaConfig\) has no experts"):
         plan.experts_kernel("scan", LlamaConfig())
+
+
+def test_lora_on_a_model_with_a_dense_layer_exports_what_peft_loads(tmp_path):
+    """LoRA on the attention of both stacks (sparse and dense layers): the adapter's PEFT keys
+    name the HF layers, so PEFT's base + adapter equals our merged export."""
+    pytest.importorskip("peft")
+    from parity import check_adapter_export_against_peft
+    cls, kw = VARIANTS["qwen3_moe_dense"]
+    cfg = getattr(transformers, cls)(**{**BASE, **kw, "vocab_size": 512})
+    make = lambda: perturb_norms_and_biases(transformers.AutoModelForCausalLM.from_config(
+        cfg, attn_implementation="eager").eval(), scale=0.1)
+    check_adapter_export_against_peft(tmp_path, make, 512)

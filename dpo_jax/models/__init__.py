@@ -51,6 +51,15 @@ class HFTensor:
     row_order: Callable[[int], np.ndarray] | None = None  # HF row i = our row order[i]
     experts: int = 0        # >0: our params carry an expert axis after the layer axis, and
     #                         "{j}" in ``hf`` stands for the expert (one HF tensor per expert)
+    layers: tuple[int, ...] | None = None  # the HF layer index of each entry of our layer
+    #                         axis, where a family keeps two stacks (None: 0, 1, ..., n - 1)
+
+    def layer_ids(self, n_layers: int) -> tuple[int, ...]:
+        """The HF layer indices ``{i}`` takes, in the order of our layer axis (one, 0, for a
+        param that is not stacked)."""
+        if not self.stacked:
+            return (0,)
+        return tuple(range(n_layers)) if self.layers is None else self.layers
 
     @property
     def stacked(self) -> bool:

@@ -137,6 +137,24 @@ def project(layer, x2, *, bias: bool = True):
     return y
 
 
+class GatedMLP(nnx.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU with ``jax.nn.silu`` (Llama, a mixture of experts'
+    dense layers), GeGLU with tanh-approximate GELU (Gemma)."""
+
+    def __init__(self, width: int, hidden: int, dtype, activation, *, rngs: nnx.Rngs):
+        self.gate_proj = Linear(width, hidden, std=0.02, dtype=dtype, rngs=rngs, bias=False)
+        self.up_proj = Linear(width, hidden, std=0.02, dtype=dtype, rngs=rngs, bias=False)
+        self.down_proj = Linear(hidden, width, std=0.02, dtype=dtype, rngs=rngs, bias=False)
+        self.activation = activation
+
+    def __call__(self, x):
+        return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
+
+
+def gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
 class Head(nnx.Module):
     """An untied LM head: a (V, C) matrix, as HF's ``lm_head.weight`` stores it."""
 
@@ -262,8 +280,9 @@ def stacked(make, n: int, rngs: nnx.Rngs):
 
 
 def scan_stack(stack, x, layer_fn, xs=(), *, remat: bool = False,
-               remat_policy: str = "nothing_saveable"):
-    """Runs the stacked layers in order: ``x, y_i = layer_fn(layer_i, x, *xs_i)``.
+               remat_policy: str = "nothing_saveable", layers: tuple[int, int] | None = None):
+    """Runs the stacked layers in order: ``x, y_i = layer_fn(layer_i, x, *xs_i)``; with
+    ``layers`` = (start, stop), only those of the stack (``xs`` being theirs).
 
     A ``lax.scan`` over the leading layer axis of ``stack``'s variables (params and any LoRA
     adapters) and of ``xs``: one layer is compiled instead of n, and rematerialization really
@@ -271,6 +290,8 @@ def scan_stack(stack, x, layer_fn, xs=(), *, remat: bool = False,
     backend's scheduler does). Returns (x, stacked ys).
     """
     graphdef, state = nnx.split(stack)
+    if layers is not None:
+        state = jax.tree.map(lambda a: a[layers[0]:layers[1]], state)
 
     def body(x, layer):
         variables, *rest = layer

@@ -5,7 +5,9 @@ A family's module subclasses ``CausalLM`` and supplies only what is its own:
 - ``embed(input_ids, position_ids)``: the token (and position) embedding, (B, T, C) in the
   compute dtype;
 - ``stack``: its blocks, stacked (``common.stacked``); a block is called
-  ``block(x, mask, context, per_layer, kv=None, index=None) -> (x, kv)``;
+  ``block(x, mask, context, per_layer, kv=None, index=None) -> (x, kv)``; a family with two
+  kinds of block (a mixture of experts with dense layers among the sparse ones) keeps a stack
+  of each and says in which order they run (``segments``);
 - ``block_context(position_ids)``: what every block gets (RoPE's cos / sin), and
   ``layer_inputs()``: arrays with a leading layer axis scanned with the blocks (a layer index);
 - ``final_norm(x)`` and ``head_weight()`` (the (V, C) LM head, tied or not);
@@ -19,6 +21,7 @@ completion-only head and sampling alike, so a family changes its logits in one p
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -46,6 +49,11 @@ class CausalLM(nnx.Module):
 
     def final_norm(self, x):
         raise NotImplementedError
+
+    def segments(self) -> tuple:
+        """The layers in order as runs of one stack: ((stack, (start, stop) in it), ...), the
+        runs' lengths summing to ``n_layers``. One stack by default."""
+        return ((self.stack, None),)
 
     def layer_masks(self, mask, query_positions, key_positions):
         """What each block gets as its mask, from the sequence's mask and the positions of its
@@ -78,16 +86,28 @@ class CausalLM(nnx.Module):
         x = self.embed(input_ids, position_ids)
         context, per_layer = self.block_context(position_ids), self.layer_inputs()
         n = len(per_layer)
+        extras, kvs, at = [], [], 0
+        for stack, part in self.segments():
+            size = c.n_layers if part is None else part[1] - part[0]
+            mine = lambda xs: tuple(xs if part is None else (a[at:at + size] for a in xs))
+            if cache is None:
+                x, ys = common.scan_stack(
+                    stack, x,
+                    lambda blk, x, *xs: (blk(x, mask, context, xs)[0], self.layer_extras(blk)),
+                    mine(per_layer), remat=c.remat, remat_policy=c.remat_policy, layers=part)
+                extras += [ys] if ys is not None else []
+            else:
+                x, kv = common.scan_stack(
+                    stack, x, lambda blk, x, *xs: blk(x, mask, context, xs[:n], xs[n:], index),
+                    mine((*per_layer, *cache)), layers=part)
+                kvs.append(kv)
+            at += size
         if cache is None:
-            x, extras = common.scan_stack(
-                self.stack, x,
-                lambda blk, x, *xs: (blk(x, mask, context, xs)[0], self.layer_extras(blk)),
-                per_layer, remat=c.remat, remat_policy=c.remat_policy)
-            self.keep_extras(extras, mask)
+            self.keep_extras(extras[0] if len(extras) == 1 else
+                             jax.tree.map(lambda *a: jnp.concatenate(a), *extras)
+                             if extras else None, mask)
             return self.final_norm(x), None
-        x, kv = common.scan_stack(
-            self.stack, x, lambda blk, x, *xs: blk(x, mask, context, xs[:n], xs[n:], index),
-            (*per_layer, *cache))
+        kv = kvs[0] if len(kvs) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *kvs)
         return self.final_norm(x), kv
 
     # ---- what a family may add to a training pass (a mixture of experts' router)

@@ -271,7 +271,8 @@ class LoRATuning(Tuning):
 # =========================================================================== PEFT's format
 
 def _peft_names(tuning: LoRATuning) -> dict[str, tuple[str, bool]]:
-    """Our adapted path -> (PEFT's module key template with {i} for the layer, stacked?)."""
+    """Our adapted path -> (PEFT's module key template with {i} for the layer, the HF layer
+    indices of its stacked axis, or None where it is not stacked)."""
     table = {p: t for t in tuning.family.hf_tensors(tuning.model_cfg) for p in t.paths}
     out = {}
     for path in tuning.paths:
@@ -281,7 +282,8 @@ def _peft_names(tuning: LoRATuning) -> dict[str, tuple[str, bool]]:
                               f"{', '.join(p for p in t.paths if p != path + '.weight')} in the "
                               f"checkpoint ({t.hf}), where PEFT puts one adapter on the fused "
                               "matrix, not one per part: leave it out of lora_target")
-        out[path] = ("base_model.model." + t.hf.removesuffix(".weight"), t.stacked)
+        out[path] = ("base_model.model." + t.hf.removesuffix(".weight"),
+                     t.layer_ids(tuning.model_cfg.n_layers) if t.stacked else None)
     return out
 
 
@@ -290,11 +292,11 @@ def save_peft(path: Path, tuning: LoRATuning, trainable: dict, base_name: str) -
     path.mkdir(parents=True, exist_ok=True)
     adapters = models.flatten(jax.tree.map(lambda a: np.asarray(a, np.float32), trainable))
     tensors, modules = {}, []
-    for ours, (module, stacked) in _peft_names(tuning).items():
+    for ours, (module, layers) in _peft_names(tuning).items():
         for suffix, leaf, transpose in tuning.peft_tensors():
             x = adapters[f"{ours}.{leaf}"]
-            for i in range(x.shape[0] if stacked else 1):
-                xi = x[i] if stacked else x
+            for n, i in enumerate(layers or (0,)):
+                xi = x[n] if layers else x
                 tensors[f"{module.format(i=i)}.{suffix}"] = np.ascontiguousarray(
                     xi.T if transpose else xi)
         modules.append(re.escape(module.removeprefix("base_model.model.")).replace(
@@ -348,10 +350,10 @@ def load_peft(path, tuning: LoRATuning) -> dict:
     tensors = {k.replace(".default.", "."): v for k, v in tensors.items()}
     template = models.flatten(tuning.trainable_template({}))
     out, used = {}, set()
-    for ours, (module, stacked) in _peft_names(tuning).items():
+    for ours, (module, layers) in _peft_names(tuning).items():
+        stacked = layers is not None
         for suffix, leaf, transpose in tuning.peft_tensors():
-            layers = range(tuning.model_cfg.n_layers if stacked else 1)
-            keys = [f"{module.format(i=i)}.{suffix}" for i in layers]
+            keys = [f"{module.format(i=i)}.{suffix}" for i in (layers or (0,))]
             missing = [k for k in keys if k not in tensors]
             if missing:
                 raise ConfigError(f"{folder / PEFT_WEIGHTS}: no tensor {missing[0]!r} for the "

@@ -174,19 +174,6 @@ class Attention(nnx.Module):
         return self.o_proj(y.reshape(b, t, self.heads * self.head_dim)), kv
 
 
-class MLP(nnx.Module):
-    """GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
-
-    def __init__(self, cfg: GemmaConfig, *, rngs: nnx.Rngs):
-        dt, c, f = cfg.compute_dtype, cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = common.Linear(c, f, std=0.02, dtype=dt, rngs=rngs, bias=False)
-        self.up_proj = common.Linear(c, f, std=0.02, dtype=dt, rngs=rngs, bias=False)
-        self.down_proj = common.Linear(f, c, std=0.02, dtype=dt, rngs=rngs, bias=False)
-
-    def __call__(self, x):
-        return self.down_proj(jax.nn.gelu(self.gate_proj(x), approximate=True) * self.up_proj(x))
-
-
 class DecoderLayer(nnx.Module):
     """x + post_attention_norm(attn(input_norm(x))), then
     x + post_feedforward_norm(mlp(pre_feedforward_norm(x)))."""
@@ -197,7 +184,8 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(cfg, rngs=rngs)
         self.post_attention_layernorm = norm()
         self.pre_feedforward_layernorm = norm()
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp = common.GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.compute_dtype,
+                                   common.gelu_tanh, rngs=rngs)
         self.post_feedforward_layernorm = norm()
 
     def __call__(self, x, masks, context, per_layer, kv=None, index=None):

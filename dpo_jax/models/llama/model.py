@@ -189,19 +189,6 @@ class Attention(nnx.Module):
         return self.o_proj(y.reshape(b, t, self.heads * self.head_dim)), kv
 
 
-class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-        dt, c, f = cfg.compute_dtype, cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = common.Linear(c, f, std=0.02, dtype=dt, rngs=rngs, bias=False)
-        self.up_proj = common.Linear(c, f, std=0.02, dtype=dt, rngs=rngs, bias=False)
-        self.down_proj = common.Linear(f, c, std=0.02, dtype=dt, rngs=rngs, bias=False)
-
-    def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class DecoderLayer(common.PreNormBlock):
     """Pre-norm: x + attn(input_layernorm(x)), then + mlp(post_attention_layernorm(x))."""
 
@@ -210,7 +197,8 @@ class DecoderLayer(common.PreNormBlock):
         self.input_layernorm = norm()
         self.self_attn = Attention(cfg, rngs=rngs)
         self.post_attention_layernorm = norm()
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp = common.GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.compute_dtype,
+                                   jax.nn.silu, rngs=rngs)
 
     def parts(self):
         return self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp

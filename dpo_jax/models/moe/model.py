@@ -16,6 +16,9 @@ every layer is a sparse mixture of SwiGLU experts:
 - on a mesh with an ``expert`` axis, each device holds its share of the experts and the tokens
   go to them (``expert_parallel``: ``shard_map``, all-gather and reduce-scatter over the axis).
 
+Qwen3-MoE's dense layers among the sparse ones are a second stack, ``dense_layers`` (a SwiGLU
+MLP), run in the checkpoint's order (``MoE.segments``).
+
 Parameters: ``layers.mlp.gate`` (the router, (C, E) as a Linear) and ``layers.mlp.experts.{gate,
 up,down}_proj`` (layer, expert, in, out). ``router_logits`` of a batch (for the load-balancing
 loss, ``moe.aux_loss``) come from ``MoE.router_logits``.
@@ -51,6 +54,10 @@ class MoEConfig(common.HFLayout, common.ComputeOptions):
     num_experts: int = 128
     num_experts_per_tok: int = 8
     norm_topk_prob: bool = True
+    # Qwen3-MoE's dense layers among the sparse ones (its mlp_only_layers, decoder_sparse_step):
+    # their HF layer indices, and their SwiGLU width (its intermediate_size)
+    dense_layers: tuple = ()
+    dense_intermediate_size: int = 0
     num_hidden_layers: int = 48
     num_attention_heads: int = 32
     num_key_value_heads: int = 4
@@ -79,6 +86,13 @@ class MoEConfig(common.HFLayout, common.ComputeOptions):
         if self.rope_type not in ("default", "linear"):
             raise ValueError(f"rope type {self.rope_type!r} is not supported for MoE models "
                              "(default, linear)")
+        n = self.num_hidden_layers
+        if sorted(set(self.dense_layers)) != list(self.dense_layers) or any(
+                not 0 <= i < n for i in self.dense_layers) or len(self.dense_layers) >= n:
+            raise ValueError(f"dense layers {list(self.dense_layers)} must be distinct layer "
+                             f"indices in [0, {n}), in order, with one sparse layer at least")
+        if self.dense_layers and self.dense_intermediate_size <= 0:
+            raise ValueError("dense layers need intermediate_size (their SwiGLU width)")
         if not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must lie in "
                              f"[1, num_experts={self.num_experts}]")
@@ -97,6 +111,8 @@ class MoEConfig(common.HFLayout, common.ComputeOptions):
         return {"num_attention_heads": self.num_attention_heads,
                 "num_key_value_heads": self.num_key_value_heads,
                 "moe_intermediate_size": self.moe_intermediate_size,
+                **({"intermediate_size": self.dense_intermediate_size}
+                   if self.dense_layers else {}),
                 "hidden_size": self.hidden_size}
 
     def inv_freq(self) -> np.ndarray:
@@ -277,13 +293,17 @@ class SparseMoE(nnx.Module):
 
 
 class DecoderLayer(common.PreNormBlock):
-    def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
+    """A sparse layer, or with ``dense`` one of Qwen3-MoE's dense ones (a SwiGLU MLP)."""
+
+    def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs, dense: bool = False):
         norm = lambda: common.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compute_dtype)
         self.input_layernorm = norm()
         self.self_attn = (FullQKNormAttention(cfg, rngs=rngs) if cfg.qk_norm == "full"
                           else Attention(cfg, rngs=rngs))
         self.post_attention_layernorm = norm()
-        self.mlp = SparseMoE(cfg, rngs=rngs)
+        self.mlp = (common.GatedMLP(cfg.hidden_size, cfg.dense_intermediate_size,
+                                    cfg.compute_dtype, jax.nn.silu, rngs=rngs) if dense
+                    else SparseMoE(cfg, rngs=rngs))
 
     def parts(self):
         return self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp
@@ -296,8 +316,12 @@ class MoE(CausalLM):
     def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.embed_tokens = common.Embedding(config.vocab_size, config.hidden_size, rngs=rngs)
+        n_dense = len(config.dense_layers)
         self.layers = common.stacked(lambda r: DecoderLayer(config, rngs=r),
-                                     config.num_hidden_layers, rngs)
+                                     config.num_hidden_layers - n_dense, rngs)
+        if n_dense:  # Qwen3-MoE's dense layers: a stack of their own, run in place (segments)
+            self.dense_layers = common.stacked(lambda r: DecoderLayer(config, rngs=r, dense=True),
+                                               n_dense, rngs)
         self.norm = common.RMSNorm(config.hidden_size, config.rms_norm_eps, config.compute_dtype)
         if not config.tie_word_embeddings:
             self.head = common.Head(config.vocab_size, config.hidden_size, rngs=rngs)
@@ -316,9 +340,26 @@ class MoE(CausalLM):
     def final_norm(self, x):
         return self.norm(x)
 
+    def segments(self):
+        """Runs of sparse and dense layers in HF order: ((stack, (start, stop)), ...)."""
+        dense = set(self.config.dense_layers)
+        if not dense:
+            return super().segments()
+        runs, used = [], {False: 0, True: 0}
+        for i in range(self.config.num_hidden_layers):
+            kind = i in dense
+            if runs and runs[-1][0] == kind:
+                runs[-1][2] += 1
+            else:
+                runs.append([kind, used[kind], 1])
+            used[kind] += 1
+        return tuple((self.dense_layers if kind else self.layers, (start, start + n))
+                     for kind, start, n in runs)
+
     def layer_extras(self, block):
-        """The block's router logits (N, E), taken out of the scan."""
-        return block.mlp.router_logits.get_value()
+        """The block's router logits (N, E), taken out of the scan (None: a dense layer)."""
+        logits = getattr(block.mlp, "router_logits", None)
+        return None if logits is None else logits.get_value()
 
     def keep_extras(self, extras, mask):
         """(router logits (layers, N, E), the real queries (N,)) of this pass, for aux_loss."""

@@ -2,8 +2,9 @@
 model_types qwen3_moe, mixtral and olmoe, the HF tensor-name table (one HF tensor per expert, as
 the checkpoints store them) and the sharding rules.
 
-Not implemented, and an error naming the field: Qwen3-MoE's dense layers among the sparse ones
-(``mlp_only_layers``, ``decoder_sparse_step`` > 1), shared experts, OLMoE's ``clip_qkv``, another
+Qwen3-MoE's dense layers among the sparse ones (``mlp_only_layers``, ``decoder_sparse_step``) are
+a second stack, ``dense_layers``, whose HF layer indices the name table carries. Not
+implemented, and an error naming the field: shared experts, OLMoE's ``clip_qkv``, another
 activation or rope type.
 """
 
@@ -22,17 +23,19 @@ SPARSE = {"qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
           "olmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
           "mixtral": ("block_sparse_moe", ("w1", "w3", "w2"))}
 
-RULES = (
+RULES = (  # "(dense_)?layers": the sparse layers' stack and the dense layers' one
     (r"embed_tokens\.weight", P(None, "fsdp")),
     (r"head\.weight", P(None, "fsdp")),
-    (r"layers\.self_attn\.(q|k|v)_proj\.weight", P(None, "fsdp", "tensor")),
-    (r"layers\.self_attn\.(q|k|v)_proj\.bias", P(None, "tensor")),
-    (r"layers\.self_attn\.o_proj\.weight", P(None, "tensor", "fsdp")),
+    (r"(dense_)?layers\.self_attn\.(q|k|v)_proj\.weight", P(None, "fsdp", "tensor")),
+    (r"(dense_)?layers\.self_attn\.(q|k|v)_proj\.bias", P(None, "tensor")),
+    (r"(dense_)?layers\.self_attn\.o_proj\.weight", P(None, "tensor", "fsdp")),
     (r"layers\.mlp\.gate\.weight", P(None, "fsdp", None)),
     (r"layers\.mlp\.experts\.(gate|up)_proj", P(None, "expert", "fsdp", "tensor")),
     (r"layers\.mlp\.experts\.down_proj", P(None, "expert", "tensor", "fsdp")),
-    (r"(layers\.)?(input_layernorm|post_attention_layernorm|norm|self_attn\.(q|k)_norm)"
-     r"\.weight|layers\.self_attn\.o_proj\.bias", P()),
+    (r"dense_layers\.mlp\.(gate|up)_proj\.weight", P(None, "fsdp", "tensor")),
+    (r"dense_layers\.mlp\.down_proj\.weight", P(None, "tensor", "fsdp")),
+    (r"((dense_)?layers\.)?(input_layernorm|post_attention_layernorm|norm|"
+     r"self_attn\.(q|k)_norm)\.weight|(dense_)?layers\.self_attn\.o_proj\.bias", P()),
 )
 
 
@@ -40,9 +43,13 @@ def config_from_hf(hf: dict, **compute) -> MoEConfig:
     model_type = hf.get("model_type", "qwen3_moe")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (SwiGLU experts)")
-    if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
-        raise ValueError("mlp_only_layers / decoder_sparse_step > 1 (dense layers among the "
-                         "sparse ones) are not supported yet")
+    n_layers = hf.get("num_hidden_layers", 32)
+    step = hf.get("decoder_sparse_step", 1) or 1
+    dense = tuple(i for i in range(n_layers)
+                  if i in (hf.get("mlp_only_layers") or ()) or (i + 1) % step)
+    if dense and model_type != "qwen3_moe":
+        raise ValueError(f"mlp_only_layers / decoder_sparse_step are Qwen3-MoE's, not "
+                         f"{model_type}'s")
     if hf.get("shared_expert_intermediate_size"):
         raise ValueError("shared experts (shared_expert_intermediate_size) are not supported")
     if hf.get("clip_qkv") is not None:
@@ -62,7 +69,8 @@ def config_from_hf(hf: dict, **compute) -> MoEConfig:
         num_experts=experts, num_experts_per_tok=hf.get("num_experts_per_tok", 2),
         norm_topk_prob=(True if model_type == "mixtral"
                         else bool(hf.get("norm_topk_prob", model_type == "qwen3_moe"))),
-        num_hidden_layers=hf.get("num_hidden_layers", 32), num_attention_heads=heads,
+        dense_layers=dense, dense_intermediate_size=hf.get("intermediate_size", 0) if dense else 0,
+        num_hidden_layers=n_layers, num_attention_heads=heads,
         num_key_value_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf.get("hidden_size", 4096) // heads,
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
@@ -102,25 +110,33 @@ def config_to_hf(cfg: MoEConfig) -> dict:
         out["moe_intermediate_size" if cfg.model_type == "qwen3_moe"
             else "intermediate_size"] = cfg.moe_intermediate_size
     if cfg.model_type == "qwen3_moe":
-        out.update(decoder_sparse_step=1, mlp_only_layers=[])
+        out.update(decoder_sparse_step=1, mlp_only_layers=list(cfg.dense_layers))
+        if cfg.dense_layers:
+            out["intermediate_size"] = cfg.dense_intermediate_size
     return out
 
 
 def hf_tensors(cfg: MoEConfig) -> list[HFTensor]:
     where, names = SPARSE[cfg.model_type]
+    dense = tuple(cfg.dense_layers) if cfg.dense_layers else None  # None: every layer sparse
+    sparse = (tuple(i for i in range(cfg.num_hidden_layers) if i not in cfg.dense_layers)
+              if dense else None)
     table = []
     for name in flatten(common.params_of(common.abstract(MoE, cfg))):
         if name == "head.weight":
             table.append(HFTensor(name, "lm_head.weight"))
         elif name == "layers.mlp.gate.weight":
-            table.append(HFTensor(name, f"model.layers.{{i}}.{where}.gate.weight", transpose=True))
+            table.append(HFTensor(name, f"model.layers.{{i}}.{where}.gate.weight", transpose=True,
+                                  layers=sparse))
         elif name.startswith("layers.mlp.experts."):
             hf = names[("gate_proj", "up_proj", "down_proj").index(name.rsplit(".", 1)[1])]
             table.append(HFTensor(name, f"model.layers.{{i}}.{where}.experts.{{j}}.{hf}.weight",
-                                  transpose=True, experts=cfg.num_experts))
-        elif name.startswith("layers."):
-            table.append(HFTensor(name, f"model.layers.{{i}}.{name[7:]}",
-                                  transpose=name.endswith("_proj.weight")))
+                                  transpose=True, experts=cfg.num_experts, layers=sparse))
+        elif name.startswith(("layers.", "dense_layers.")):
+            stack, rest = name.split(".", 1)
+            table.append(HFTensor(name, f"model.layers.{{i}}.{rest}",
+                                  transpose=name.endswith("_proj.weight"),
+                                  layers=dense if stack == "dense_layers" else sparse))
         else:
             table.append(HFTensor(name, f"model.{name}"))
     return table
@@ -130,5 +146,5 @@ FAMILY = Family(
     name="moe", model_types=tuple(ARCHITECTURES), config_cls=MoEConfig, model_cls=MoE,
     config_from_hf=config_from_hf, config_to_hf=config_to_hf, hf_tensors=hf_tensors,
     hf_ignored=(r"lm_head\.weight",), rules=RULES,
-    lora_target=r"layers\.self_attn\.(q|k|v|o)_proj",
+    lora_target=r"(dense_)?layers\.self_attn\.(q|k|v|o)_proj",
 )
