@@ -6,6 +6,8 @@
     python bench/memory.py --model qwen3-0.6b --dtype bfloat16 --remat         # Llama family
     python bench/memory.py --model llama-3.2-1b --mesh 1,8,1 --devices 8 --remat
     python bench/memory.py --model gemma-3-1b --dtype bfloat16 --remat --seq 8192 --pairs 1
+    python bench/memory.py --model qwen3-0.6b --mesh 1,1,1,1,8 --devices 8 --pairs 1 \
+        --seq 32768 --dtype bfloat16 --ref-dtype bfloat16 --remat --lora-rank 16   # context 8
     python bench/memory.py --model qwen3-30b-a3b --mesh 1,8,1,8 --devices 64 --pairs 64 \
         --seq 1024 --dtype bfloat16 --ref-dtype bfloat16 --remat --lora-rank 16
 
@@ -86,7 +88,7 @@ def parse():
     ap.add_argument("--model", default="gpt2", choices=PRESETS)
     ap.add_argument("--pairs", type=int, default=8, help="pairs per step (global)")
     ap.add_argument("--seq", type=int, default=512, help="tokens per sequence")
-    ap.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor[,expert]")
+    ap.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor[,expert[,context]]")
     ap.add_argument("--devices", type=int, default=0, help="simulate this many CPU devices")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--ref-dtype", default="", help='"" = float32, or bfloat16')
@@ -94,6 +96,7 @@ def parse():
     ap.add_argument("--remat-policy", default="nothing_saveable")
     ap.add_argument("--compare-remat", action="store_true", help="report remat off and on")
     ap.add_argument("--chunk", type=int, default=1024, help="LM-head chunk (positions)")
+    ap.add_argument("--lora-only", action="store_true", help="with --lora-rank: skip full tuning")
     ap.add_argument("--lora-rank", type=int, default=0,
                     help="> 0: LoRA adapters (attention + MLP) on a frozen base, which is also "
                          "the reference; also reports full fine-tuning for comparison")
@@ -116,7 +119,8 @@ def main():
     from dpo_jax.models import common
 
     sizes = [int(x) for x in a.mesh.split(",")]
-    mesh = sharding.make_mesh(*sizes[:3], expert=sizes[3] if len(sizes) > 3 else 1)
+    mesh = sharding.make_mesh(*sizes[:3], expert=sizes[3] if len(sizes) > 3 else 1,
+                              context=sizes[4] if len(sizes) > 4 else 1)
     model_cls, base = model_config(a.model, dtype=a.dtype, remat=a.remat,
                                    remat_policy=a.remat_policy,
                                    mesh_axes=sharding.mesh_axes(mesh))
@@ -135,6 +139,7 @@ def main():
     rows = []
     cases = [(r, 0) for r in ([False, True] if a.compare_remat else [a.remat])]
     if a.lora_rank:
+        cases = [] if a.lora_only else cases
         cases += [(a.remat, a.lora_rank)]
     for remat, rank in cases:
         cfg = dataclasses.replace(base, remat=remat)
@@ -163,7 +168,7 @@ def main():
         frozen_in = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, ref_dt, sharding=sh),
                                  params, named)
         rows_ = 2 * a.pairs
-        batch = {k: jax.ShapeDtypeStruct((1, rows_, a.seq), jnp.int32,
+        batch = {k: jax.ShapeDtypeStruct((1, rows_, a.seq), jnp.int32,  # seq: a multiple of context
                                          sharding=sharding.batch_sharding(mesh, 3))
                  for k in ("input_ids", "attention_mask", "loss_mask", "tail_mask")}
         batch["valid"] = jax.ShapeDtypeStruct((1, a.pairs), jnp.float32,

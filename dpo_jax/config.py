@@ -94,7 +94,7 @@ def _per_device(key: str):
             raise ConfigError(f"config key per_device_{key} (TRL's name) needs the device count, "
                               f"which a multi-host run knows only later: set {key} (pairs per "
                               "micro-batch over all devices and processes) instead")
-        sizes = [c.mesh_data, c.mesh_fsdp, c.mesh_expert, c.mesh_tensor]  # as make_mesh does
+        sizes = [c.mesh_data, c.mesh_fsdp, c.mesh_expert, c.mesh_context, c.mesh_tensor]
         if -1 in sizes:
             known = [s for s in sizes if s != -1]
             sizes[sizes.index(-1)] = jax.device_count() // max(1, math.prod(known))

@@ -1,10 +1,11 @@
 """Device mesh, parameter sharding rules and batch sharding: what ``pjit`` did, with ``jax.jit``.
 
-The mesh has four axes:
+The mesh has five axes:
   data    pure data parallelism: params replicated, batch split
   fsdp    data parallelism with params (and optimizer state) split too, gathered per use
   expert  expert parallelism (a mixture of experts): each device holds its share of the experts;
           for everything else it is one more data-parallel axis (the batch is split over it)
+  context context parallelism: each row's positions split (long pairs); params replicated
   tensor  Megatron tensor parallelism: attention heads and the MLP's hidden units split
 
 Parameters are placed by one ordered table of (regex on the parameter path, PartitionSpec) that
@@ -31,8 +32,9 @@ from dpo_jax.steps import init_state as make_state
 
 log = logging.getLogger(__name__)
 
-AXES = ("data", "fsdp", "expert", "tensor")
+AXES = ("data", "fsdp", "expert", "context", "tensor")
 BATCH = ("data", "fsdp", "expert")  # the batch axis is split over the data-parallel axes
+KEYS = "mesh_data, mesh_fsdp, mesh_expert, mesh_context, mesh_tensor"  # their config keys
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -45,6 +47,8 @@ class MeshConfig:
     mesh_tensor: int = K.key(1, "tensor-parallel axis (heads and MLP units split)", K.mesh_axis)
     mesh_expert: int = K.key(1, "expert-parallel axis (a mixture of experts' experts split; "
                              "the batch too)", K.mesh_axis)
+    mesh_context: int = K.key(1, "context-parallel axis (each row's positions split: long "
+                              "pairs)", K.mesh_axis)
     distributed: bool = K.key(False, "multi-host: call jax.distributed.initialize() first",
                               K.flag)
     coordinator_address: str = K.key("", "host:port of process 0; \"\" = auto-detect (SLURM, "
@@ -54,9 +58,10 @@ class MeshConfig:
 
     def __post_init__(self):
         K.check_fields(self)
-        if [self.mesh_data, self.mesh_fsdp, self.mesh_tensor, self.mesh_expert].count(-1) > 1:
-            raise ConfigError("config keys mesh_data, mesh_fsdp, mesh_tensor, mesh_expert: at "
-                              "most one may be -1")
+        if [self.mesh_data, self.mesh_fsdp, self.mesh_tensor, self.mesh_expert,
+                self.mesh_context].count(-1) > 1:
+            raise ConfigError("config keys mesh_data, mesh_fsdp, mesh_tensor, mesh_expert, "
+                              "mesh_context: at most one may be -1")
 
 
 class ShardingError(DpoError, ValueError):
@@ -64,23 +69,24 @@ class ShardingError(DpoError, ValueError):
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *,
-              expert: int = 1) -> Mesh:
-    """A (data, fsdp, expert, tensor) mesh; one size may be -1: the devices left over. Sizes
-    whose product is below the device count use the first devices (one device for debugging)."""
+              expert: int = 1, context: int = 1) -> Mesh:
+    """A (data, fsdp, expert, context, tensor) mesh; one size may be -1: the devices left over.
+    Sizes whose product is below the device count use the first devices (one device for
+    debugging)."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, expert, tensor]
+    sizes = [data, fsdp, expert, context, tensor]
     if sizes.count(-1) > 1:
-        raise ShardingError(f"mesh (data, fsdp, expert, tensor)={tuple(sizes)}: at most one -1")
+        raise ShardingError(f"mesh {AXES}={tuple(sizes)}: at most one -1")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if len(devices) % known:
-            raise ShardingError(f"mesh {tuple(sizes)}: {len(devices)} devices do not divide by "
-                                f"{known}")
+            raise ShardingError(f"mesh {AXES}={tuple(sizes)}: {len(devices)} devices do not "
+                                f"divide by {known} (config keys {KEYS})")
         sizes[sizes.index(-1)] = len(devices) // known
     n = int(np.prod(sizes))
     if any(s < 1 for s in sizes) or n > len(devices):
-        raise ShardingError(f"mesh (data, fsdp, expert, tensor)={tuple(sizes)} needs {n} "
-                            f"devices; there are {len(devices)}")
+        raise ShardingError(f"mesh {AXES}={tuple(sizes)} needs {n} devices; there are "
+                            f"{len(devices)} (config keys {KEYS})")
     if n < len(devices):
         log.info("mesh %s uses %d of the %d devices", tuple(sizes), n, len(devices))
     return Mesh(np.asarray(devices[:n]).reshape(sizes), AXES)

@@ -50,7 +50,7 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None,
 
     cfg = config if isinstance(config, configs.Config) else configs.build(config)
     mesh = sharding.make_mesh(cfg.mesh.mesh_data, cfg.mesh.mesh_fsdp, cfg.mesh.mesh_tensor,
-                              expert=cfg.mesh.mesh_expert)
+                              expert=cfg.mesh.mesh_expert, context=cfg.mesh.mesh_context)
     n_proc, proc = jax.process_count(), jax.process_index()
     _check_processes(cfg, n_proc)
     tokenizer = hub.load_tokenizer(cfg.model.tokenizer_name_or_path

@@ -191,10 +191,17 @@ def test_hub_configs_fail_at_once_offline(config, tmp_path):
     import sys
     import time
     from trainutil import CLI_ENV, REPO
+    run = lambda *extra: subprocess.run(
+        [sys.executable, "train.py", "--config", config, "--workdir", str(tmp_path / "wd"),
+         *extra], cwd=REPO, capture_output=True, text=True,
+        env={**CLI_ENV, "HF_HUB_OFFLINE": "1"}, timeout=120)
     t0 = time.time()
-    r = subprocess.run([sys.executable, "train.py", "--config", config, "--workdir",
-                        str(tmp_path / "wd")], cwd=REPO, capture_output=True, text=True,
-                       env={**CLI_ENV, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    # a pod config's mesh (Qwen3-MoE's expert axis of 8) first needs its devices
+    r = run(*(["--config.mesh_expert=1"] if config == "configs/qwen3_moe.py" else []))
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "cannot be reached (offline)" in r.stderr.splitlines()[-1]
     assert time.time() - t0 < 30
+    if config == "configs/qwen3_moe.py":
+        r = run()
+        assert "needs 8 devices" in r.stderr or "do not divide by 8" in r.stderr, r.stderr
+        assert "config keys mesh_data" in r.stderr.splitlines()[-1]

@@ -45,13 +45,14 @@ class PairBatches:
                  layout: str | layouts.Layout = "pair", completion_window: int = 0,
                  source: str = "the data", batch_key: str = "batch_size",
                  epochs: int | None = 1, pack_rows: int = 0, balance: int = 0,
-                 budget: bool = False):
+                 budget: bool = False, length_multiple: int = 1):
         """``source`` and ``batch_key`` only name the data and the config key in errors. A
         packed layout is sized here for the first ``epochs`` epochs (see ``fit_packing``; None
         leaves that to the caller). ``balance`` > 0 regroups each window of that many shuffled
         batches so that their token totals are even (``balanced``). ``budget`` (packed layouts)
         fills each batch's ``pack_rows`` rows with as many pairs as fit, at most 2 x
-        ``batch_size`` (see ``fit_budget``)."""
+        ``batch_size`` (see ``fit_budget``). Row lengths are rounded up to ``length_multiple``
+        (the context axis a row's positions are split over), with padding."""
         self.source, self.batch_key = source, batch_key
         if isinstance(layout, str):
             layout = layouts.make(layout, completion_window)
@@ -66,7 +67,8 @@ class PairBatches:
         max_length = layout.row_length(max_length)
         self.lengths = np.array([layout.pair_tokens(len(p), len(c), len(r)) for p, c, r in
                                  zip(pairs.prompt, pairs.chosen, pairs.rejected)], np.int64)
-        self.buckets = bucket_lengths(max_length, buckets)
+        m = length_multiple
+        self.buckets = tuple(sorted({-(-b // m) * m for b in bucket_lengths(max_length, buckets)}))
         if self.lengths.max() > max_length:
             raise DataError(f"{source}: a pair needs {self.lengths.max()} tokens > the row length "
                             f"{max_length} (config key max_length)")

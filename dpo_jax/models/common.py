@@ -66,6 +66,26 @@ class ComputeOptions:
         return dict(self.mesh_axes).get(axis, 1)
 
 
+
+# the mesh axes a batch's rows are split over (sharding.BATCH), and then its positions
+ROWS, POSITIONS = ("data", "fsdp", "expert"), "context"
+
+
+def split_positions(x, mesh_axes, *, heads: bool = False, gathered: bool = False):
+    """Activations (B, T, ...) pinned to rows over the data-parallel axes and positions over
+    the context axis, where the model is traced for a mesh with one (context parallelism: each
+    device holds its share of every row's positions); as they are without one. ``heads``: x is
+    (B, T, heads, D), its heads over ``tensor``; ``gathered``: every position on every device
+    (the keys and values a device's queries attend to)."""
+    axes = dict(mesh_axes)
+    if axes.get(POSITIONS, 1) == 1:
+        return x
+    mesh = jax.sharding.AbstractMesh(tuple(axes.values()), tuple(axes))
+    rest = ("tensor", None) if heads else (None,) * (x.ndim - 2)
+    spec = jax.sharding.PartitionSpec(ROWS, None if gathered else POSITIONS, *rest)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+
+
 class HFLayout:
     """The model contract's sizes for a config spelled as HF's Llama-style config.json
     (``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``,
@@ -235,13 +255,22 @@ def decode_mask(key_mask_bs, t: int, index):
 
 
 def attention(q, k, v, mask, *, scale: float, implementation: str = "xla", kv=None,
-              index=None, softcap: float | None = None, window: int | None = None):
+              index=None, softcap: float | None = None, window: int | None = None,
+              mesh_axes: tuple = ()):
     """The one place attention runs, for every family and layout (``models/attention.py``):
     ``mask`` is an ``attention.Mask`` or a dense (B, T, S) boolean array. With ``kv``, a (k, v)
     cache of (B, S, K, D) arrays, the new keys and values are written at ``index`` and attention
     runs over the whole cache (with XLA: one query at a time gains nothing from a kernel).
     ``softcap``: soft-capped attention logits (Gemma 2); ``window``: splash's local window.
+    ``mesh_axes``: the mesh the model is traced for; with a context axis, each device's queries
+    attend to the keys and values of the whole row, gathered (``split_positions``).
     Returns (output (B, T, H, D), the updated cache or None)."""
+    if kv is None and dict(mesh_axes).get(POSITIONS, 1) > 1:
+        q = split_positions(q, mesh_axes, heads=True)
+        k, v = (split_positions(a, mesh_axes, heads=True, gathered=True) for a in (k, v))
+        y = attention_lib.attend(q, k, v, mask, scale=scale, implementation=implementation,
+                                 softcap=softcap, window=window)
+        return split_positions(y, mesh_axes, heads=True), None
     if kv is not None:
         at = (0, index, 0, 0)
         kv = (jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), at),

@@ -92,8 +92,10 @@ class CausalLM(nnx.Module):
             mine = lambda xs: tuple(xs if part is None else (a[at:at + size] for a in xs))
             if cache is None:
                 x, ys = common.scan_stack(
-                    stack, x,
-                    lambda blk, x, *xs: (blk(x, mask, context, xs)[0], self.layer_extras(blk)),
+                    stack, common.split_positions(x, c.mesh_axes),
+                    lambda blk, x, *xs: (blk(common.split_positions(x, c.mesh_axes), mask,
+                                             context, xs)[0],
+                                         self.layer_extras(blk)),
                     mine(per_layer), remat=c.remat, remat_policy=c.remat_policy, layers=part)
                 extras += [ys] if ys is not None else []
             else:

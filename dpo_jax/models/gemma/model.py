@@ -144,7 +144,7 @@ class Attention(nnx.Module):
         self.scale = float(cfg.query_pre_attn_scalar) ** -0.5
         self.softcap = cfg.attn_logit_softcapping
         self.windowed, self.window = cfg.windowed, cfg.sliding_window
-        self.implementation = cfg.attention
+        self.implementation, self.mesh_axes = cfg.attention, cfg.mesh_axes
 
     def __call__(self, x, masks, context, per_layer, kv=None, index=None):
         (local,) = per_layer
@@ -158,7 +158,7 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         run = functools.partial(common.attention, scale=self.scale, kv=kv, index=index,
-                                softcap=self.softcap)
+                                softcap=self.softcap, mesh_axes=self.mesh_axes)
         if not self.windowed:
             y, kv = run(q, k, v, masks, implementation=self.implementation)
         elif self.implementation == "splash" and kv is None:  # the kernel's own local mask

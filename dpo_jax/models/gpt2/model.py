@@ -109,7 +109,7 @@ class Attention(nnx.Module):
         self.n_head = cfg.n_head
         self.scale = 1.0 / math.sqrt(cfg.n_embd // cfg.n_head) if cfg.scale_attn_weights else 1.0
         self.by_layer = cfg.scale_attn_by_inverse_layer_idx
-        self.implementation = cfg.attention
+        self.implementation, self.mesh_axes = cfg.attention, cfg.mesh_axes
 
     def __call__(self, x_btc, mask_bts, context, per_layer, kv=None, index=None):
         """mask_bts: (B, T, S) True where query t may attend to key s. per_layer: (this layer's
@@ -123,7 +123,8 @@ class Attention(nnx.Module):
         if self.by_layer:  # GPT-2 variant option: scale by 1 / (layer_idx + 1) as well
             q = q / (layer_idx + 1).astype(q.dtype)
         y, kv = common.attention(q, k, v, mask_bts, scale=self.scale,
-                                 implementation=self.implementation, kv=kv, index=index)
+                                 implementation=self.implementation, kv=kv, index=index,
+                                 mesh_axes=self.mesh_axes)
         return self.c_proj(y.reshape(b, t, c)), kv
 
 

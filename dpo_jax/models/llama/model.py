@@ -165,7 +165,7 @@ class Attention(nnx.Module):
             self.k_norm = common.RMSNorm(d, cfg.rms_norm_eps, dt)
         self.qk_norm = cfg.qk_norm
         self.heads, self.kv_heads, self.head_dim = h, k, d
-        self.implementation = cfg.attention
+        self.implementation, self.mesh_axes = cfg.attention, cfg.mesh_axes
 
     def queries_keys(self, x):
         """q (B, T, H, D) and k (B, T, K, D) before RoPE: projected, split into heads, and
@@ -185,7 +185,8 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y, kv = common.attention(q, k, v, mask_bts, scale=self.head_dim ** -0.5,
-                                 implementation=self.implementation, kv=kv, index=index)
+                                 implementation=self.implementation, kv=kv, index=index,
+                                 mesh_axes=self.mesh_axes)
         return self.o_proj(y.reshape(b, t, self.heads * self.head_dim)), kv
 
 

@@ -232,7 +232,8 @@ def dispatch(x, weights, experts, weight_mats, first: int = 0, kernel: str = "ra
 def expert_parallel(mesh_axes, x, weights, experts, weight_mats, kernel: str = "ragged_dot"):
     """``dispatch`` with the experts split over the mesh's ``expert`` axis (``shard_map``).
 
-    The tokens are split over (data, fsdp, expert) as the batch is. Each device gathers the
+    The tokens are split over (data, fsdp, expert) as the batch is (and over context when
+    rows' positions are). Each device gathers the
     tokens of its expert group (all-gather over ``expert``), runs the choices routed to its own
     experts, and the partial sums go back to the tokens' devices (reduce-scatter over
     ``expert``; a sum over ``tensor`` where the experts' hidden units are split). The experts'
@@ -243,7 +244,8 @@ def expert_parallel(mesh_axes, x, weights, experts, weight_mats, kernel: str = "
     more for Mixtral's top-2, and no worst-case receive buffer to size."""
     mesh = jax.sharding.AbstractMesh(tuple(s for _, s in mesh_axes),
                                      tuple(n for n, _ in mesh_axes))
-    batch = P(("data", "fsdp", "expert"), None)
+    # the tokens (B T, C) of rows split over the data-parallel axes, positions over context
+    batch = P(tuple(a for a in (*common.ROWS, common.POSITIONS) if a in mesh.axis_names), None)
     in_out, out_in = P("expert", "fsdp", "tensor"), P("expert", "tensor", "fsdp")
 
     def local(x, weights, experts, gate, up, down):
