@@ -268,8 +268,9 @@ PACKING = ("none", "exact", "balanced", "budget")
 class LayoutConfig:
     """layout and log-probs (dpo_jax/layouts.py, dpo_jax/logprobs.py)"""
 
-    logprob_chunk_size: int = K.key(1024, "positions per LM-head chunk; 0 = whole batch at once",
-                                    K.integer(0))
+    logprob_chunk_size: int = K.key(-1, "positions per LM-head chunk; -1 = from the vocab (its "
+                                    "float32 logits <= 256 MiB); 0 = whole batch at once",
+                                    K.integer(-1))
     completion_only_head: bool = K.key(True, "LM head only where completions are scored (needs "
                                        "the cap)", K.flag)
     layout: str = K.key("pair", "\"pair\": 2 rows per pair; \"prefix_sharing\": 1 row, prompt "

@@ -24,6 +24,18 @@ from flax import nnx
 # Positions per chunk of the LM head. At GPT-2's vocabulary one chunk of float32 logits is
 # 1024 * 50257 * 4 bytes = 206 MB. 0 turns chunking off.
 DEFAULT_CHUNK_SIZE = 1024
+CHUNK_BYTES = 1 << 28  # the automatic chunk's float32 logits stay within 256 MiB
+
+
+def chunk_positions(key: int, vocab_size: int) -> int:
+    """Config key ``logprob_chunk_size``: as set (0: no chunks), or -1, chosen from the vocab:
+    the most positions, a power of two in [64, 1024], whose float32 logits fit CHUNK_BYTES
+    (1024 at GPT-2's 50k vocab, 512 at Llama 3's 128k, 256 at Qwen3's 152k and Gemma 3's
+    262k)."""
+    if key >= 0:
+        return key
+    fit = max(1, CHUNK_BYTES // (4 * vocab_size))
+    return int(min(1024, max(64, 1 << (fit.bit_length() - 1))))
 
 
 # Per-token statistics of the policy computed in the same chunked pass as the log-probs, for

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from dpo_jax import checkpoint, config as configs, data, goodput, layouts, tuning as tunings
+from dpo_jax import checkpoint, config as configs, data, goodput, layouts, logprobs
+from dpo_jax import tuning as tunings
 from dpo_jax.errors import DpoError
 from dpo_jax.interrupts import Interrupts
 from dpo_jax.losses import LossConfig
@@ -69,7 +70,13 @@ class Run:
         return jax.process_count()
 
     def step_kw(self) -> dict:
-        return dict(chunk_size=self.cfg.layout.logprob_chunk_size, pair_blocks=self.n_proc)
+        return dict(chunk_size=self.chunk_size, pair_blocks=self.n_proc)
+
+    @property
+    def chunk_size(self) -> int:
+        """Positions per LM-head chunk (config key logprob_chunk_size, -1 resolved)."""
+        return logprobs.chunk_positions(self.cfg.layout.logprob_chunk_size,
+                                        self.model_cfg.vocab_size)
 
     def next_update(self) -> dict:
         accum = self.cfg.optim.gradient_accumulation_steps
@@ -153,7 +160,7 @@ class Run:
             f"devices: {len(devices)} x {devices[0].platform}, {jax.process_count()} "
             f"process(es); mesh {mesh}",
             f"layout: {self.layout.name}, packing {lay.packing}, attention "
-            f"{self.model_cfg.attention}, LM-head chunks of {lay.logprob_chunk_size}",
+            f"{self.model_cfg.attention}, LM-head chunks of {self.chunk_size} positions",
             f"batches: {opt.train_batch_size} pairs per micro-batch x "
             f"{opt.gradient_accumulation_steps} accumulated = {pairs} pairs per update (all "
             f"devices); {self.total_steps} updates = {self.total_steps / max(per_epoch, 1):.2f} "
