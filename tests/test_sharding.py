@@ -333,6 +333,41 @@ def test_context_parallel_steps_equal_one_device(base, layout, packed, meshes, n
             np.testing.assert_allclose(a, b_, atol=1e-5 if n_steps == 1 else 1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_ring_attention_equals_attention_over_the_whole_row(softcap):
+    """attention.ring over a context axis of 4 (x data 2): grouped-query heads, a causal mask
+    with left padding and a packed-segment block mask, Gemma 2's soft-cap; values and
+    gradients equal XLA attention over the whole row wherever a query attends to something."""
+    from dpo_jax.models import attention
+    rng = np.random.default_rng(0)
+    b, t, h, kh, d = 4, 24, 4, 2, 8
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32) for n in (h, kh, kh))
+    real = np.ones((b, t), bool)
+    real[1, :5] = False  # left padding: queries that attend to nothing
+    causal = np.tril(np.ones((t, t), bool))[None] & real[:, None, :]
+    seg = np.repeat(np.arange(3), 8)
+    causal[2] &= seg[:, None] == seg[None, :]  # three packed units in row 2
+    mask = jnp.asarray(causal)
+    mesh = sharding.make_mesh(2, 1, 1, context=4)
+    axes = sharding.mesh_axes(mesh)
+    place = lambda a: jax.device_put(a, jax.sharding.NamedSharding(mesh, P("data", "context")))
+    ring = jax.jit(lambda q, k, v: attention.ring(q, k, v, mask, scale=0.3, mesh_axes=axes,
+                                                  softcap=softcap))
+    if softcap:
+        whole = lambda q, k, v: attention.attend(q, k, v, mask, scale=0.3, softcap=softcap)
+    else:
+        whole = lambda q, k, v: attention.attend(q, k, v, mask, scale=0.3)
+    attends = np.asarray(causal.any(-1))
+    np.testing.assert_allclose(np.asarray(ring(*map(place, (q, k, v))))[attends],
+                               np.asarray(whole(q, k, v))[attends], atol=1e-5)
+    cot = jnp.asarray(rng.normal(size=(b, t, h, d)) * attends[..., None, None], jnp.float32)
+    g_ring = jax.jit(jax.grad(lambda *a: jnp.sum(ring(*a) * cot), argnums=(0, 1, 2)))(
+        *map(place, (q, k, v)))
+    g_whole = jax.grad(lambda *a: jnp.sum(whole(*a) * cot), argnums=(0, 1, 2))(q, k, v)
+    for a, b_ in zip(g_ring, g_whole):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=1e-5)
+
+
 def test_a_mesh_that_does_not_fit_the_experts_is_a_clear_error():
     with pytest.raises(sharding.ShardingError, match=r"num_experts=4 does not divide over the "
                                                      r"expert axis of size 8 \(config key "

@@ -222,3 +222,57 @@ def resolve(requested: str, *, platform: str, dtype: str, head_dim: int, mask_fo
         return "xla", "XLA attention (config key attention='xla')"
     return "xla", "XLA attention" + (f": {'; '.join(reasons)}" if reasons and
                                      platform != "cpu" else " (the CPU's)")
+
+
+def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None = None):
+    """Ring attention over the mesh's ``context`` axis (Liu et al. 2023): each device keeps its
+    block of queries and passes its block of keys and values around the ring (``ppermute``),
+    folding each arriving block into an online softmax (float32 running max, sum and output),
+    so no device ever holds a row's whole keys or its (queries x keys) logits. ``q`` (B, T, H,
+    D), ``k`` / ``v`` (B, S, K, D) and ``mask`` (a ``Mask`` or (B, T, S)) as ``attend`` takes
+    them, their positions split over ``context`` (rows over the data-parallel axes, heads over
+    ``tensor``). Queries that may attend to nothing (padding) give zeros. Each step is
+    rematerialized in the backward pass, which then keeps one key block per step."""
+    axes = dict(mesh_axes)
+    n = axes["context"]
+    mesh = jax.sharding.AbstractMesh(tuple(axes.values()), tuple(axes))
+    rows = ("data", "fsdp", "expert")
+    heads = jax.sharding.PartitionSpec(rows, "context", "tensor", None)
+    rows_spec = jax.sharding.PartitionSpec(rows, "context", None)
+    dense = as_mask(mask).dense
+
+    def local(q, k, v, mask):
+        b, t, h, d = q.shape
+        kh, s = k.shape[2], k.shape[1]
+        qg = q.reshape(b, t, kh, h // kh, d)
+        me = jax.lax.axis_index("context")
+
+        def step(carry, j):
+            m, l, acc, k, v = carry
+            src = (me - j) % n  # the block of keys this device holds at step j
+            allowed = jax.lax.dynamic_slice_in_dim(mask, src * s, s, axis=2)  # (b, t, s)
+            z = jnp.einsum("btkgd,bskd->bkgts", qg, k,
+                           preferred_element_type=jnp.float32) * jnp.float32(scale)
+            if softcap:
+                z = softcap * jnp.tanh(z / softcap)
+            allowed = allowed[:, None, None]
+            z = jnp.where(allowed, z, -jnp.inf)
+            m_new = jnp.maximum(m, z.max(-1))
+            safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            p = jnp.where(allowed, jnp.exp(z - safe[..., None]), 0.0)
+            fade = jnp.where(jnp.isfinite(m), jnp.exp(m - safe), 0.0)
+            l = l * fade + p.sum(-1)
+            acc = acc * fade[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p, v.astype(jnp.float32))
+            k, v = (jax.lax.ppermute(a, "context", [(x, (x + 1) % n) for x in range(n)])
+                    for a in (k, v))
+            return (m_new, l, acc, k, v), None
+
+        acc0 = jnp.zeros_like(qg, jnp.float32).transpose(0, 2, 3, 1, 4)  # (b, kh, g, t, d),
+        # as varying over the mesh as the queries (shard_map's types of the scan's carry)
+        init = (acc0[..., 0] - jnp.inf, acc0[..., 0], acc0, k, v)
+        (_, l, acc, _, _), _ = jax.lax.scan(jax.checkpoint(step), init, jnp.arange(n))
+        out = acc / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[..., None]  # (b, kh, g, t, d)
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(heads, heads, heads, rows_spec),
+                         out_specs=heads)(q, k, v, dense)

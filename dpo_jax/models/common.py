@@ -69,6 +69,9 @@ class ComputeOptions:
 
 # the mesh axes a batch's rows are split over (sharding.BATCH), and then its positions
 ROWS, POSITIONS = ("data", "fsdp", "expert"), "context"
+# attention over a context axis: "ring" (attention.ring: key blocks passed around, an online
+# softmax) or "all_gather" (every device gathers the row's keys and values)
+CONTEXT_ATTENTION = "ring"
 
 
 def split_positions(x, mesh_axes, *, heads: bool = False, gathered: bool = False):
@@ -266,6 +269,9 @@ def attention(q, k, v, mask, *, scale: float, implementation: str = "xla", kv=No
     attend to the keys and values of the whole row, gathered (``split_positions``).
     Returns (output (B, T, H, D), the updated cache or None)."""
     if kv is None and dict(mesh_axes).get(POSITIONS, 1) > 1:
+        if CONTEXT_ATTENTION == "ring":
+            return attention_lib.ring(q, k, v, mask, scale=scale, mesh_axes=mesh_axes,
+                                      softcap=softcap), None
         q = split_positions(q, mesh_axes, heads=True)
         k, v = (split_positions(a, mesh_axes, heads=True, gathered=True) for a in (k, v))
         y = attention_lib.attend(q, k, v, mask, scale=scale, implementation=implementation,
