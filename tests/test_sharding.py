@@ -283,14 +283,17 @@ CONTEXT_MESHES = [dict(context=2), dict(context=4), dict(context=8),
     (CFG, "pair", False, CONTEXT_MESHES, 12),
     (LLAMA, "prefix_sharing", True, CONTEXT_MESHES[2:], 1),
     (GEMMA, "prefix_sharing", False, CONTEXT_MESHES[:1], 1),
-    (LLAMA, "pair", True, CONTEXT_MESHES[1:2], 1)],
-    ids=["gpt2-pair", "llama-shared-packed", "gemma2-shared", "llama-pair-packed"])
+    (LLAMA, "pair", True, CONTEXT_MESHES[1:2], 1),
+    (MOE, "prefix_sharing", False, [dict(context=2, expert=2, tensor=2)], 1)],
+    ids=["gpt2-pair", "llama-shared-packed", "gemma2-shared", "llama-pair-packed",
+         "moe-shared-experts"])
 def test_context_parallel_steps_equal_one_device(base, layout, packed, meshes, n_steps,
                                                  monkeypatch):
     """Issue 29: each row's positions split over a context axis of 2, 4 and 8 (and context 2 x
     fsdp 2 x tensor 2): rows of 21 positions padded to the axis, packed segments and prefix
     sharing's mask travelling with them; the loss, grad norm and updated params of one device
-    (within 1e-5; after 12 AdamW steps within 1e-4)."""
+    (within 1e-5; after 12 AdamW steps within 1e-4); a mixture of experts with its expert
+    axis beside the context axis too."""
     from dpo_jax import packing
     from dpo_jax.models import common as common_
     split = []
@@ -318,8 +321,9 @@ def test_context_parallel_steps_equal_one_device(base, layout, packed, meshes, n
     one = jax.device_get(one["params"])
     for sizes in meshes:
         fsdp, context = sizes.get("fsdp", 1), sizes["context"]
-        mesh = sharding.make_mesh(1, fsdp, sizes.get("tensor", 1), context=context)
-        steps_ = [batch(context, fsdp, seed=i) for i in range(n_steps)]
+        mesh = sharding.make_mesh(1, fsdp, sizes.get("tensor", 1), context=context,
+                                  expert=sizes.get("expert", 1))
+        steps_ = [batch(context, fsdp * sizes.get("expert", 1), seed=i) for i in range(n_steps)]
         assert steps_[0][1]["input_ids"].shape[-1] % context == 0  # padded to the axis
         split.clear()
         state, ms = run_steps(mesh, params, [b for _, b in steps_], cfg=base,

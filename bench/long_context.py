@@ -1,0 +1,156 @@
+"""The longest pair a per-device memory budget trains, by model shape and context axis (issue 29).
+
+    python bench/long_context.py --model qwen3-0.6b --contexts 1,4,8 \\
+        --lengths 4096,8192,16384,32768,65536 --budgets 16,40,80 --lora-rank 16
+
+For each context axis size N and each row length (ascending), ``bench/memory.py`` compiles the
+DPO train step of one pair (two rows of that many positions) on N simulated CPU devices
+(``--mesh 1,1,1,1,N``: each row's positions split over the context axis, ring attention), bf16
+compute and reference, remat, and reads XLA's memory analysis: per-device step arguments +
+temporaries. Lengths stop growing for an N once the largest budget is exceeded. Printed: the
+table of measured MiB per device, then the longest measured length that fits each budget (GB =
+1e9 bytes), with LoRA (``--lora-rank``) and, unless ``--lora-only``, full fine-tuning. Each point
+is a separate process (the simulated device count is fixed when XLA starts) and compiles
+without running: minutes per point for a 1B model on a small CPU.
+
+    python bench/long_context.py --time --lengths 2048,8192,32768 --contexts 8
+
+``--time`` instead runs real train steps of a small Llama-family model (SmolLM2-135M's width and
+heads, 2 layers, vocab 4096) on one pair of rows of each length, positions split over the
+context axis (N simulated CPU devices), and prints the median step time per token and its ratio
+to the shortest length's: what grows is attention's quadratic part.
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROW = re.compile(r"^\s*(full|LoRA r\d+)\s+\S+\s+(?:[\d.]+\s+){3}\S+(?:\s+\(base\))?\s+"
+                 r"([\d.]+)\s+([\d.]+)\s*$")
+
+
+def measure(model, length, context, lora_rank, lora_only):
+    """{tuning: MiB per device (arguments + temporaries)} of one compiled step."""
+    cmd = [sys.executable, os.path.join(HERE, "memory.py"), "--model", model, "--pairs", "1",
+           "--seq", str(length), "--mesh", f"1,1,1,1,{context}", "--devices", str(context),
+           "--dtype", "bfloat16", "--ref-dtype", "bfloat16", "--remat"]
+    if lora_rank:
+        cmd += ["--lora-rank", str(lora_rank)] + (["--lora-only"] if lora_only else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    found = {}
+    for line in out.splitlines():
+        m = ROW.match(line)
+        if m:
+            found[m.group(1)] = float(m.group(2)) + float(m.group(3))
+    return found
+
+
+def time_steps(lengths, context, steps=3):
+    """Median seconds per train step of a small model at each row length (one pair)."""
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={context}")
+    sys.path.insert(0, os.path.dirname(HERE))
+    import dataclasses
+    import statistics
+    import time
+    import jax
+    import numpy as np
+    import optax
+    from flax import nnx
+    from dpo_jax import data, layouts, sharding, steps as steps_lib
+    from dpo_jax.losses import LossConfig
+    from dpo_jax.models import common
+    from dpo_jax.models.llama import FAMILY, Llama, LlamaConfig
+    from dpo_jax.tuning.full import FullTuning
+    mesh = sharding.make_mesh(1, 1, 1, context=context)
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=576, intermediate_size=1536,
+                      num_hidden_layers=2, num_attention_heads=9, num_key_value_heads=3,
+                      head_dim=64, max_position_embeddings=max(lengths), remat=True,
+                      mesh_axes=sharding.mesh_axes(mesh))
+    graphdef = nnx.graphdef(common.abstract(Llama, cfg))
+    params = nnx.to_pure_dict(nnx.state(Llama(dataclasses.replace(cfg, mesh_axes=()),
+                                              rngs=nnx.Rngs(0)), nnx.Param))
+    opt = optax.adamw(1e-5)
+    out = {}
+    for length in lengths:
+        rng = np.random.default_rng(0)
+        half = length // 2
+        tp = data.TokenizedPairs([rng.integers(0, 4096, half).astype(np.int32)],
+                                 [rng.integers(0, 4096, half).astype(np.int32)],
+                                 [rng.integers(0, 4096, half).astype(np.int32)], {})
+        b = data.PairBatches(tp, batch_size=1, max_length=length, pad_id=0, shuffle=False,
+                             length_multiple=context)
+        batch = data.stack_batches([b.collate(np.arange(1))])
+        state, state_sh = sharding.init_state(mesh, params, opt, FAMILY.rules)
+        batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
+        step = steps_lib.make_train_step(
+            FullTuning(graphdef), layouts.make("pair"), LossConfig(), opt, lambda s: 1e-5,
+            chunk_size=256, in_shardings=(state_sh, state_sh["params"], batch_sh),
+            out_shardings=(state_sh, jax.sharding.NamedSharding(mesh,
+                                                                jax.sharding.PartitionSpec())))
+        ref = sharding.place(params, state_sh["params"])  # the step donates the state
+        times = []
+        for i in range(steps + 1):
+            t = time.perf_counter()
+            state, m = step(state, ref, sharding.shard_batch(mesh, batch))
+            jax.block_until_ready(m)
+            if i:
+                times.append(time.perf_counter() - t)
+        out[length] = statistics.median(times)
+        print(f"{length} tokens / row: {out[length]:.2f} s per step", flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="qwen3-0.6b")
+    ap.add_argument("--contexts", default="1,8")
+    ap.add_argument("--lengths", default="8192,16384,32768,65536")
+    ap.add_argument("--budgets", default="16,40,80", help="per-device GB")
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--lora-only", action="store_true")
+    ap.add_argument("--time", action="store_true", help="time real steps of a small model")
+    ap.add_argument("--steps", type=int, default=3, help="--time: timed steps per length")
+    a = ap.parse_args()
+    if a.time:
+        lengths = sorted(int(x) for x in a.lengths.split(","))
+        n = int(a.contexts.split(",")[-1])
+        t = time_steps(lengths, n, a.steps)
+        print(f"\n| tokens / row | context axis | s per step | us per token | vs {lengths[0]} |")
+        print("|---|---|---|---|---|")
+        per = {k: v / (2 * k) for k, v in t.items()}  # two rows of k positions
+        for k in lengths:
+            print(f"| {k} | {n} | {t[k]:.2f} | {per[k] * 1e6:.1f} | "
+                  f"{per[k] / per[lengths[0]]:.2f}x |")
+        return
+    budgets = [float(b) for b in a.budgets.split(",")]
+    rows = []
+    for n in (int(c) for c in a.contexts.split(",")):
+        for length in sorted(int(x) for x in a.lengths.split(",")):
+            got = measure(a.model, length, n, a.lora_rank, a.lora_only)
+            for tuning, mib in got.items():
+                rows.append((tuning, n, length, mib))
+                print(f"{a.model} {tuning}: context {n}, {length} tokens / row: "
+                      f"{mib:.0f} MiB per device", flush=True)
+            if min(got.values()) * 2**20 > max(budgets) * 1e9:
+                break
+    print(f"\n| tuning | context axis | tokens / row | MiB per device |\n|---|---|---|---|")
+    for tuning, n, length, mib in rows:
+        print(f"| {tuning} | {n} | {length} | {mib:.0f} |")
+    print(f"\n| tuning | context axis | " + " | ".join(f"longest within {b:g} GB"
+                                                     for b in budgets) + " |")
+    print("|---|---|" + "---|" * len(budgets))
+    for tuning in sorted({r[0] for r in rows}):
+        for n in sorted({r[1] for r in rows}):
+            mine = [r for r in rows if r[0] == tuning and r[1] == n]
+            best = [max([r[2] for r in mine if r[3] * 2**20 <= b * 1e9], default=0)
+                    for b in budgets]
+            print(f"| {tuning} | {n} | " + " | ".join(str(x or "-") for x in best) + " |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
