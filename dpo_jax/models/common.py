@@ -66,7 +66,6 @@ class ComputeOptions:
         return dict(self.mesh_axes).get(axis, 1)
 
 
-
 # the mesh axes a batch's rows are split over (sharding.BATCH), and then its positions
 ROWS, POSITIONS = ("data", "fsdp", "expert"), "context"
 # attention over a context axis: "ring" (attention.ring: key blocks passed around, an online
@@ -265,8 +264,9 @@ def attention(q, k, v, mask, *, scale: float, implementation: str = "xla", kv=No
     cache of (B, S, K, D) arrays, the new keys and values are written at ``index`` and attention
     runs over the whole cache (with XLA: one query at a time gains nothing from a kernel).
     ``softcap``: soft-capped attention logits (Gemma 2); ``window``: splash's local window.
-    ``mesh_axes``: the mesh the model is traced for; with a context axis, each device's queries
-    attend to the keys and values of the whole row, gathered (``split_positions``).
+    ``mesh_axes``: the mesh the model is traced for; with a context axis (each row's positions
+    split over it), ring attention (``attention.ring``; CONTEXT_ATTENTION "all_gather": each
+    device's queries against the whole row's keys and values, gathered).
     Returns (output (B, T, H, D), the updated cache or None)."""
     if kv is None and dict(mesh_axes).get(POSITIONS, 1) > 1:
         if CONTEXT_ATTENTION == "ring":

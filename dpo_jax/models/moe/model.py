@@ -233,9 +233,9 @@ def expert_parallel(mesh_axes, x, weights, experts, weight_mats, kernel: str = "
     """``dispatch`` with the experts split over the mesh's ``expert`` axis (``shard_map``).
 
     The tokens are split over (data, fsdp, expert) as the batch is (and over context when
-    rows' positions are). Each device gathers the
-    tokens of its expert group (all-gather over ``expert``), runs the choices routed to its own
-    experts, and the partial sums go back to the tokens' devices (reduce-scatter over
+    rows' positions are). Each device gathers the tokens of its expert group (all-gather over
+    ``expert``), runs the choices routed to its own experts, and the partial sums go back to
+    the tokens' devices (reduce-scatter over
     ``expert``; a sum over ``tensor`` where the experts' hidden units are split). The experts'
     matrices arrive split over ``fsdp`` and are gathered per use, as FSDP does. Dropless and
     exact: every choice is run once, on the device that holds its expert. Against an all-to-all
