@@ -120,6 +120,18 @@ def param_specs(params, rules):
     return jax.tree_util.tree_map_with_path(spec, params)
 
 
+def check_positions_within_processes(mesh: Mesh):
+    """Each process loads its own rows, so the devices a row's positions are split over (the
+    context and tensor axes) must belong to one process."""
+    devices = np.moveaxis(mesh.devices, [AXES.index("context"), AXES.index("tensor")], [-2, -1])
+    groups = devices.reshape(-1, mesh.shape["context"] * mesh.shape["tensor"])
+    if any(len({d.process_index for d in g}) > 1 for g in groups):
+        raise ShardingError(f"mesh_context={mesh.shape['context']} x mesh_tensor="
+                            f"{mesh.shape['tensor']} spans several processes; each process "
+                            "loads its own rows, so these axes must lie within one host (make "
+                            "them smaller than its devices, or use fsdp / data across hosts)")
+
+
 def batch_split(mesh: Mesh) -> int:
     """Into how many parts the batch's rows are split: data x fsdp x expert."""
     return _axis_size(mesh, BATCH)

@@ -53,6 +53,7 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None,
                               expert=cfg.mesh.mesh_expert, context=cfg.mesh.mesh_context)
     n_proc, proc = jax.process_count(), jax.process_index()
     _check_processes(cfg, n_proc)
+    sharding.check_positions_within_processes(mesh)
     tokenizer = hub.load_tokenizer(cfg.model.tokenizer_name_or_path
                                    or cfg.model.model_name_or_path)
     model_cfg, params = hf.initial_model(cfg.model, tokenizer, mesh, seed=cfg.run.seed)
