@@ -28,12 +28,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dpo_jax import keys as K
 from dpo_jax.errors import ConfigError, DpoError
+from dpo_jax.models import mesh as model_mesh
 from dpo_jax.steps import init_state as make_state
 
 log = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp", "expert", "context", "tensor")
-BATCH = ("data", "fsdp", "expert")  # the batch axis is split over the data-parallel axes
+BATCH = model_mesh.ROWS  # the batch axis is split over the data-parallel axes
 KEYS = "mesh_data, mesh_fsdp, mesh_expert, mesh_context, mesh_tensor"  # their config keys
 
 @dataclasses.dataclass(frozen=True)

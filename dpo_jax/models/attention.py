@@ -34,6 +34,8 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from dpo_jax.models import mesh as mesh_lib
+
 log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash")
@@ -233,12 +235,9 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
     them, their positions split over ``context`` (rows over the data-parallel axes, heads over
     ``tensor``). Queries that may attend to nothing (padding) give zeros. Each step is
     rematerialized in the backward pass, which then keeps one key block per step."""
-    axes = dict(mesh_axes)
-    n = axes["context"]
-    mesh = jax.sharding.AbstractMesh(tuple(axes.values()), tuple(axes))
-    rows = ("data", "fsdp", "expert")
-    heads = jax.sharding.PartitionSpec(rows, "context", "tensor", None)
-    rows_spec = jax.sharding.PartitionSpec(rows, "context", None)
+    n = mesh_lib.size(mesh_axes, "context")
+    heads = jax.sharding.PartitionSpec(mesh_lib.ROWS, "context", "tensor", None)
+    rows_spec = jax.sharding.PartitionSpec(mesh_lib.ROWS, "context", None)
     dense = as_mask(mask).dense
 
     def local(q, k, v, mask):
@@ -274,5 +273,6 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
         out = acc / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[..., None]  # (b, kh, g, t, d)
         return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(heads, heads, heads, rows_spec),
+    return jax.shard_map(local, mesh=mesh_lib.abstract(mesh_axes),
+                         in_specs=(heads, heads, heads, rows_spec),
                          out_specs=heads)(q, k, v, dense)

@@ -21,6 +21,7 @@ from flax import nnx
 
 from dpo_jax.errors import choice
 from dpo_jax.models import attention as attention_lib
+from dpo_jax.models import mesh as mesh_lib
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,10 @@ class ComputeOptions:
 
     def mesh_size(self, axis: str) -> int:
         """The size of a mesh axis the model is traced for (1 without one)."""
-        return dict(self.mesh_axes).get(axis, 1)
+        return mesh_lib.size(self.mesh_axes, axis)
 
 
-# the mesh axes a batch's rows are split over (sharding.BATCH), and then its positions
-ROWS, POSITIONS = ("data", "fsdp", "expert"), "context"
+ROWS, POSITIONS = mesh_lib.ROWS, mesh_lib.POSITIONS
 # attention over a context axis: "ring" (attention.ring: key blocks passed around, an online
 # softmax) or "all_gather" (every device gathers the row's keys and values)
 CONTEXT_ATTENTION = "ring"
@@ -79,13 +79,12 @@ def split_positions(x, mesh_axes, *, heads: bool = False, gathered: bool = False
     device holds its share of every row's positions); as they are without one. ``heads``: x is
     (B, T, heads, D), its heads over ``tensor``; ``gathered``: every position on every device
     (the keys and values a device's queries attend to)."""
-    axes = dict(mesh_axes)
-    if axes.get(POSITIONS, 1) == 1:
+    if mesh_lib.size(mesh_axes, POSITIONS) == 1:
         return x
-    mesh = jax.sharding.AbstractMesh(tuple(axes.values()), tuple(axes))
     rest = ("tensor", None) if heads else (None,) * (x.ndim - 2)
     spec = jax.sharding.PartitionSpec(ROWS, None if gathered else POSITIONS, *rest)
-    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(
+        x, jax.sharding.NamedSharding(mesh_lib.abstract(mesh_axes), spec))
 
 
 class HFLayout:
@@ -268,7 +267,7 @@ def attention(q, k, v, mask, *, scale: float, implementation: str = "xla", kv=No
     split over it), ring attention (``attention.ring``; CONTEXT_ATTENTION "all_gather": each
     device's queries against the whole row's keys and values, gathered).
     Returns (output (B, T, H, D), the updated cache or None)."""
-    if kv is None and dict(mesh_axes).get(POSITIONS, 1) > 1:
+    if kv is None and mesh_lib.size(mesh_axes, POSITIONS) > 1:
         if CONTEXT_ATTENTION == "ring":
             return attention_lib.ring(q, k, v, mask, scale=scale, mesh_axes=mesh_axes,
                                       softcap=softcap), None

@@ -92,7 +92,7 @@ class CausalLM(nnx.Module):
             mine = lambda xs: tuple(xs if part is None else (a[at:at + size] for a in xs))
             if cache is None:
                 x, ys = common.scan_stack(
-                    stack, common.split_positions(x, c.mesh_axes),
+                    stack, x,
                     lambda blk, x, *xs: (blk(common.split_positions(x, c.mesh_axes), mask,
                                              context, xs)[0],
                                          self.layer_extras(blk)),

@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from dpo_jax.errors import choice
 from dpo_jax.models import common
+from dpo_jax.models import mesh as mesh_lib
 from dpo_jax.models.attention import as_mask
 from dpo_jax.models.llama.model import Attention, rope, rope_inv_freq
 from dpo_jax.models.moe.aux import load_balancing_loss
@@ -242,10 +243,10 @@ def expert_parallel(mesh_axes, x, weights, experts, weight_mats, kernel: str = "
     exchange it sends each token to every device of the group rather than to the ones its k
     experts live on: the same bytes for k >= the expert axis size (Qwen3-MoE's 8 of 128 on 8),
     more for Mixtral's top-2, and no worst-case receive buffer to size."""
-    mesh = jax.sharding.AbstractMesh(tuple(s for _, s in mesh_axes),
-                                     tuple(n for n, _ in mesh_axes))
+    mesh = mesh_lib.abstract(mesh_axes)
     # the tokens (B T, C) of rows split over the data-parallel axes, positions over context
-    batch = P(tuple(a for a in (*common.ROWS, common.POSITIONS) if a in mesh.axis_names), None)
+    batch = P(tuple(a for a in (*mesh_lib.ROWS, mesh_lib.POSITIONS) if a in mesh.axis_names),
+              None)
     in_out, out_in = P("expert", "fsdp", "tensor"), P("expert", "tensor", "fsdp")
 
     def local(x, weights, experts, gate, up, down):
