@@ -32,11 +32,12 @@ ROW = re.compile(r"^\s*(full|LoRA r\d+)\s+\S+\s+(?:[\d.]+\s+){3}\S+(?:\s+\(base\
                  r"([\d.]+)\s+([\d.]+)\s*$")
 
 
-def measure(model, length, context, lora_rank, lora_only):
+def measure(model, length, context, lora_rank, lora_only, attention="ring"):
     """{tuning: MiB per device (arguments + temporaries)} of one compiled step."""
     cmd = [sys.executable, os.path.join(HERE, "memory.py"), "--model", model, "--pairs", "1",
            "--seq", str(length), "--mesh", f"1,1,1,1,{context}", "--devices", str(context),
-           "--dtype", "bfloat16", "--ref-dtype", "bfloat16", "--remat"]
+           "--dtype", "bfloat16", "--ref-dtype", "bfloat16", "--remat",
+           "--context-attention", attention]
     if lora_rank:
         cmd += ["--lora-rank", str(lora_rank)] + (["--lora-only"] if lora_only else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -48,8 +49,9 @@ def measure(model, length, context, lora_rank, lora_only):
     return found
 
 
-def time_steps(lengths, context, steps=3):
-    """Median seconds per train step of a small model at each row length (one pair)."""
+def time_steps(lengths, context, steps=3, orders=("zigzag",)):
+    """Median seconds per train step of a small model at each row length (one pair), per ring
+    order (``common.CONTEXT_ORDER``), the orders' steps interleaved: {(length, order): s}."""
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={context}")
     sys.path.insert(0, os.path.dirname(HERE))
@@ -82,25 +84,35 @@ def time_steps(lengths, context, steps=3):
                                  [rng.integers(0, 4096, half).astype(np.int32)],
                                  [rng.integers(0, 4096, half).astype(np.int32)], {})
         b = data.PairBatches(tp, batch_size=1, max_length=length, pad_id=0, shuffle=False,
-                             length_multiple=context)
+                             length_multiple=sharding.context_multiple(mesh))
         batch = data.stack_batches([b.collate(np.arange(1))])
-        state, state_sh = sharding.init_state(mesh, params, opt, FAMILY.rules)
+        _, state_sh = sharding.init_state(mesh, params, opt, FAMILY.rules)
         batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
-        step = steps_lib.make_train_step(
-            FullTuning(graphdef), layouts.make("pair"), LossConfig(), opt, lambda s: 1e-5,
-            chunk_size=256, in_shardings=(state_sh, state_sh["params"], batch_sh),
-            out_shardings=(state_sh, jax.sharding.NamedSharding(mesh,
-                                                                jax.sharding.PartitionSpec())))
-        ref = sharding.place(params, state_sh["params"])  # the step donates the state
-        times = []
-        for i in range(steps + 1):
-            t = time.perf_counter()
-            state, m = step(state, ref, sharding.shard_batch(mesh, batch))
+        run = {}
+        for order in orders:  # traced and compiled with its order
+            common.CONTEXT_ORDER = order
+            step = steps_lib.make_train_step(
+                FullTuning(graphdef), layouts.make("pair"), LossConfig(), opt, lambda s: 1e-5,
+                chunk_size=256, in_shardings=(state_sh, state_sh["params"], batch_sh),
+                out_shardings=(state_sh, jax.sharding.NamedSharding(
+                    mesh, jax.sharding.PartitionSpec())))
+            state, _ = sharding.init_state(mesh, params, opt, FAMILY.rules)
+            ref = sharding.place(params, state_sh["params"])  # the step donates the state
+            state, m = step(state, ref, sharding.shard_batch(mesh, batch))  # compiles
             jax.block_until_ready(m)
-            if i:
+            run[order] = [step, state, ref, []]
+        for _ in range(steps):
+            for order in orders:
+                step, state, ref, times = run[order]
+                t = time.perf_counter()
+                state, m = step(state, ref, sharding.shard_batch(mesh, batch))
+                jax.block_until_ready(m)
                 times.append(time.perf_counter() - t)
-        out[length] = statistics.median(times)
-        print(f"{length} tokens / row: {out[length]:.2f} s per step", flush=True)
+                run[order][1] = state
+        for order in orders:
+            out[length, order] = statistics.median(run[order][3])
+            print(f"{length} tokens / row, {order} order: {out[length, order]:.2f} s per step",
+                  flush=True)
     return out
 
 
@@ -115,23 +127,32 @@ def main():
     ap.add_argument("--lora-only", action="store_true")
     ap.add_argument("--time", action="store_true", help="time real steps of a small model")
     ap.add_argument("--steps", type=int, default=3, help="--time: timed steps per length")
+    ap.add_argument("--orders", default="zigzag",
+                    help="--time: ring attention's orders to time side by side (zigzag,index)")
+    ap.add_argument("--context-attention", default="ring",
+                    choices=("ring", "ring-index-order", "all-gather"),
+                    help="memory: what attention over the context axis is (bench/memory.py)")
     a = ap.parse_args()
     if a.time:
         lengths = sorted(int(x) for x in a.lengths.split(","))
         n = int(a.contexts.split(",")[-1])
-        t = time_steps(lengths, n, a.steps)
-        print(f"\n| tokens / row | context axis | s per step | us per token | vs {lengths[0]} |")
-        print("|---|---|---|---|---|")
-        per = {k: v / (2 * k) for k, v in t.items()}  # two rows of k positions
+        orders = a.orders.split(",")
+        t = time_steps(lengths, n, a.steps, orders)
+        print(f"\n| tokens / row | context axis | order | s per step | us per token | "
+              f"vs {lengths[0]} | vs {orders[0]} |")
+        print("|---|---|---|---|---|---|---|")
+        per = {k: v / (2 * k[0]) for k, v in t.items()}  # two rows of k positions
         for k in lengths:
-            print(f"| {k} | {n} | {t[k]:.2f} | {per[k] * 1e6:.1f} | "
-                  f"{per[k] / per[lengths[0]]:.2f}x |")
+            for o in orders:
+                print(f"| {k} | {n} | {o} | {t[k, o]:.2f} | {per[k, o] * 1e6:.1f} | "
+                      f"{per[k, o] / per[lengths[0], o]:.2f}x | "
+                      f"{t[k, o] / t[k, orders[0]]:.2f}x |")
         return
     budgets = [float(b) for b in a.budgets.split(",")]
     rows = []
     for n in (int(c) for c in a.contexts.split(",")):
         for length in sorted(int(x) for x in a.lengths.split(",")):
-            got = measure(a.model, length, n, a.lora_rank, a.lora_only)
+            got = measure(a.model, length, n, a.lora_rank, a.lora_only, a.context_attention)
             for tuning, mib in got.items():
                 rows.append((tuning, n, length, mib))
                 print(f"{a.model} {tuning}: context {n}, {length} tokens / row: "

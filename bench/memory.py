@@ -97,6 +97,10 @@ def parse():
     ap.add_argument("--compare-remat", action="store_true", help="report remat off and on")
     ap.add_argument("--chunk", type=int, default=1024, help="LM-head chunk (positions)")
     ap.add_argument("--lora-only", action="store_true", help="with --lora-rank: skip full tuning")
+    ap.add_argument("--context-attention", default="ring",
+                    choices=("ring", "ring-index-order", "all-gather"),
+                    help="over a context axis: ring attention in zig-zag order (the default), "
+                         "in the row's order (no causal skipping), or all-gathered keys")
     ap.add_argument("--lora-rank", type=int, default=0,
                     help="> 0: LoRA adapters (attention + MLP) on a frozen base, which is also "
                          "the reference; also reports full fine-tuning for comparison")
@@ -118,6 +122,8 @@ def main():
     from dpo_jax.tuning.full import FullTuning
     from dpo_jax.models import common
 
+    common.CONTEXT_ATTENTION = "all_gather" if a.context_attention == "all-gather" else "ring"
+    common.CONTEXT_ORDER = "index" if a.context_attention == "ring-index-order" else "zigzag"
     sizes = [int(x) for x in a.mesh.split(",")]
     mesh = sharding.make_mesh(*sizes[:3], expert=sizes[3] if len(sizes) > 3 else 1,
                               context=sizes[4] if len(sizes) > 4 else 1)

@@ -87,7 +87,7 @@ def batches(cfg, tokenizer, layout, train_pairs, eval_pairs, mesh) -> Plan:
     multiple = max(1, sharding.batch_split(mesh) // n_proc)
     kw = dict(max_length=d.max_length, pad_id=pad_id, buckets=d.length_buckets,
               layout=layout, epochs=None, budget=budget,
-              length_multiple=mesh.shape["context"])
+              length_multiple=sharding.context_multiple(mesh))
     train = data.PairBatches(train_pairs, batch_size=opt.train_batch_size // n_proc,
                              seed=cfg.run.seed, source=d.dataset_name,
                              batch_key="train_batch_size",

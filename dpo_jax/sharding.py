@@ -138,6 +138,13 @@ def batch_split(mesh: Mesh) -> int:
     return _axis_size(mesh, BATCH)
 
 
+def context_multiple(mesh: Mesh) -> int:
+    """What a row's length is padded to a multiple of: 2n over a context axis of n (the 2n
+    chunks of ring attention's zig-zag order, ``attention.zigzag``), 1 without one."""
+    n = mesh.shape["context"]
+    return 2 * n if n > 1 else 1
+
+
 def _axis_size(mesh: Mesh, entry) -> int:
     if entry is None:
         return 1

@@ -279,28 +279,31 @@ CONTEXT_MESHES = [dict(context=2), dict(context=4), dict(context=8),
                   dict(context=2, fsdp=2, tensor=2)]
 
 
-@pytest.mark.parametrize("base, layout, packed, meshes, n_steps", [
-    (CFG, "pair", False, CONTEXT_MESHES, 12),
-    (LLAMA, "prefix_sharing", True, CONTEXT_MESHES[2:], 1),
-    (GEMMA, "prefix_sharing", False, CONTEXT_MESHES[:1], 1),
-    (LLAMA, "pair", True, CONTEXT_MESHES[1:2], 1),
-    (MOE, "prefix_sharing", False, [dict(context=2, expert=2, tensor=2)], 1)],
-    ids=["gpt2-pair", "llama-shared-packed", "gemma2-shared", "llama-pair-packed",
+@pytest.mark.parametrize("base, layout, packed, meshes, n_steps, zigzag", [
+    (CFG, "pair", False, CONTEXT_MESHES, 12, True),
+    (LLAMA, "prefix_sharing", True, CONTEXT_MESHES[2:], 1, True),
+    (GEMMA, "prefix_sharing", False, CONTEXT_MESHES[:1], 1, True),
+    (LLAMA, "pair", True, CONTEXT_MESHES[2:3], 1, False),
+    (MOE, "prefix_sharing", False, [dict(context=2, expert=2, tensor=2)], 1, True)],
+    ids=["gpt2-pair", "llama-shared-packed", "gemma2-shared", "llama-pair-packed-index-order",
          "moe-shared-experts"])
-def test_context_parallel_steps_equal_one_device(base, layout, packed, meshes, n_steps,
+def test_context_parallel_steps_equal_one_device(base, layout, packed, meshes, n_steps, zigzag,
                                                  monkeypatch):
     """Issue 29: each row's positions split over a context axis of 2, 4 and 8 (and context 2 x
-    fsdp 2 x tensor 2): rows of 21 positions padded to the axis, packed segments and prefix
-    sharing's mask travelling with them; the loss, grad norm and updated params of one device
-    (within 1e-5; after 12 AdamW steps within 1e-4); a mixture of experts with its expert
-    axis beside the context axis too."""
+    fsdp 2 x tensor 2): rows of 21 positions padded to the axis (to 2n: the layers take them in
+    zig-zag order; to n only: in index order), packed segments and prefix sharing's mask
+    travelling with them; the loss, grad norm and updated params of one device (within 1e-5;
+    after 12 AdamW steps within 1e-4); a mixture of experts with its expert axis beside the
+    context axis too."""
     from dpo_jax import packing
     from dpo_jax.models import common as common_
-    split = []
-    pin = common_.split_positions
+    split, orders = [], []
+    pin, order_of = common_.split_positions, common_.context_order
     monkeypatch.setattr(common_, "split_positions",
                         lambda x, mesh_axes, **kw: split.append(dict(mesh_axes)["context"])
                         or pin(x, mesh_axes, **kw))
+    monkeypatch.setattr(common_, "context_order",
+                        lambda *a: orders.append(order_of(*a)) or orders[-1])
 
     def batch(context=1, rows_split=1, seed=0):
         rng = np.random.default_rng(seed)
@@ -309,7 +312,7 @@ def test_context_parallel_steps_equal_one_device(base, layout, packed, meshes, n
         tp = data.TokenizedPairs(mk(2, 8), mk(2, 10), mk(2, 10), {})
         b = data.PairBatches(tp, batch_size=8, max_length=21, pad_id=0, shuffle=False,
                              layout=packing.make(layout, 10, packed=packed), epochs=None,
-                             length_multiple=context)
+                             length_multiple=context * (2 if zigzag and context > 1 else 1))
         if packed:
             b.fit_packing(1, multiple=rows_split)
         return b.layout, data.stack_batches([b.collate(np.arange(8))])
@@ -325,10 +328,11 @@ def test_context_parallel_steps_equal_one_device(base, layout, packed, meshes, n
                                   expert=sizes.get("expert", 1))
         steps_ = [batch(context, fsdp * sizes.get("expert", 1), seed=i) for i in range(n_steps)]
         assert steps_[0][1]["input_ids"].shape[-1] % context == 0  # padded to the axis
-        split.clear()
+        split.clear(), orders.clear()
         state, ms = run_steps(mesh, params, [b for _, b in steps_], cfg=base,
                               layout=steps_[0][0], n_steps=n_steps)
         assert split and set(split) == {context}  # the positions were pinned to the axis
+        assert orders and {o is not None for o in orders} == {zigzag}, sizes
         np.testing.assert_allclose(ms[0]["loss"], ms_one[0]["loss"], rtol=1e-5, err_msg=sizes)
         np.testing.assert_allclose(ms[0]["grad_norm"], ms_one[0]["grad_norm"], rtol=1e-5)
         np.testing.assert_allclose([m["loss"] for m in ms], [m["loss"] for m in ms_one],
@@ -337,11 +341,13 @@ def test_context_parallel_steps_equal_one_device(base, layout, packed, meshes, n
             np.testing.assert_allclose(a, b_, atol=1e-5 if n_steps == 1 else 1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("softcap", [None, 5.0])
-def test_ring_attention_equals_attention_over_the_whole_row(softcap):
+@pytest.mark.parametrize("softcap, zigzag", [(None, False), (5.0, False), (None, True),
+                                             (5.0, True)])
+def test_ring_attention_equals_attention_over_the_whole_row(softcap, zigzag):
     """attention.ring over a context axis of 4 (x data 2): grouped-query heads, a causal mask
-    with left padding and a packed-segment block mask, Gemma 2's soft-cap; values and
-    gradients equal XLA attention over the whole row wherever a query attends to something."""
+    with left padding and a packed-segment block mask, Gemma 2's soft-cap; the row in index
+    order or in zig-zag order (the causally hidden half blocks skipped); values and gradients
+    equal XLA attention over the whole row wherever a query attends to something."""
     from dpo_jax.models import attention
     rng = np.random.default_rng(0)
     b, t, h, kh, d = 4, 24, 4, 2, 8
@@ -355,8 +361,13 @@ def test_ring_attention_equals_attention_over_the_whole_row(softcap):
     mesh = sharding.make_mesh(2, 1, 1, context=4)
     axes = sharding.mesh_axes(mesh)
     place = lambda a: jax.device_put(a, jax.sharding.NamedSharding(mesh, P("data", "context")))
-    ring = jax.jit(lambda q, k, v: attention.ring(q, k, v, mask, scale=0.3, mesh_axes=axes,
-                                                  softcap=softcap))
+    order = attention.zigzag(t, 4) if zigzag else np.arange(t)
+    back = np.argsort(order)
+    ring_mask = (attention.Mask(mask, causal=True).reordered(order, 4) if zigzag
+                 else attention.Mask(mask))
+    ring = jax.jit(lambda q, k, v: attention.ring(
+        *(a[:, order] for a in (q, k, v)), ring_mask, scale=0.3, mesh_axes=axes,
+        softcap=softcap)[:, back])
     if softcap:
         whole = lambda q, k, v: attention.attend(q, k, v, mask, scale=0.3, softcap=softcap)
     else:

@@ -33,6 +33,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dpo_jax.models import mesh as mesh_lib
 
@@ -49,6 +50,9 @@ class Mask:
     lengths: jax.Array | None = None      # (B,) int32: causal over each row's first n tokens
     segment_ids: jax.Array | None = None  # (B, T) int32: causal within equal ids
     causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    # the order of the positions: 0, as the row has them; n, the zig-zag order over n context
+    # devices (``zigzag``), which lets ring attention skip the blocks the causal mask hides
+    order: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     @classmethod
     def causal_padded(cls, attention_mask_bt) -> "Mask":
@@ -69,7 +73,25 @@ class Mask:
         return cls(dense, segment_ids=segment_ids_bt.astype(jnp.int32), causal=True)
 
     def dense_only(self) -> "Mask":
-        return Mask(self.dense, causal=self.causal)
+        return Mask(self.dense, causal=self.causal, order=self.order)
+
+    def reordered(self, order, n: int) -> "Mask":
+        """This causal mask over the positions taken in ``order`` (queries and keys alike), the
+        zig-zag order over n devices: dense only (the compact forms assume index order)."""
+        assert self.causal and not self.order, "only a causal mask in index order is reordered"
+        return Mask(self.dense[:, order][:, :, order], causal=True, order=n)
+
+
+def zigzag(t: int, n: int) -> np.ndarray | None:
+    """The zig-zag order of a row's t positions over n context devices, as in Llama 3's context
+    parallelism: the row cut into 2n chunks, device i holding chunks i and 2n-1-i, so under a
+    causal mask every device has the same share of the attention work. None where t does not
+    cut into 2n equal chunks (then the row keeps its order)."""
+    if n < 2 or t % (2 * n):
+        return None
+    chunks = np.arange(t).reshape(2 * n, t // (2 * n))
+    return np.concatenate([np.concatenate([chunks[i], chunks[2 * n - 1 - i]])
+                           for i in range(n)])
 
 
 def as_mask(mask) -> Mask:
@@ -234,42 +256,79 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
     D), ``k`` / ``v`` (B, S, K, D) and ``mask`` (a ``Mask`` or (B, T, S)) as ``attend`` takes
     them, their positions split over ``context`` (rows over the data-parallel axes, heads over
     ``tensor``). Queries that may attend to nothing (padding) give zeros. Each step is
-    rematerialized in the backward pass, which then keeps one key block per step."""
+    rematerialized in the backward pass, which then keeps one key block per step.
+
+    A causal mask in zig-zag order (``Mask.order``, see ``zigzag``: device i holds chunks i and
+    2n-1-i of the row) skips what the causal mask hides. Of an earlier device's block only the
+    first chunk of keys can be seen (by both chunks of queries); of a later one's, both chunks
+    of keys, by the second chunk of queries only. So every step folds two (chunk x chunk)
+    pieces: the second query chunk against the first key chunk, and one more picked by the
+    block's source (no branch: the same work on every device at every step), half a block's
+    work; the own block adds the piece of its second chunks. About half the attention of the
+    row's own order, balanced over the devices."""
     n = mesh_lib.size(mesh_axes, "context")
     heads = jax.sharding.PartitionSpec(mesh_lib.ROWS, "context", "tensor", None)
     rows_spec = jax.sharding.PartitionSpec(mesh_lib.ROWS, "context", None)
+    zig = as_mask(mask).order == n
     dense = as_mask(mask).dense
+
+    def fold(state, qg, k, v, allowed):
+        """The online softmax's (max, sum, output) after queries qg (b, t, kh, g, d) meet keys
+        and values (b, s, kh, d) where ``allowed`` (b, t, s)."""
+        m, l, acc = state
+        z = jnp.einsum("btkgd,bskd->bkgts", qg, k,
+                       preferred_element_type=jnp.float32) * jnp.float32(scale)
+        if softcap:
+            z = softcap * jnp.tanh(z / softcap)
+        allowed = allowed[:, None, None]
+        z = jnp.where(allowed, z, -jnp.inf)
+        m_new = jnp.maximum(m, z.max(-1))
+        safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.where(allowed, jnp.exp(z - safe[..., None]), 0.0)
+        fade = jnp.where(jnp.isfinite(m), jnp.exp(m - safe), 0.0)
+        l = l * fade + p.sum(-1)
+        acc = acc * fade[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p, v.astype(jnp.float32))
+        return m_new, l, acc
 
     def local(q, k, v, mask):
         b, t, h, d = q.shape
         kh, s = k.shape[2], k.shape[1]
         qg = q.reshape(b, t, kh, h // kh, d)
         me = jax.lax.axis_index("context")
+        keys_of = lambda src: jax.lax.dynamic_slice_in_dim(mask, src * s, s, axis=2)  # (b, t, s)
+        c = t // 2  # zig-zag: a device's two chunks, queries and keys alike
+        cut = lambda a, at, axis: jax.lax.dynamic_slice_in_dim(a, at, c, axis=axis)
+
+        def fold_chunks(state, qat, k, v, allowed, kat):
+            """``fold`` of query chunk ``qat`` against key chunk ``kat`` (offsets 0 or c)."""
+            part = fold(tuple(cut(a, qat, 3) for a in state), cut(qg, qat, 1),
+                        cut(k, kat, 1), cut(v, kat, 1), cut(cut(allowed, qat, 1), kat, 2))
+            return tuple(jax.lax.dynamic_update_slice_in_dim(a, p, qat, axis=3)
+                         for a, p in zip(state, part))
 
         def step(carry, j):
-            m, l, acc, k, v = carry
+            state, k, v = carry
             src = (me - j) % n  # the block of keys this device holds at step j
-            allowed = jax.lax.dynamic_slice_in_dim(mask, src * s, s, axis=2)  # (b, t, s)
-            z = jnp.einsum("btkgd,bskd->bkgts", qg, k,
-                           preferred_element_type=jnp.float32) * jnp.float32(scale)
-            if softcap:
-                z = softcap * jnp.tanh(z / softcap)
-            allowed = allowed[:, None, None]
-            z = jnp.where(allowed, z, -jnp.inf)
-            m_new = jnp.maximum(m, z.max(-1))
-            safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            p = jnp.where(allowed, jnp.exp(z - safe[..., None]), 0.0)
-            fade = jnp.where(jnp.isfinite(m), jnp.exp(m - safe), 0.0)
-            l = l * fade + p.sum(-1)
-            acc = acc * fade[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p, v.astype(jnp.float32))
+            allowed = keys_of(src)
+            if zig:  # the second query chunk sees the first key chunk of every block; the
+                # first query chunk sees the first key chunk of its own or an earlier device's
+                # block, the second the second key chunk of a later one's
+                state = fold_chunks(state, c, k, v, allowed, 0)
+                at = jnp.where(src <= me, 0, c)
+                state = fold_chunks(state, at, k, v, allowed, at)
+            else:
+                state = fold(state, qg, k, v, allowed)
             k, v = (jax.lax.ppermute(a, "context", [(x, (x + 1) % n) for x in range(n)])
                     for a in (k, v))
-            return (m_new, l, acc, k, v), None
+            return (state, k, v), None
 
         acc0 = jnp.zeros_like(qg, jnp.float32).transpose(0, 2, 3, 1, 4)  # (b, kh, g, t, d),
         # as varying over the mesh as the queries (shard_map's types of the scan's carry)
-        init = (acc0[..., 0] - jnp.inf, acc0[..., 0], acc0, k, v)
-        (_, l, acc, _, _), _ = jax.lax.scan(jax.checkpoint(step), init, jnp.arange(n))
+        state = (acc0[..., 0] - jnp.inf, acc0[..., 0], acc0)
+        if zig:  # its own block's second chunks, the one pair of chunks the steps leave out
+            state = jax.checkpoint(fold_chunks)(state, c, k, v, keys_of(me), c)
+        (state, _, _), _ = jax.lax.scan(jax.checkpoint(step), (state, k, v), jnp.arange(n))
+        _, l, acc = state
         out = acc / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[..., None]  # (b, kh, g, t, d)
         return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
 

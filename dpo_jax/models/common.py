@@ -71,6 +71,27 @@ ROWS, POSITIONS = mesh_lib.ROWS, mesh_lib.POSITIONS
 # attention over a context axis: "ring" (attention.ring: key blocks passed around, an online
 # softmax) or "all_gather" (every device gathers the row's keys and values)
 CONTEXT_ATTENTION = "ring"
+# the order ring attention takes a row's positions in: "zigzag" (balanced, the causally hidden
+# half of each block skipped: context_order) or "index" (every block in full)
+CONTEXT_ORDER = "zigzag"
+
+
+def context_size(mesh_axes) -> int:
+    """The size of the context axis the model is traced for (1 without one)."""
+    return mesh_lib.size(mesh_axes, POSITIONS)
+
+
+def context_order(masks, t: int, mesh_axes):
+    """The order a training pass's layers take a row's t positions in over a context axis: the
+    zig-zag order (``attention.zigzag``) where ring attention can use it (its masks, a ``Mask``
+    or a family's tuple of them, causal and in index order; t cutting into 2n chunks), else
+    None (index order)."""
+    n = context_size(mesh_axes)
+    leaves = masks if isinstance(masks, tuple) else (masks,)
+    if (n < 2 or CONTEXT_ATTENTION != "ring" or CONTEXT_ORDER != "zigzag"
+            or not all(isinstance(m, attention_lib.Mask) and m.causal and not m.order for m in leaves)):
+        return None
+    return attention_lib.zigzag(t, n)
 
 
 def split_positions(x, mesh_axes, *, heads: bool = False, gathered: bool = False):

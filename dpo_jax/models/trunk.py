@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from dpo_jax.models import attention as attention_lib
 from dpo_jax.models import common
 
 
@@ -83,6 +85,12 @@ class CausalLM(nnx.Module):
         c = self.config
         mask = self.layer_masks(mask, position_ids,
                                 position_ids if key_positions is None else key_positions)
+        order = None if cache is not None else common.context_order(mask, input_ids.shape[1],
+                                                                     c.mesh_axes)
+        if order is not None:  # the layers see the row in zig-zag order, the head in its own
+            input_ids, position_ids = input_ids[:, order], position_ids[:, order]
+            mask = jax.tree.map(lambda m: m.reordered(order, common.context_size(c.mesh_axes)),
+                                mask, is_leaf=lambda m: isinstance(m, attention_lib.Mask))
         x = self.embed(input_ids, position_ids)
         context, per_layer = self.block_context(position_ids), self.layer_inputs()
         n = len(per_layer)
@@ -108,6 +116,8 @@ class CausalLM(nnx.Module):
             self.keep_extras(extras[0] if len(extras) == 1 else
                              jax.tree.map(lambda *a: jnp.concatenate(a), *extras)
                              if extras else None, mask)
+            if order is not None:
+                x = x[:, np.argsort(order)]
             return self.final_norm(x), None
         kv = kvs[0] if len(kvs) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *kvs)
         return self.final_norm(x), kv

@@ -169,7 +169,8 @@ class Attention(nnx.Module):
                 lambda: run(q, k, v, glob, implementation="splash"))
         else:  # this layer's dense mask: the sequence's, or its windowed form
             glob, windowed = masks
-            mask = Mask(jnp.where(local, windowed.dense, as_mask(glob).dense), causal=True)
+            mask = dataclasses.replace(windowed, dense=jnp.where(local, windowed.dense,
+                                                                   as_mask(glob).dense))
             y, kv = run(q, k, v, mask, implementation=self.implementation)
         return self.o_proj(y.reshape(b, t, self.heads * self.head_dim)), kv
 
