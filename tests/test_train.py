@@ -107,14 +107,14 @@ KILL_DRIVER = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("config, extra", [  # (plain GPT-2: test_object_store's SIGKILL;
-    ("configs/tiny_llama.py", ["--config.lora_rank=4",     # the Llama family: its LoRA run) "--config.lora_dropout=0.1",
-                               "--config.learning_rate=1e-2"]),
+    ("configs/tiny_llama.py", ["--config.lora_rank=4",     # the Llama family: its QLoRA run) "--config.lora_dropout=0.1",
+                               "--config.quantize_base=nf4", "--config.learning_rate=1e-2"]),
     ("configs/tiny.py", ["--config.lora_rank=4", "--config.use_dora=True",
                          "--config.learning_rate=1e-2"]),
     ("configs/tiny.py", ["--config.sync_ref_model=True", "--config.ref_model_sync_steps=3",
                          "--config.ref_model_mixup_alpha=0.5"]),
     ("configs/tiny_gemma.py", []), ("configs/tiny_moe.py", []),
-], ids=["llama-lora", "gpt2-dora", "gpt2-tr-dpo", "gemma", "moe"])
+], ids=["llama-qlora", "gpt2-dora", "gpt2-tr-dpo", "gemma", "moe"])
 def test_exact_resume_after_sigkill(tmp_path, config, extra):
     driver = tmp_path / "driver.py"
     driver.write_text(KILL_DRIVER)

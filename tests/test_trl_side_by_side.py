@@ -39,6 +39,12 @@ CASES = {
     "weight_decay": ({"weight_decay": 0.1}, {"weight_decay": 0.1}),
     "lora": ({}, {"lora_rank": 4, "lora_alpha": 8.0, "lora_target": r".*\.(q|v)_proj"}),
     "remat": ({"gradient_checkpointing": True}, {"remat": True}),
+    # issue 30: TRL on the base bitsandbytes loads in NF4 (a wider Llama: NF4 blocks of 64
+    # inputs), ours with quantize_base="nf4" on the same checkpoint; plain SGD, so the adapters'
+    # moves are the sums of the (clipped) gradients, compared to 1e-4 of their size
+    "qlora": ({"optim": "sgd", "learning_rate": 0.1},
+              {"lora_rank": 4, "lora_alpha": 8.0, "lora_target": r".*\.(q|v)_proj",
+               "quantize_base": "nf4", "optim": "sgd", "learning_rate": 0.1}),
 }
 
 
@@ -54,6 +60,10 @@ def setup(tmp_path_factory):
         tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     transformers.LlamaForCausalLM(cfg).save_pretrained(root / "base")
+    torch.manual_seed(0)
+    wide = dict(cfg.to_dict(), hidden_size=64, intermediate_size=128, head_dim=16)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**wide)).save_pretrained(
+        root / "base64")
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     return root, tok
 
@@ -61,7 +71,15 @@ def setup(tmp_path_factory):
 def trl_run(root, tok, name, theirs, lora):
     import peft
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_pretrained(root / "base")
+    if name == "qlora":
+        pytest.importorskip("bitsandbytes", reason="bitsandbytes is the NF4 reference")
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            root / "base64", dtype=torch.float32,
+            quantization_config=transformers.BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=torch.float32))
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(root / "base")
     if lora:  # the adapter both sides start from: PEFT's init (B = 0), saved first
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                                            target_modules=["q_proj", "v_proj"]))
@@ -71,10 +89,20 @@ def trl_run(root, tok, name, theirs, lora):
               bf16=False, gradient_checkpointing=False, lr_scheduler_type="constant",
               warmup_steps=0, save_strategy="no", beta=0.1, max_length=64, seed=0)
     args = trl.DPOConfig(**{**kw, **theirs})
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainer = trl.DPOTrainer(model=model, args=args, processing_class=tok,
                              train_dataset=datasets.Dataset.from_list(ROWS))
+    if name == "qlora":  # TRL casts a quantized base's adapters to bfloat16 (QLoRA's paper);
+        # ours train in float32, as every trainable param: compared in float32 both, from the
+        # same (unrounded) adapters
+        for n, p in trainer.model.named_parameters():
+            if n in start:
+                p.data = start[n]
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
+    if name == "qlora":  # the trained adapters (PEFT's merge would requantize the base)
+        return logs, {k.replace(".default", ""): v.detach().numpy()
+                      for k, v in trainer.model.state_dict().items() if ".default." in k}
     model = trainer.model.merge_and_unload() if lora else trainer.model
     return logs, {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
@@ -85,14 +113,16 @@ def test_trl_and_we_log_the_same_numbers(setup, tmp_path, name):
     theirs, ours = CASES[name]
     lora = "lora_rank" in ours
     logs, weights = trl_run(root, tok, name, theirs, lora)
-    c = tiny_config(tmp_path, model_name_or_path=str(root / "base"),
+    base = root / ("base64" if name == "qlora" else "base")
+    c = tiny_config(tmp_path, model_name_or_path=str(base),
                     tokenizer_name_or_path=str(root / "tok"),
                     dataset_name=str(root / "pairs.jsonl"), dataset_test_split="",
                     eval_dataset_name="", max_length=64, max_completion_length=0, layout="pair",
-                    train_batch_size=8, max_steps=STEPS, learning_rate=1e-3,
+                    train_batch_size=8, max_steps=STEPS,
                     lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
                     logging_steps=1, sample_prompts=0, mesh_data=1, report_to="none",
-                    lora_init=str(root / f"{name}-init") if lora else "", **ours)
+                    lora_init=str(root / f"{name}-init") if lora else "",
+                    **{"learning_rate": 1e-3, **ours})
     train_and_evaluate(c, tmp_path / "wd")
     rows = [json.loads(r) for r in (tmp_path / "wd" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == len(logs) == STEPS
@@ -111,8 +141,13 @@ def test_trl_and_we_log_the_same_numbers(setup, tmp_path, name):
         missing = {k for k in t if k not in ("epoch", "step")} - {k[6:] for k in o}
         assert not missing, (name, missing)  # every metric TRL logs, we log
     from safetensors.numpy import load_file
-    ours_w = load_file(str(tmp_path / "wd" / "hf" / "model.safetensors"))
+    ours_w = load_file(str(tmp_path / "wd" / ("adapter/adapter_model.safetensors"
+                                              if name == "qlora" else "hf/model.safetensors")))
+    init = (load_file(str(root / f"{name}-init" / "adapter_model.safetensors"))
+            if name == "qlora" else {})
     for key, want in weights.items():
         got = ours_w[key]
+        if key in init:  # what training moved, on both sides
+            got, want = got - init[key], want - init[key]
         scale = max(np.abs(want).max(), 1e-3)
         assert np.abs(got - want).max() <= 1e-4 * scale, (name, key)

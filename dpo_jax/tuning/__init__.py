@@ -43,12 +43,19 @@ class TuningConfig:
                            K.text)
     use_dora: bool = K.key(False, "DoRA: a trained magnitude per output times LoRA's direction",
                            K.flag, resume=True)
+    quantize_base: str = K.key("", "QLoRA: the frozen base's Linear matrices in 4 bits, \"nf4\" "
+                               "(bitsandbytes' NF4, block 64); \"\" = as loaded",
+                               K.one_of("", "nf4"), resume=True)
 
     def __post_init__(self):
         K.check_fields(self)
         if self.use_dora and not self.lora_rank:
             raise ConfigError("config key use_dora=True needs lora_rank > 0 (DoRA adapts the "
                               "base with rank-r adapters, as LoRA)")
+        if self.quantize_base and not self.lora_rank:
+            raise ConfigError(f"config key quantize_base={self.quantize_base!r} quantizes the "
+                              "frozen base of LoRA or DoRA, and lora_rank=0 (full fine-tuning "
+                              "trains every weight): set lora_rank")
         if self.lora_init and not self.lora_rank:
             raise ConfigError("config key lora_init names an adapter, but lora_rank=0 (full "
                               "fine-tuning): set lora_rank to the adapter's rank")
@@ -124,12 +131,12 @@ class Tuning(abc.ABC):
             raise CheckpointMismatch(f"{where} holds {_describe(have)}, and this run trains "
                                      f"{_describe(want)}; use a fresh --workdir or the matching "
                                      "config")
-        if have.get("base") != want.get("base"):
+        diff = {k: (have.get(k), want.get(k)) for k in sorted(set(have) | set(want))
+                if have.get(k) != want.get(k) and k != "base"}
+        if not diff:
             raise CheckpointMismatch(
                 f"{where} holds adapters of another base model: the base weights' checksum "
                 "differs (config key model_name_or_path, or its files changed)")
-        diff = {k: (have.get(k), want.get(k)) for k in sorted(set(have) | set(want))
-                if have.get(k) != want.get(k)}
         raise CheckpointMismatch(f"{where} holds a checkpoint of another {want['method']} "
                                  f"setting (saved vs this config: {diff}); use a fresh --workdir "
                                  "or the matching config")

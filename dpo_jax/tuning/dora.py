@@ -68,7 +68,7 @@ class DoRATuning(LoRATuning):
             flat = dict(models.flatten(adapters))
             for path in self.paths:
                 flat[f"{path}.lora_magnitude"] = column_norm(
-                    weights[path], flat[f"{path}.lora_a"], flat[f"{path}.lora_b"],
+                    weights[path][...], flat[f"{path}.lora_a"], flat[f"{path}.lora_b"],
                     self.cfg.scale)
             return models.unflatten_like(adapters, flat)
 

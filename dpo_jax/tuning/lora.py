@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import save_file
 
-from dpo_jax import checkpoint, hub, models, sharding, storage
+from dpo_jax import checkpoint, hub, models, quant, sharding, storage
 from dpo_jax.errors import ConfigError
 from dpo_jax.models import common
 from dpo_jax.tuning import Parts, Tuning, register
@@ -50,6 +50,7 @@ class LoRAConfig:
     alpha: float
     dropout: float
     target: str  # regex over the paths of Linear layers ("layers.self_attn.q_proj")
+    quantize: str = ""  # the frozen base's matrices: "" as loaded, "nf4" (quant.py)
 
     @property
     def scale(self) -> float:
@@ -59,10 +60,14 @@ class LoRAConfig:
     def from_config(cls, config, family) -> "LoRAConfig":
         return cls(rank=config.lora_rank, alpha=float(config.lora_alpha),
                    dropout=float(config.lora_dropout),
-                   target=config.lora_target or family.lora_target)
+                   target=config.lora_target or family.lora_target,
+                   quantize=config.quantize_base)
 
     def record(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not out["quantize"]:  # as records were before quantize_base
+            del out["quantize"]
+        return out
 
 
 class LoRALinear(nnx.Module):
@@ -141,12 +146,22 @@ class LoRATuning(Tuning):
         self.init = init  # a PEFT adapter folder to start from (config key lora_init)
         self.base_record = None  # the base's checksum, once split
         # checked here, outside any trace, so a bad target is a plain one-line error
-        self.paths = matched_paths(common.abstract(family.model_cls, model_cfg), cfg)
+        abstract = common.abstract(family.model_cls, model_cfg)
+        self.paths = matched_paths(abstract, cfg)
+        # quantize_base: every Linear matrix of the base, as bitsandbytes' load_in_4bit (all
+        # nn.Linear but the LM head), the adapted ones and the others
+        self.quantized_paths = linear_paths(abstract) if cfg.quantize else []
+        for path in self.quantized_paths:
+            n_in = getattr(*_parent(abstract, path)).weight.shape[-2]
+            if n_in % quant.BLOCK:
+                raise ConfigError(f"config key quantize_base={cfg.quantize!r}: {path} has {n_in} "
+                                  f"inputs, not a multiple of NF4's block of {quant.BLOCK}")
         self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: self.adapted(None, False)))
         train = nnx.eval_shape(lambda: self.adapted(None, True))
         self.train_graphdef = nnx.graphdef(train)
         self.key_template = nnx.to_pure_dict(nnx.state(train, LoRAKey))
-        self.base_graphdef = nnx.graphdef(common.abstract(family.model_cls, model_cfg))
+        self.base_graphdef = nnx.graphdef(nnx.eval_shape(lambda: self.quantized_layers(
+            self.family.model_cls(self.model_cfg, rngs=nnx.Rngs(0)))))
 
     @classmethod
     def applies(cls, cfg) -> bool:
@@ -161,11 +176,18 @@ class LoRATuning(Tuning):
     def adapted(self, rngs: nnx.Rngs | None, dropout: bool):
         """The family's module with every matched Linear wrapped; with ``rngs`` None the
         adapters are zeros (a structure to restore or load into)."""
-        model = self.family.model_cls(self.model_cfg, rngs=nnx.Rngs(0))
+        model = self.quantized_layers(self.family.model_cls(self.model_cfg, rngs=nnx.Rngs(0)))
         for path in self.paths:
             parent, name = _parent(model, path)
             layer = getattr(parent, name)
             setattr(parent, name, self.wrap(layer, rngs, dropout))
+        return model
+
+    def quantized_layers(self, model):
+        """``model`` with the weight of every quantized matrix an NF4 (zeros: a structure)."""
+        for path in self.quantized_paths:
+            layer = getattr(*_parent(model, path))
+            layer.weight = nnx.Param(quant.zeros_nf4(layer.weight[...].shape))
         return model
 
     def wrap(self, layer: common.Linear, rngs: nnx.Rngs | None, dropout: bool):
@@ -196,20 +218,42 @@ class LoRATuning(Tuning):
         return nnx.merge(self.base_graphdef, frozen)
 
     def split(self, mesh, params, *, seed: int) -> Parts:
-        base = self.base_in_memory(sharding.place(
-            params, sharding.named(mesh, sharding.param_specs(params, self.family.rules))))
+        params = self.quantized(params)
+        specs = sharding.param_specs(params, self.base_rules())
+        sharding.check_divisible(mesh, params, specs)
+        base = self.base_in_memory(sharding.place(params, sharding.named(mesh, specs)))
         rules = self.rules(self.family.rules)
         trainable = (load_peft(self.init, self) if self.init else
                      self.init_trainable(mesh, seed, base, rules))
         return Parts(trainable, rules, jax.tree.map(lambda _: True, trainable), base)
 
     def base_in_memory(self, params: dict) -> dict:
-        """The base as the run holds it (in ``ref_dtype``); its checksum goes into the record,
-        so a checkpoint's adapters are never put on another base."""
+        """The base as the run holds it (in ``ref_dtype``, its quantized matrices as they are);
+        its checksum goes into the record, so a checkpoint's adapters are never put on another
+        base, or on the same base quantized otherwise."""
         dtype = jnp.dtype(self.ref_dtype) if self.ref_dtype else None
-        base = jax.tree.map(lambda a: jnp.asarray(a).astype(dtype or a.dtype), params)
+        base = jax.tree.map(lambda a: a if quant.is_nf4(a) else
+                            jnp.asarray(a).astype(dtype or a.dtype), params, is_leaf=quant.is_nf4)
         self.base_record = np.asarray(checkpoint.checksum(base)).tolist()
         return base
+
+    def quantized(self, params: dict) -> dict:
+        """The loaded base with every matrix of ``quantized_paths`` quantized (on the host, once;
+        a matrix that already is stays)."""
+        if not self.quantized_paths:
+            return params
+        flat = models.flatten(params)
+        for path in self.quantized_paths:
+            w = flat[f"{path}.weight"]
+            if not quant.is_nf4(w):
+                flat[f"{path}.weight"] = quant.quantize_nf4(np.asarray(w, np.float32))
+        return models.unflatten_like(params, flat)
+
+    def base_rules(self) -> list:
+        """Sharding rules of the frozen base: the family's, and its quantized matrices' codes and
+        scales split as their matrix."""
+        return quant.rules(self.quantized_paths, lambda name: _spec_of(
+            name, self.family.rules)) + list(self.family.rules)
 
     def init_trainable(self, mesh, seed: int, base: dict, rules) -> dict:
         """Fresh adapters, placed: A random, B zero."""
@@ -222,7 +266,8 @@ class LoRATuning(Tuning):
         return jax.eval_shape(self.init_adapters(0))
 
     def restore_policy(self, ckpt, step, base_params, expect):
-        return super().restore_policy(ckpt, step, self.base_in_memory(base_params), expect)
+        return super().restore_policy(ckpt, step,
+                                      self.base_in_memory(self.quantized(base_params)), expect)
 
     # ---- params
     def init_adapters(self, seed: int):
@@ -249,8 +294,9 @@ class LoRATuning(Tuning):
         return w + self.cfg.scale * (a @ b)
 
     def merged_params(self, trainable, frozen) -> dict:
-        """The base with every adapted matrix merged (host numpy, float32)."""
-        frozen = sharding.to_host(frozen)
+        """The base with every adapted matrix merged (host numpy, float32); a quantized base
+        dequantized first (as PEFT's merge into a bitsandbytes base)."""
+        frozen = quant.dense(sharding.to_host(frozen))
         flat = models.flatten(jax.tree.map(lambda a: np.asarray(a, np.float32), frozen))
         adapters = models.flatten(trainable)
         for path in self.paths:

@@ -1,0 +1,132 @@
+"""A 4-bit frozen base (QLoRA, Dettmers et al. 2023): bitsandbytes' NF4, bit for bit.
+
+``quantize_nf4`` turns one (in, out) matrix, or a stack of them with the layer axis in front,
+into an ``NF4``: the matrix as bitsandbytes stores it, HF's (out, in) row-major cut into blocks
+of 64 consecutive values, each block scaled by its largest magnitude (``absmax``, float32) and
+every value replaced by the index of the nearest of the 16 NF4 levels (ties to the lower
+level), two indices per byte, the first in the high nibble. Codes and scales are what
+``bitsandbytes.functional.quantize_4bit(w, blocksize=64, quant_type="nf4")`` gives for the same
+matrix (the tests check it with the bitsandbytes pip serves, on the CPU), so a PEFT adapter
+trained here runs on the base that ``BitsAndBytesConfig(load_in_4bit=True,
+bnb_4bit_quant_type="nf4")`` loads, and the reference a QLoRA run scores against is that base.
+
+An ``NF4`` is a pytree (its codes and scales are the leaves, laid out (..., out, in / 2) and
+(..., out, in / 64) so the sharding rules split them with their matrix) that reads as its
+dequantized matrix: ``weight[...]`` gives the (..., in, out) float32 matrix, as an array
+variable does, so every layer and tuning wrapper that reads ``self.weight[...]`` runs on a
+quantized base unchanged; inside the jitted step XLA fuses the lookup and the scale into the
+matmul's operand. Quantization runs once, on the host, in numpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpo_jax.errors import ConfigError
+
+BLOCK = 64
+# bitsandbytes' NF4 levels (functional.get_4bit_type("nf4")): the quantiles of a standard
+# normal, normalized to [-1, 1], with an exact zero
+NF4_LEVELS = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
+_BOUNDS = (NF4_LEVELS[:-1] + NF4_LEVELS[1:]) / np.float32(2)  # float32 midpoints, as bnb's
+
+METHODS = ("", "nf4")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NF4:
+    """A matrix (or a stack) in bitsandbytes' NF4: ``codes`` (..., out, in / 2) uint8, two
+    4-bit level indices per byte (high nibble first, along ``in``); ``absmax`` (..., out,
+    in / 64) float32, each block's scale. ``weight[...]`` is the (..., in, out) float32
+    matrix."""
+
+    codes: jax.Array
+    absmax: jax.Array
+
+    @property
+    def shape(self) -> tuple:
+        *lead, n_out, half = self.codes.shape
+        return (*lead, 2 * half, n_out)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, index):
+        return dequantize_nf4(self)[index]
+
+
+def is_nf4(x) -> bool:
+    return isinstance(x, NF4)
+
+
+def quantize_nf4(w) -> NF4:
+    """bitsandbytes' ``quantize_4bit(w.T, blocksize=64, quant_type="nf4")`` of an (in, out)
+    matrix, per matrix of a stack (..., in, out); numpy, on the host."""
+    w = np.asarray(w, np.float32)
+    *lead, n_in, n_out = w.shape
+    if n_in % BLOCK:
+        raise ConfigError(f"config key quantize_base: a matrix with {n_in} inputs does not cut "
+                          f"into NF4 blocks of {BLOCK}")
+    hf = np.swapaxes(w, -1, -2)  # (..., out, in): HF's layout, bitsandbytes' order
+    blocks = hf.reshape(*lead, n_out, n_in // BLOCK, BLOCK)
+    absmax = np.abs(blocks).max(-1)
+    scaled = np.clip(blocks * (np.float32(1) / np.maximum(absmax, np.float32(1e-38)))[..., None],
+                     -1, 1)
+    idx = np.searchsorted(_BOUNDS, scaled, side="left").astype(np.uint8)  # torch.bucketize
+    idx = idx.reshape(*lead, n_out, n_in)
+    codes = (idx[..., 0::2] << 4) | idx[..., 1::2]
+    return NF4(codes, absmax.astype(np.float32))
+
+
+def dequantize_nf4(q: NF4):
+    """The (..., in, out) float32 matrix of an NF4 (jnp inside a trace, numpy on host arrays):
+    level times its block's absmax, as bitsandbytes' ``dequantize_4bit``."""
+    xp = np if isinstance(q.codes, np.ndarray) else jnp
+    codes = q.codes.astype(xp.int32)
+    idx = xp.stack([codes >> 4, codes & 0xF], axis=-1)  # (..., out, in / 2, 2)
+    *lead, n_out, half = q.codes.shape
+    levels = xp.asarray(NF4_LEVELS)[idx].reshape(*lead, n_out, 2 * half // BLOCK, BLOCK)
+    w = (levels * q.absmax.astype(xp.float32)[..., None]).reshape(*lead, n_out, 2 * half)
+    return xp.swapaxes(w, -1, -2)
+
+
+def zeros_nf4(shape) -> NF4:
+    """An all-zero NF4 of an (..., in, out) matrix (a structure to load into)."""
+    *lead, n_in, n_out = shape
+    return NF4(jnp.zeros((*lead, n_out, n_in // 2), jnp.uint8),
+               jnp.zeros((*lead, n_out, n_in // BLOCK), jnp.float32))
+
+
+def abstract_nf4(shape) -> NF4:
+    """The NF4 of an (..., in, out) matrix as ShapeDtypeStructs (compiled-memory benches)."""
+    *lead, n_in, n_out = shape
+    return NF4(jax.ShapeDtypeStruct((*lead, n_out, n_in // 2), jnp.uint8),
+               jax.ShapeDtypeStruct((*lead, n_out, n_in // BLOCK), jnp.float32))
+
+
+def dense(tree):
+    """A params tree with every NF4 dequantized (host numpy or traced)."""
+    return jax.tree.map(lambda a: dequantize_nf4(a) if is_nf4(a) else a, tree, is_leaf=is_nf4)
+
+
+def rules(paths, spec_of) -> list:
+    """Sharding rules of the NF4 leaves of the matrices ``paths``, from each matrix's spec
+    (layer, in, out) (``spec_of(name)``): codes and scales (layer, out, in)."""
+    import re
+    from jax.sharding import PartitionSpec as P
+    out = []
+    for path in paths:
+        *lead, n_in, n_out = spec_of(f"{path}.weight")
+        for leaf in ("codes", "absmax"):
+            out.append((re.escape(f"{path}.weight.{leaf}"), P(*lead, n_out, n_in)))
+    return out
