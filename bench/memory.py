@@ -8,6 +8,8 @@
     python bench/memory.py --model gemma-3-1b --dtype bfloat16 --remat --seq 8192 --pairs 1
     python bench/memory.py --model qwen3-0.6b --mesh 1,1,1,1,8 --devices 8 --pairs 1 \
         --seq 32768 --dtype bfloat16 --ref-dtype bfloat16 --remat --lora-rank 16   # context 8
+    python bench/memory.py --model llama-3.1-8b --pairs 1 --seq 1024 --dtype bfloat16 \
+        --ref-dtype bfloat16 --remat --lora-rank 16 --lora-only --quantize-base nf4  # QLoRA
     python bench/memory.py --model qwen3-30b-a3b --mesh 1,8,1,8 --devices 64 --pairs 64 \
         --seq 1024 --dtype bfloat16 --ref-dtype bfloat16 --remat --lora-rank 16
 
@@ -39,6 +41,10 @@ LLAMA_SHAPES = {  # the shapes of the published configs (random weights; nothing
                          num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                          head_dim=64, tie_word_embeddings=True, rope_type="llama3",
                          rope_factor=32.0, rope_theta=500000.0),
+    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=128, tie_word_embeddings=False, rope_type="llama3",
+                         rope_factor=8.0, rope_theta=500000.0),
 }
 GEMMA_SHAPES = {  # Gemma 2 2B and Gemma 3 1B as published (windows and soft-caps included)
     "gemma-2-2b": dict(model_type="gemma2", vocab_size=256000, hidden_size=2304,
@@ -97,6 +103,11 @@ def parse():
     ap.add_argument("--compare-remat", action="store_true", help="report remat off and on")
     ap.add_argument("--chunk", type=int, default=1024, help="LM-head chunk (positions)")
     ap.add_argument("--lora-only", action="store_true", help="with --lora-rank: skip full tuning")
+    ap.add_argument("--quantize-base", default="", choices=("", "nf4"),
+                    help="with --lora-rank: also QLoRA, the base's Linear matrices in NF4 "
+                         "(quantize_base), beside LoRA on the --ref-dtype base")
+    ap.add_argument("--quantize-embeddings", action="store_true",
+                    help="with --quantize-base: a third case, the embedding tables in NF4 too")
     ap.add_argument("--context-attention", default="ring",
                     choices=("ring", "ring-index-order", "all-gather"),
                     help="over a context axis: ring attention in zig-zag order (the default), "
@@ -117,7 +128,7 @@ def main():
     import optax
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from dpo_jax import layouts, models, sharding, steps
+    from dpo_jax import layouts, models, quant, sharding, steps
     from dpo_jax.losses import LossConfig
     from dpo_jax.tuning.full import FullTuning
     from dpo_jax.models import common
@@ -143,11 +154,15 @@ def main():
         return total
 
     rows = []
-    cases = [(r, 0) for r in ([False, True] if a.compare_remat else [a.remat])]
+    cases = [(r, 0, "") for r in ([False, True] if a.compare_remat else [a.remat])]
     if a.lora_rank:
         cases = [] if a.lora_only else cases
-        cases += [(a.remat, a.lora_rank)]
-    for remat, rank in cases:
+        cases += [(a.remat, a.lora_rank, "")]
+        if a.quantize_base:
+            cases += [(a.remat, a.lora_rank, a.quantize_base)]
+        if a.quantize_base and a.quantize_embeddings:
+            cases += [(a.remat, a.lora_rank, a.quantize_base + "+embeddings")]
+    for remat, rank, quantize in cases:
         cfg = dataclasses.replace(base, remat=remat)
         graphdef, abstract = nnx.split(common.abstract(model_cls, cfg))
         params = nnx.to_pure_dict(abstract)
@@ -160,7 +175,9 @@ def main():
             from dpo_jax.tuning import lora
             family = models.family_of(cfg)
             tuning = lora.LoRATuning(family, cfg, lora.LoRAConfig(rank, 2.0 * rank, 0.0,
-                                                                   family.lora_target))
+                                                                   family.lora_target,
+                                                                   quantize.split("+")[0],
+                                                                   "+" in quantize))
             trainable = jax.eval_shape(tuning.init_adapters(0))
             train_rules = tuning.rules(rules)
         train_specs = sharding.param_specs(trainable, train_rules)
@@ -171,8 +188,24 @@ def main():
             lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), t, s)
         state_in = with_sh(state_abs, state_sh)
         ref_dt = jnp.dtype(a.ref_dtype) if a.ref_dtype else jnp.float32
-        frozen_in = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, ref_dt, sharding=sh),
-                                 params, named)
+        frozen, frozen_named = params, named
+        if quantize:  # the base's Linear matrices as NF4 codes and scales, split with them
+            flat = models.flatten(params)
+            for path in tuning.quantized_paths + tuning.quantized_tables:
+                flat[f"{path}.weight"] = quant.abstract_nf4(
+                    flat[f"{path}.weight"].shape, rows=path in tuning.quantized_tables)
+            frozen = models.unflatten_like(params, flat)
+            fspecs = quant.fit_scales(mesh, frozen,
+                                      sharding.param_specs(frozen, tuning.base_rules()))
+            sharding.check_divisible(mesh, frozen, fspecs)
+            frozen_named = sharding.named(mesh, fspecs)
+        frozen_in = jax.tree.map(  # NF4 codes and scales as they are, the rest in ref_dtype
+            lambda x, sh: quant.NF4(
+                jax.ShapeDtypeStruct(x.codes.shape, x.codes.dtype, sharding=sh.codes),
+                jax.ShapeDtypeStruct(x.absmax.shape, x.absmax.dtype, sharding=sh.absmax),
+                rows=x.rows)
+            if quant.is_nf4(x) else jax.ShapeDtypeStruct(x.shape, ref_dt, sharding=sh),
+            frozen, frozen_named, is_leaf=quant.is_nf4)
         rows_ = 2 * a.pairs
         batch = {k: jax.ShapeDtypeStruct((1, rows_, a.seq), jnp.int32,  # seq: a multiple of context
                                          sharding=sharding.batch_sharding(mesh, 3))
@@ -183,14 +216,15 @@ def main():
         train_step = steps.make_train_step(tuning, layouts.make("pair"),
                                            LossConfig(), optimizer, lambda s: 1e-6,
                                            chunk_size=a.chunk,
-                                           in_shardings=(state_sh, named, {k: v.sharding for k, v
+                                           in_shardings=(state_sh, frozen_named,
+                                                         {k: v.sharding for k, v
                                                                             in batch.items()}),
                                            out_shardings=(state_sh, replicated))
         compiled = train_step.lower(state_in, frozen_in, batch).compile()
         ma = compiled.memory_analysis()
         # full tuning: the frozen copy is the reference; LoRA: it is the base, the reference
         # being that same base with the adapters off (no second copy)
-        rows.append((remat, rank, per_device(state_in["params"]),
+        rows.append((remat, rank, quantize, per_device(state_in["params"]),
                      per_device(state_in["opt_state"]), per_device(frozen_in),
                      ma.temp_size_in_bytes, ma.argument_size_in_bytes))
 
@@ -200,13 +234,14 @@ def main():
           f"{a.seq} tokens; "
           f"mesh {dict(mesh.shape)}; {len(mesh.devices.flat)} x {dev.device_kind} ({dev.platform});"
           f" compute {a.dtype}, reference {a.ref_dtype or 'float32'}, LM-head chunk {a.chunk}")
-    print(f"{'tuning':>9} {'remat':>6} {'trainable':>10} {'opt state':>10} {'frozen':>9} "
+    print(f"{'tuning':>13} {'remat':>6} {'trainable':>10} {'opt state':>10} {'frozen':>9} "
           f"{'reference':>10} {'temp (act.)':>12} {'arguments':>10}   MiB per device")
-    for remat, rank, p, o, f, t, args in rows:
+    for remat, rank, quantize, p, o, f, t, args in rows:
         policy = a.remat_policy if remat else "off"
-        tuning_name = f"LoRA r{rank}" if rank else "full"
+        tuning_name = (f"QLoRA r{rank}{'+emb' if '+' in quantize else ''}" if quantize
+                       else f"LoRA r{rank}") if rank else "full"
         ref = "0 (base)" if rank else f"{mib(f):.1f}"
-        print(f"{tuning_name:>9} {policy[:6]:>6} {mib(p):10.1f} {mib(o):10.1f} {mib(f):9.1f} "
+        print(f"{tuning_name:>13} {policy[:6]:>6} {mib(p):10.1f} {mib(o):10.1f} {mib(f):9.1f} "
               f"{ref:>10} {mib(t):12.1f} {mib(args):10.1f}")
 
 

@@ -12,6 +12,8 @@ against transformers' GPT2LMHeadModel; --model smollm2, SmolLM2-135M's (30 layer
   head         + LM head only where completion tokens are scored
   shared       + prefix sharing: one row prompt + chosen + rejected
   precomputed  + reference log-probs precomputed (no reference forward in the step)
+  qlora        plain with --lora-rank on a 4-bit base (quantize_base="nf4": every Linear
+               matrix in bitsandbytes' NF4, dequantized per use in the step)
   torch        transformers' model of the same shape, chosen and rejected in one forward,
                reference under no_grad, torch.optim.AdamW, float32
 Each mode runs in its own process (peak RSS is that process's). Step time is the median of
@@ -94,7 +96,7 @@ def mode_flops(mode, m: Shape, lora: bool = False):
     """FLOPs of one train step in ``mode``: 3x the policy forward (forward, backward to the
     inputs, backward to the weights) + the reference forward. With LoRA the frozen matrices get
     no weight gradient: 2x the policy forward (the adapters' own FLOPs are negligible)."""
-    if mode in ("plain", "torch"):  # two rows per pair, head everywhere
+    if mode in ("plain", "qlora", "torch"):  # two rows per pair, head everywhere
         fwd = model_flops(m, 2 * PAIRS, PROMPT + COMPLETION, 2 * PAIRS * (PROMPT + COMPLETION))
     elif mode == "head":  # two rows per pair, head on the completion positions
         fwd = model_flops(m, 2 * PAIRS, PROMPT + COMPLETION, 2 * PAIRS * COMPLETION)
@@ -219,11 +221,13 @@ def run_jax(mode, a):
     family = models.family_of(cfg)
     if a.lora_rank:  # trainable: adapters; frozen: the base, which is the reference
         from dpo_jax.tuning import lora
-        tuning = lora.LoRATuning(family, cfg, lora.LoRAConfig(a.lora_rank, 2.0 * a.lora_rank,
-                                                               0.0, family.lora_target))
+        tuning = lora.LoRATuning(family, cfg, lora.LoRAConfig(
+            a.lora_rank, 2.0 * a.lora_rank, 0.0, family.lora_target,
+            "nf4" if mode == "qlora" else ""))
         state, state_sh = sharding.init_state(mesh, jax.jit(tuning.init_adapters(0))(),
                                               optimizer, tuning.rules(family.rules))
-        ref = params  # the base: frozen, and the reference with the adapters off
+        # the base: frozen, and the reference with the adapters off (qlora: in NF4)
+        ref = jax.device_put(tuning.quantized(params)) if mode == "qlora" else params
     else:
         tuning = FullTuning(graphdef)
         state, state_sh = sharding.init_state(mesh, params, optimizer, family.rules)
@@ -231,7 +235,7 @@ def run_jax(mode, a):
                            state_sh["params"])
     del params
     layout = layouts.make("prefix_sharing" if mode in ("shared", "precomputed") else "pair",
-                          0 if mode == "plain" else COMPLETION)
+                          0 if mode in ("plain", "qlora") else COMPLETION)
     pairs_ = synthetic_pairs(cfg.vocab_size)
     max_length = PROMPT + COMPLETION
     batches = data.PairBatches(pairs_, batch_size=PAIRS, max_length=max_length, pad_id=0,

@@ -133,6 +133,16 @@ TRL_NAMES = {
         "precomputed in batches of eval_batch_size; set that")),
     "warmup_ratio": (float, _refuse("config key warmup_ratio (TRL's name): set warmup_steps "
                                     "(updates) instead")),
+    "load_in_4bit": (bool, lambda v, c: {"quantize_base": "nf4"} if v else {}),
+    "bnb_4bit_quant_type": (str, lambda v, c: {} if v == "nf4" else _refuse(
+        "config key bnb_4bit_quant_type={v!r} (TRL's name): the 4-bit base is NF4 only "
+        "(quantize_base=\"nf4\")")(v, c)),
+    "use_bnb_nested_quant": (bool, lambda v, c: {} if not v else _refuse(
+        "config key use_bnb_nested_quant=True (TRL's name): the scales' double quantization is "
+        "not offered; quantize_base=\"nf4\" keeps a float32 scale per 64 weights")(v, c)),
+    "load_in_8bit": (bool, lambda v, c: {} if not v else _refuse(
+        "config key load_in_8bit=True (TRL's name): an 8-bit base is not offered; "
+        "quantize_base=\"nf4\" is the 4-bit one")(v, c)),
 }
 # TRL's spellings of values of our keys
 TRL_VALUES = {"optim": {"adamw_torch": "adamw", "adamw_torch_fused": "adamw",
@@ -361,4 +371,8 @@ TRL_TABLE = {
     "output_dir": "an error: pass --workdir",
     "precompute_ref_batch_size": "an error: precomputing uses eval_batch_size",
     "warmup_ratio": "an error: set warmup_steps",
+    "load_in_4bit": "True: quantize_base=\"nf4\" (QLoRA)",
+    "bnb_4bit_quant_type": "nf4: already so; fp4: an error",
+    "use_bnb_nested_quant": "False: already so; True: an error (no double quantization)",
+    "load_in_8bit": "True: an error (use quantize_base=\"nf4\")",
 }

@@ -47,15 +47,17 @@ class NF4:
     """A matrix (or a stack) in bitsandbytes' NF4: ``codes`` (..., out, in / 2) uint8, two
     4-bit level indices per byte (high nibble first, along ``in``); ``absmax`` (..., out,
     in / 64) float32, each block's scale. ``weight[...]`` is the (..., in, out) float32
-    matrix."""
+    matrix. ``rows``: a table (an embedding, (rows, width)), stored as it is, not swapped; its
+    rows dequantize one by one (``take``)."""
 
     codes: jax.Array
     absmax: jax.Array
+    rows: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def shape(self) -> tuple:
         *lead, n_out, half = self.codes.shape
-        return (*lead, 2 * half, n_out)
+        return (*lead, n_out, 2 * half) if self.rows else (*lead, 2 * half, n_out)
 
     @property
     def ndim(self) -> int:
@@ -64,20 +66,26 @@ class NF4:
     def __getitem__(self, index):
         return dequantize_nf4(self)[index]
 
+    def take(self, ids):
+        """Rows ``ids`` of a table, (*ids.shape, width) float32: only those rows dequantized."""
+        return dequantize_nf4(NF4(jnp.take(self.codes, ids, axis=0),
+                                  jnp.take(self.absmax, ids, axis=0), rows=True))
+
 
 def is_nf4(x) -> bool:
     return isinstance(x, NF4)
 
 
-def quantize_nf4(w) -> NF4:
+def quantize_nf4(w, *, rows: bool = False) -> NF4:
     """bitsandbytes' ``quantize_4bit(w.T, blocksize=64, quant_type="nf4")`` of an (in, out)
-    matrix, per matrix of a stack (..., in, out); numpy, on the host."""
+    matrix, per matrix of a stack (..., in, out); with ``rows``, of a (rows, width) table as
+    it is; numpy, on the host."""
     w = np.asarray(w, np.float32)
-    *lead, n_in, n_out = w.shape
+    hf = w if rows else np.swapaxes(w, -1, -2)  # (..., out, in): HF's layout, bnb's order
+    *lead, n_out, n_in = hf.shape
     if n_in % BLOCK:
         raise ConfigError(f"config key quantize_base: a matrix with {n_in} inputs does not cut "
                           f"into NF4 blocks of {BLOCK}")
-    hf = np.swapaxes(w, -1, -2)  # (..., out, in): HF's layout, bitsandbytes' order
     blocks = hf.reshape(*lead, n_out, n_in // BLOCK, BLOCK)
     absmax = np.abs(blocks).max(-1)
     scaled = np.clip(blocks * (np.float32(1) / np.maximum(absmax, np.float32(1e-38)))[..., None],
@@ -85,7 +93,7 @@ def quantize_nf4(w) -> NF4:
     idx = np.searchsorted(_BOUNDS, scaled, side="left").astype(np.uint8)  # torch.bucketize
     idx = idx.reshape(*lead, n_out, n_in)
     codes = (idx[..., 0::2] << 4) | idx[..., 1::2]
-    return NF4(codes, absmax.astype(np.float32))
+    return NF4(codes, absmax.astype(np.float32), rows=rows)
 
 
 def dequantize_nf4(q: NF4):
@@ -97,21 +105,23 @@ def dequantize_nf4(q: NF4):
     *lead, n_out, half = q.codes.shape
     levels = xp.asarray(NF4_LEVELS)[idx].reshape(*lead, n_out, 2 * half // BLOCK, BLOCK)
     w = (levels * q.absmax.astype(xp.float32)[..., None]).reshape(*lead, n_out, 2 * half)
-    return xp.swapaxes(w, -1, -2)
+    return w if q.rows else xp.swapaxes(w, -1, -2)
 
 
-def zeros_nf4(shape) -> NF4:
-    """An all-zero NF4 of an (..., in, out) matrix (a structure to load into)."""
-    *lead, n_in, n_out = shape
-    return NF4(jnp.zeros((*lead, n_out, n_in // 2), jnp.uint8),
-               jnp.zeros((*lead, n_out, n_in // BLOCK), jnp.float32))
+def _stored(shape, rows: bool):
+    *lead, a, b = shape
+    n_out, n_in = (a, b) if rows else (b, a)
+    return ((*lead, n_out, n_in // 2), jnp.uint8), ((*lead, n_out, n_in // BLOCK), jnp.float32)
 
 
-def abstract_nf4(shape) -> NF4:
-    """The NF4 of an (..., in, out) matrix as ShapeDtypeStructs (compiled-memory benches)."""
-    *lead, n_in, n_out = shape
-    return NF4(jax.ShapeDtypeStruct((*lead, n_out, n_in // 2), jnp.uint8),
-               jax.ShapeDtypeStruct((*lead, n_out, n_in // BLOCK), jnp.float32))
+def zeros_nf4(shape, *, rows: bool = False) -> NF4:
+    """An all-zero NF4 of an (..., in, out) matrix or a table (a structure to load into)."""
+    return NF4(*(jnp.zeros(*s) for s in _stored(shape, rows)), rows=rows)
+
+
+def abstract_nf4(shape, *, rows: bool = False) -> NF4:
+    """The NF4 of an (..., in, out) matrix or a table as ShapeDtypeStructs (memory benches)."""
+    return NF4(*(jax.ShapeDtypeStruct(*s) for s in _stored(shape, rows)), rows=rows)
 
 
 def dense(tree):
@@ -119,14 +129,40 @@ def dense(tree):
     return jax.tree.map(lambda a: dequantize_nf4(a) if is_nf4(a) else a, tree, is_leaf=is_nf4)
 
 
-def rules(paths, spec_of) -> list:
+def fit_scales(mesh, params, specs):
+    """``specs`` with each NF4's scales kept whole along ``in`` where their in / 64 blocks do
+    not split over that axis (a 576-wide matrix has 9 blocks per output, fsdp 8 does not
+    divide them); the codes split as their matrix. Scales are 1/8 of the codes' bytes."""
+    from jax.sharding import PartitionSpec as P
+
+    def size(entry):
+        names = entry if isinstance(entry, tuple) else (entry,) if entry else ()
+        return int(np.prod([mesh.shape[a] for a in names]))
+
+    def fit(q, s):
+        if not is_nf4(q):
+            return s
+        entries = tuple(s.absmax) + (None,) * (q.absmax.ndim - len(s.absmax))
+        if q.absmax.shape[-1] % size(entries[-1]):
+            entries = entries[:-1] + (None,)
+        return NF4(s.codes, P(*entries), rows=q.rows)
+    return jax.tree.map(fit, params, specs, is_leaf=is_nf4)
+
+
+def rules(paths, spec_of, tables=()) -> list:
     """Sharding rules of the NF4 leaves of the matrices ``paths``, from each matrix's spec
-    (layer, in, out) (``spec_of(name)``): codes and scales (layer, out, in)."""
+    (layer, in, out) (``spec_of(name)``): codes and scales (layer, out, in); of the tables
+    ``tables``, as the table's own (rows, width)."""
     import re
     from jax.sharding import PartitionSpec as P
     out = []
-    for path in paths:
-        *lead, n_in, n_out = spec_of(f"{path}.weight")
+    for path in (*paths, *tables):
+        spec = tuple(spec_of(f"{path}.weight"))
+        if path in tables:
+            spec = tuple(spec)[:2]
+        else:
+            *lead, n_in, n_out = spec
+            spec = (*lead, n_out, n_in)
         for leaf in ("codes", "absmax"):
-            out.append((re.escape(f"{path}.weight.{leaf}"), P(*lead, n_out, n_in)))
+            out.append((re.escape(f"{path}.weight.{leaf}"), P(*spec)))
     return out

@@ -28,7 +28,8 @@ OLD_RUN_KEYS = (
 def test_groups_hold_every_key_once_and_the_resume_keys_are_derived():
     keys = [f.name for _, cls in configs.GROUPS.items() for f in configs.K.fields(cls)]
     assert len(keys) == len(set(keys))  # one owner per key
-    assert set(configs.resume_keys()) == set(OLD_RUN_KEYS) | {"use_dora", "router_aux_loss_coef"}
+    assert set(configs.resume_keys()) == set(OLD_RUN_KEYS) | {"use_dora", "router_aux_loss_coef",
+                                                              "quantize_base"}
     cfg = configs.build({**configs.defaults().to_dict(), "dataset_name": "x.jsonl"})
     assert cfg.optim.learning_rate == 1e-6 and cfg.loss.loss_type == ("sigmoid",)
 
@@ -47,6 +48,12 @@ def test_groups_hold_every_key_once_and_the_resume_keys_are_derived():
     (dict(disable_dropout=False), "run without dropout"),
     (dict(truncation_mode="keep_end"), "only keep_start is offered"),
     (dict(precompute_ref_batch_size=4), "batches of eval_batch_size"),
+    (dict(lora_rank=4, load_in_4bit=True, bnb_4bit_quant_type="fp4"),
+     "config key bnb_4bit_quant_type='fp4' (TRL's name): the 4-bit base is NF4 only"),
+    (dict(lora_rank=4, load_in_4bit=True, use_bnb_nested_quant=True),
+     "double quantization is not offered"),
+    (dict(load_in_4bit=True), "config key quantize_base='nf4' quantizes the frozen base of LoRA"),
+    (dict(quantize_base="int8"), "config key quantize_base='int8'"),
 ])
 def test_a_bad_key_is_one_line_naming_it(tmp_path, override, fragment):
     with pytest.raises(ConfigError) as e:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dpo_jax import quant
 from dpo_jax.errors import choice
 from dpo_jax.models import attention as attention_lib
 from dpo_jax.models import mesh as mesh_lib
@@ -241,7 +242,10 @@ class Embedding(nnx.Module):
         self.weight = nnx.Param(normal(rngs, (n, d), std))
 
     def __call__(self, ids):
-        return jnp.take(self.weight[...], ids, axis=0)
+        table = self.weight.get_value()
+        if quant.is_nf4(table):  # a 4-bit table: only the rows looked up are dequantized
+            return table.take(ids)
+        return jnp.take(table, ids, axis=0)
 
 
 def positions_from_mask(attention_mask_bt):

@@ -46,6 +46,9 @@ class TuningConfig:
     quantize_base: str = K.key("", "QLoRA: the frozen base's Linear matrices in 4 bits, \"nf4\" "
                                "(bitsandbytes' NF4, block 64); \"\" = as loaded",
                                K.one_of("", "nf4"), resume=True)
+    quantize_embeddings: bool = K.key(False, "with quantize_base: the embedding tables in NF4 too "
+                                      "(a tied LM head with them); bitsandbytes keeps them",
+                                      K.flag, resume=True)
 
     def __post_init__(self):
         K.check_fields(self)
@@ -56,6 +59,9 @@ class TuningConfig:
             raise ConfigError(f"config key quantize_base={self.quantize_base!r} quantizes the "
                               "frozen base of LoRA or DoRA, and lora_rank=0 (full fine-tuning "
                               "trains every weight): set lora_rank")
+        if self.quantize_embeddings and not self.quantize_base:
+            raise ConfigError("config key quantize_embeddings=True quantizes the embedding "
+                              "tables of a quantized base: set quantize_base=\"nf4\"")
         if self.lora_init and not self.lora_rank:
             raise ConfigError("config key lora_init names an adapter, but lora_rank=0 (full "
                               "fine-tuning): set lora_rank to the adapter's rank")

@@ -51,6 +51,7 @@ class LoRAConfig:
     dropout: float
     target: str  # regex over the paths of Linear layers ("layers.self_attn.q_proj")
     quantize: str = ""  # the frozen base's matrices: "" as loaded, "nf4" (quant.py)
+    quantize_embeddings: bool = False  # its embedding tables too
 
     @property
     def scale(self) -> float:
@@ -61,12 +62,14 @@ class LoRAConfig:
         return cls(rank=config.lora_rank, alpha=float(config.lora_alpha),
                    dropout=float(config.lora_dropout),
                    target=config.lora_target or family.lora_target,
-                   quantize=config.quantize_base)
+                   quantize=config.quantize_base,
+                   quantize_embeddings=config.quantize_embeddings)
 
     def record(self) -> dict:
         out = dataclasses.asdict(self)
-        if not out["quantize"]:  # as records were before quantize_base
-            del out["quantize"]
+        for key in ("quantize", "quantize_embeddings"):
+            if not out[key]:  # as records were before these keys
+                del out[key]
         return out
 
 
@@ -151,11 +154,19 @@ class LoRATuning(Tuning):
         # quantize_base: every Linear matrix of the base, as bitsandbytes' load_in_4bit (all
         # nn.Linear but the LM head), the adapted ones and the others
         self.quantized_paths = linear_paths(abstract) if cfg.quantize else []
+        self.quantized_tables = [  # quantize_embeddings: the embedding tables
+            ".".join(map(str, path)) for path, node in nnx.iter_graph(abstract)
+            if isinstance(node, common.Embedding)] if cfg.quantize_embeddings else []
         for path in self.quantized_paths:
             n_in = getattr(*_parent(abstract, path)).weight.shape[-2]
             if n_in % quant.BLOCK:
                 raise ConfigError(f"config key quantize_base={cfg.quantize!r}: {path} has {n_in} "
                                   f"inputs, not a multiple of NF4's block of {quant.BLOCK}")
+        for path in self.quantized_tables:
+            width = getattr(*_parent(abstract, path)).weight.shape[-1]
+            if width % quant.BLOCK:
+                raise ConfigError(f"config key quantize_embeddings=True: {path} is {width} "
+                                  f"wide, not a multiple of NF4's block of {quant.BLOCK}")
         self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: self.adapted(None, False)))
         train = nnx.eval_shape(lambda: self.adapted(None, True))
         self.train_graphdef = nnx.graphdef(train)
@@ -185,9 +196,10 @@ class LoRATuning(Tuning):
 
     def quantized_layers(self, model):
         """``model`` with the weight of every quantized matrix an NF4 (zeros: a structure)."""
-        for path in self.quantized_paths:
+        for path in self.quantized_paths + self.quantized_tables:
             layer = getattr(*_parent(model, path))
-            layer.weight = nnx.Param(quant.zeros_nf4(layer.weight[...].shape))
+            layer.weight = nnx.Param(quant.zeros_nf4(layer.weight[...].shape,
+                                                     rows=path in self.quantized_tables))
         return model
 
     def wrap(self, layer: common.Linear, rngs: nnx.Rngs | None, dropout: bool):
@@ -219,7 +231,7 @@ class LoRATuning(Tuning):
 
     def split(self, mesh, params, *, seed: int) -> Parts:
         params = self.quantized(params)
-        specs = sharding.param_specs(params, self.base_rules())
+        specs = quant.fit_scales(mesh, params, sharding.param_specs(params, self.base_rules()))
         sharding.check_divisible(mesh, params, specs)
         base = self.base_in_memory(sharding.place(params, sharding.named(mesh, specs)))
         rules = self.rules(self.family.rules)
@@ -243,17 +255,18 @@ class LoRATuning(Tuning):
         if not self.quantized_paths:
             return params
         flat = models.flatten(params)
-        for path in self.quantized_paths:
+        for path in self.quantized_paths + self.quantized_tables:
             w = flat[f"{path}.weight"]
             if not quant.is_nf4(w):
-                flat[f"{path}.weight"] = quant.quantize_nf4(np.asarray(w, np.float32))
+                flat[f"{path}.weight"] = quant.quantize_nf4(np.asarray(w, np.float32),
+                                                            rows=path in self.quantized_tables)
         return models.unflatten_like(params, flat)
 
     def base_rules(self) -> list:
         """Sharding rules of the frozen base: the family's, and its quantized matrices' codes and
         scales split as their matrix."""
         return quant.rules(self.quantized_paths, lambda name: _spec_of(
-            name, self.family.rules)) + list(self.family.rules)
+            name, self.family.rules), self.quantized_tables) + list(self.family.rules)
 
     def init_trainable(self, mesh, seed: int, base: dict, rules) -> dict:
         """Fresh adapters, placed: A random, B zero."""

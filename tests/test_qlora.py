@@ -1,0 +1,138 @@
+"""Issue 30: QLoRA, a 4-bit frozen base. Our NF4 codec against bitsandbytes' own
+``quantize_4bit`` (it runs on the CPU); the adapter a QLoRA run exports on the base
+bitsandbytes loads in 4 bits, under PEFT, against our merged export; 1 device against 8; a
+resume with another quantization refused. TRL's DPO step on a bnb base beside ours is
+tests/test_trl_side_by_side.py's "qlora" case, SIGKILL + rerun test_train.py's "llama-qlora"."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is the numerical reference for parity tests")
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is the NF4 reference")
+transformers = pytest.importorskip("transformers")
+import bitsandbytes.functional as F  # noqa: E402
+
+from parity import torch_logits  # noqa: E402
+from test_tuning import lora_config, torch_base  # noqa: E402
+from dpo_jax import checkpoint, models, quant, trainer  # noqa: E402
+from dpo_jax.errors import ConfigError  # noqa: E402
+
+VOCAB = 512
+
+
+def bnb_nf4(w_in_out):
+    """bitsandbytes' NF4 of one (in, out) matrix, stored as HF stores it, (out, in)."""
+    q, state = F.quantize_4bit(torch.from_numpy(np.ascontiguousarray(w_in_out.T)), blocksize=64,
+                               quant_type="nf4")
+    return q.numpy().reshape(-1), state.absmax.numpy(), F.dequantize_4bit(q, state).numpy().T
+
+
+@pytest.mark.parametrize("shape, dtype", [((64, 96), np.float32), ((3, 128, 40), np.float32),
+                                          ((2, 256, 64), "bfloat16")])
+def test_nf4_equals_bitsandbytes(shape, dtype):
+    """Codes, scales and dequantized values as bitsandbytes' on the same matrices: random normal
+    weights of several scales, a block of zeros, a lone outlier, values on a level's midpoint,
+    bfloat16-rounded weights (a bf16 checkpoint); a stack quantized matrix by matrix."""
+    rng = np.random.default_rng(0)
+    w = (rng.normal(size=shape) * rng.choice([0.02, 1.0, 30.0], size=shape[-1])).astype(np.float32)
+    w[..., :64, 0] = 0.0
+    w[..., 3, 1] = 500.0
+    w[..., 1:3, 2] = quant._BOUNDS[9] * np.abs(w[..., 3:64, 2]).max(-1, keepdims=True)
+    if dtype == "bfloat16":
+        w = np.asarray(torch.from_numpy(w).to(torch.bfloat16).float())
+    q = quant.quantize_nf4(w)
+    ours_dense = quant.dequantize_nf4(q)
+    on_device = np.asarray(jax.jit(quant.dequantize_nf4)(
+        quant.NF4(jax.numpy.asarray(q.codes), jax.numpy.asarray(q.absmax))))
+    for i in np.ndindex(shape[:-2]):
+        codes, absmax, dense = bnb_nf4(w[i])
+        np.testing.assert_array_equal(q.codes[i].reshape(-1), codes)  # bit for bit
+        np.testing.assert_array_equal(q.absmax[i].reshape(-1), absmax)
+        np.testing.assert_allclose(ours_dense[i], dense, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(on_device[i], dense, atol=1e-6, rtol=0)
+    assert q.shape == shape and q[...].shape == shape
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def qlora_run(request, tmp_path_factory):
+    """A 4-step QLoRA run (adapters on the family's targets, every Linear of the base in NF4)."""
+    tmp = tmp_path_factory.mktemp(f"qlora_{request.param}")
+    torch_base(request.param).save_pretrained(tmp / "base")
+    trainer.train_and_evaluate(lora_config(tmp, tmp / "base", quantize_base="nf4"), tmp / "wd")
+    return request.param, tmp
+
+
+def test_the_adapter_runs_on_the_base_bitsandbytes_loads(qlora_run):
+    """PEFT's model of our adapter on ``from_pretrained(base, quantization_config=NF4)`` gives
+    the logits of our merged export (the adapters merged into the dequantized base, as PEFT's
+    merge does); every Linear bitsandbytes quantized is one we quantized."""
+    import peft
+    family, tmp = qlora_run
+    wd = tmp / "wd"
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp / "base", dtype=torch.float32, quantization_config=transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+    quantized = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == (4 if family == "gpt2" else 7) * 2
+    for m in quantized:  # bitsandbytes' CPU inference kernel computes in bfloat16 (on
+        # machines with AVX512-BF16; its training path, TRL's, dequantizes to float32): the
+        # float32 path, the one the reference of the numbers is
+        m.support_avx512bf16_for_cpu = False
+    with_adapter = peft.PeftModel.from_pretrained(base, wd / "adapter").eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(
+        wd / "hf", attn_implementation="eager").eval()
+    ids = np.random.default_rng(0).integers(0, VOCAB, (3, 20))
+    mask = np.ones_like(ids)
+    mask[1, 14:] = 0
+    a, b = torch_logits(merged, ids, mask), torch_logits(with_adapter, ids, mask)
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
+    with with_adapter.disable_adapter():  # the reference: the 4-bit base, adapters off
+        assert np.abs(torch_logits(with_adapter, ids, mask) - a).max() > 1e-3
+
+
+def test_one_device_and_eight_give_the_same_steps(qlora_run, tmp_path):
+    """The codes and scales split with their matrix (fsdp 4 x tensor 2; the 64-wide matrices'
+    single scale block per output kept whole along fsdp): losses and adapters within 1e-5."""
+    family, tmp = qlora_run
+    one = tmp / "wd"
+    run = trainer.setup(lora_config(tmp_path, tmp / "base", quantize_base="nf4", mesh_data=1,
+                                    mesh_fsdp=4, mesh_tensor=2), tmp_path / "eight")
+    codes = [a for a in models.flatten(run.frozen).values() if quant.is_nf4(a)][0].codes
+    assert len({str(s.index) for s in codes.addressable_shards}) == 8  # split, not replicated
+    run.ckpt.close()
+    eight = tmp_path / "eight2"
+    trainer.train_and_evaluate(lora_config(tmp_path, tmp / "base", quantize_base="nf4",
+                                           mesh_data=1, mesh_fsdp=4, mesh_tensor=2), eight)
+    rows = lambda wd: [json.loads(r) for r in (wd / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(rows(one), rows(eight), strict=True):
+        np.testing.assert_allclose(a["train/loss"], b["train/loss"], rtol=1e-5)
+    from safetensors.numpy import load_file
+    x, y = (load_file(str(wd / "adapter" / "adapter_model.safetensors")) for wd in (one, eight))
+    for k in x:
+        np.testing.assert_allclose(x[k], y[k], atol=1e-5, rtol=0, err_msg=k)
+
+
+def test_a_checkpoint_resumes_only_on_its_quantization(qlora_run, tmp_path):
+    family, tmp = qlora_run
+    with pytest.raises(checkpoint.CheckpointMismatch,
+                       match=r"another lora setting \(saved vs this config: \{'quantize': "
+                             r"\('nf4', None\)\}\)"):
+        trainer.setup(lora_config(tmp_path, tmp / "base", max_steps=6), tmp / "wd")
+
+
+def test_quantize_base_errors_are_one_line(tmp_path):
+    torch_base("llama", width=96).save_pretrained(tmp_path / "odd")
+    with pytest.raises(ConfigError, match=r"quantize_base='nf4' quantizes the frozen base of "
+                                          r"LoRA or DoRA, and lora_rank=0"):
+        trainer.setup(lora_config(tmp_path, tmp_path / "odd", lora_rank=0,
+                                  quantize_base="nf4"), tmp_path / "wd")
+    with pytest.raises(ConfigError, match=r"quantize_base"):
+        trainer.setup(lora_config(tmp_path, tmp_path / "odd", quantize_base="int4"),
+                      tmp_path / "wd")
+    with pytest.raises(ConfigError, match=r"quantize_base='nf4': layers\.\S+ has 96 inputs, "
+                                          r"not a multiple of NF4's block of 64"):
+        trainer.setup(lora_config(tmp_path, tmp_path / "odd", quantize_base="nf4"),
+                      tmp_path / "wd")
