@@ -8,7 +8,7 @@ one-line meaning, its check and whether a resume must match it (``dpo_jax.keys.k
     loss       loss_config.LossConfig     reference  reference.ReferenceConfig
     layout     layouts.LayoutConfig       optim      optim.OptimConfig
     run        workdir.RunConfig          eval       evaluation.EvalConfig
-    tracking   tracking.TrackingConfig
+    tracking   tracking.TrackingConfig    online     online.OnlineConfig
 
 ``defaults()`` is every key with its default (``configs/default.py`` returns it; a loss's own
 options are keys too); ``build(config)`` checks the keys (an unknown one gets "did you mean"),
@@ -37,6 +37,7 @@ from dpo_jax.evaluation import EvalConfig
 from dpo_jax.hf import ModelConfig
 from dpo_jax.layouts import LayoutConfig
 from dpo_jax.loss_config import LossConfig, registered_options
+from dpo_jax.online import OnlineConfig
 from dpo_jax.optim import OptimConfig
 from dpo_jax.reference import ReferenceConfig
 from dpo_jax.sharding import MeshConfig
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 GROUPS = {"model": ModelConfig, "tuning": TuningConfig, "mesh": MeshConfig,
           "data": DataConfig, "loss": LossConfig, "reference": ReferenceConfig,
           "layout": LayoutConfig, "optim": OptimConfig, "run": RunConfig, "eval": EvalConfig,
-          "tracking": TrackingConfig}
+          "tracking": TrackingConfig, "online": OnlineConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,7 @@ class Config:
     run: RunConfig
     eval: EvalConfig
     tracking: TrackingConfig
+    online: OnlineConfig
     flat: ml_collections.ConfigDict
 
     @property
@@ -283,6 +285,8 @@ def _guess_key(message: str, cls) -> str:
 def _check_across(cfg: Config):
     """The rules between keys of different groups."""
     data, lay = cfg.data, cfg.layout
+    if not data.dataset_name.strip() and not cfg.online.online_rounds:
+        raise ConfigError("config key dataset_name is empty")
     longest, what = data.max_length, f"max_length={data.max_length}"
     if lay.layout == "prefix_sharing":  # a row holds the prompt and both completions
         longest += data.max_completion_length

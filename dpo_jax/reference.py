@@ -36,6 +36,9 @@ class ReferenceConfig:
                                       resume=True)
     precompute_ref_log_probs: bool = K.key(False, "score the data with the reference once, "
                                            "before training", K.flag)
+    ref_model_name_or_path: str = K.key("", "the reference's own HF folder (full tuning; TRL's "
+                                        "ref_model); \"\" = the policy's initial weights",
+                                        K.text, resume=True)
 
     def __post_init__(self):
         K.check_fields(self)

@@ -150,6 +150,8 @@ class Run:
                      if cfg.reference.sync_ref_model else
                      "precomputed log-probs" if cfg.reference.precompute_ref_log_probs else
                      "none (the loss needs none)" if not loss.needs_reference else
+                     f"from {cfg.reference.ref_model_name_or_path}"
+                     if cfg.reference.ref_model_name_or_path else
                      "its own frozen copy" if self.tuning.name == "full" else
                      "the base with the adapters off")
         weights = loss.loss_weights or (1.0,) * len(loss.loss_type)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -70,6 +71,8 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None,
     state, state_sh, frozen, optimizer, lr_schedule = _train_state(cfg, mesh, tuning, params,
                                                                    planned.total_steps)
     del params
+    if cfg.reference.ref_model_name_or_path and cfg.loss.needs_reference:
+        frozen = _reference_model(cfg, tokenizer, model_cfg, state, state_sh)
     expect = {"model_config": checkpoint.model_config_record(model_cfg),
               "tuning": tuning.record()}
 
@@ -118,6 +121,30 @@ def _train_state(cfg, mesh, tuning, params, total_steps: int):
     if cfg.reference.sync_ref_model:  # TR-DPO: the reference moves, so it is train state
         state["ref"], state_sh["ref"], frozen = frozen, state_sh["params"], {}
     return state, state_sh, frozen, optimizer, lr_schedule
+
+
+def _reference_model(cfg, tokenizer, model_cfg, state, state_sh) -> dict:
+    """The reference from its own folder (config key ref_model_name_or_path), placed as the
+    policy's params, in ``ref_dtype``: the model of the policy's family and shapes."""
+    where = f"config key ref_model_name_or_path={cfg.reference.ref_model_name_or_path!r}"
+    if cfg.tuning.lora_rank:
+        raise ConfigError(f"{where}: LoRA's and DoRA's reference is their base with the adapters "
+                          "off; set model_name_or_path to the reference, lora_init to the "
+                          "policy's adapter")
+    if cfg.reference.sync_ref_model:
+        raise ConfigError(f"{where} and sync_ref_model=True: TR-DPO's reference starts as the "
+                          "policy; set one of them")
+    ref_cfg, params = hf.initial_model(dataclasses.replace(
+        cfg.model, model_name_or_path=cfg.reference.ref_model_name_or_path), tokenizer)
+    want = jax.tree.map(lambda a: tuple(a.shape), state["params"])
+    have = jax.tree.map(lambda a: tuple(a.shape), params)
+    if models.family_of(ref_cfg) is not models.family_of(model_cfg) or want != have:
+        raise ConfigError(f"{where}: not a model of the policy's family and shapes "
+                          f"({models.family_of(ref_cfg).name} against "
+                          f"{models.family_of(model_cfg).name})")
+    dtype = jnp.dtype(cfg.model.ref_dtype) if cfg.model.ref_dtype else None
+    return jax.tree.map(lambda a, sh: jax.device_put(jnp.asarray(a).astype(dtype or a.dtype), sh),
+                        params, state_sh["params"])
 
 
 def _check_model(cfg, model_cfg, mesh):
@@ -377,6 +404,9 @@ def train_and_evaluate(config, workdir) -> dict:
     complete checkpoint. A rerun of the same command resumes from it.
     """
     cfg = config if isinstance(config, configs.Config) else configs.build(config)
+    if cfg.online.online_rounds:  # on-policy rounds: each round's training is a run of its own
+        from dpo_jax import online
+        return online.run_rounds(cfg, workdir)
     mesh_cfg = cfg.mesh
     if mesh_cfg.distributed:  # multi-host: before any other JAX call touches the devices
         jax.distributed.initialize(

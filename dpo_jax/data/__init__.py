@@ -43,7 +43,8 @@ class DataConfig:
     """data (dpo_jax/data/)"""
 
     dataset_name: str = K.key("", "hub id, .json/.jsonl/.parquet/.csv file, or save_to_disk "
-                              "folder", K.nonempty, resume=True)
+                              "folder (online rounds: unused, each round's pairs are its data)",
+                              K.text, resume=True)
     dataset_train_split: str = K.key("train", "split of a hub / save_to_disk dataset to train "
                                      "on", K.nonempty, resume=True)
     eval_dataset_name: str = K.key("", "\"\" = dataset_name (its dataset_test_split); a file or "

@@ -1,0 +1,152 @@
+"""Issue 31: on-policy DPO rounds (dpo_jax/online.py). A tiny two-round run from the CLI with a
+``module:function`` reward; a SIGKILL in each phase (sampling, scoring, training) and reruns end
+with the uninterrupted run's pairs and bitwise its weights; bad rewards are one line; pairing."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dpo_jax import online
+from dpo_jax.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+REWARD = textwrap.dedent("""
+    def vowels(prompts, completions, **kw):
+        return [sum(c.count(x) for x in "aeiou") / (1 + len(c)) for c in completions]
+""")
+KILL_DRIVER = textwrap.dedent("""
+    import os, signal, sys
+    from dpo_jax import online, steps
+    phase, at = os.environ.get("KILL", "none:0").split(":")
+    at = int(at)
+    kill = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    sample, score, make = online.sample, online.score, steps.make_train_step
+    def sample_and_kill(*a, seed, **k):
+        if phase == "sample" and seed % 1000 == at:
+            kill()
+        return sample(*a, seed=seed, **k)
+    def score_and_kill(fn, spec, prompts, samples, r):
+        if phase == "score" and r == at:
+            kill()
+        return score(fn, spec, prompts, samples, r)
+    from dpo_jax import trainer
+    train_round, training = trainer.train_and_evaluate, [""]
+    def train_and_note(config, workdir):
+        training[0] = str(workdir)
+        return train_round(config, workdir)
+    def make_and_kill(*a, **k):
+        fn = make(*a, **k)
+        def step(state, *rest):
+            if (phase == "train" and f"round_{at:03d}" in training[0]
+                    and int(state["step"]) == 2):
+                kill()
+            return fn(state, *rest)
+        return step
+    online.sample, online.score = sample_and_kill, score_and_kill
+    trainer.train_and_evaluate, steps.make_train_step = train_and_note, make_and_kill
+    import train
+    train.check_overrides(sys.argv)
+    train.app.run(train.main)
+""")
+
+
+def cli(tmp_path, workdir, kill="none:0"):
+    (tmp_path / "rewards_mod.py").write_text(REWARD)
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [json.loads(l) for l in (ROOT / "data/tiny/eval.jsonl").read_text().splitlines()]
+    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows[:12]))
+    driver = tmp_path / "driver.py"
+    driver.write_text(KILL_DRIVER)
+    args = [sys.executable, str(driver), "--config", "configs/tiny.py", "--workdir",
+            str(workdir), "--config.online_rounds=2", f"--config.online_prompts={prompts}",
+            "--config.online_reward=rewards_mod:vowels", "--config.online_samples_per_prompt=3",
+            "--config.online_max_new_tokens=6", "--config.online_batch_size=8",
+            "--config.max_steps=3", "--config.warmup_steps=0", "--config.save_steps=1",
+            "--config.sample_prompts=0", "--config.eval_steps=0", "--config.logging_steps=1",
+            "--config.progress_bar=False", f"--config.data_cache_dir={tmp_path / 'cache'}"]
+    env = dict(os.environ, KILL=kill,
+               PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_rounds_train_from_the_cli_and_a_kill_in_each_phase_resumes_bitwise(tmp_path):
+    straight = tmp_path / "straight"
+    r = cli(tmp_path, straight)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((straight / "summary.json").read_text())
+    assert [x["round"] for x in summary["rounds"]] == [1, 2]
+    for n in (1, 2):
+        rdir = straight / "online" / f"round_{n:03d}"
+        info = json.loads((rdir / "round.json").read_text())
+        pairs = [json.loads(l) for l in (rdir / "pairs.jsonl").read_text().splitlines()]
+        assert info["prompts"] == 12 and info["samples"] == 36
+        assert len(pairs) + info["ties_dropped"] == 12  # best_worst: one per prompt, or a tie
+        assert all(p["chosen_reward"] > p["rejected_reward"] for p in pairs)
+        assert (rdir / "train" / "hf" / "model.safetensors").exists()
+    # round 2 sampled from round 1's policy, and trained against the initial model
+    assert "sampling 12 x 3 completions from " + str(straight / "online" / "round_001") \
+        in r.stderr
+    assert "reference: from " + str(straight / "online" / "initial") in r.stderr
+    import transformers
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(straight / "hf")).__name__ \
+        == "GPT2LMHeadModel"
+
+    resumed = tmp_path / "resumed"
+    for kill in ("sample:2", "score:2", "train:2"):  # each phase of round 2, one after another
+        r = cli(tmp_path, resumed, kill)
+        assert r.returncode == -9, (kill, r.returncode, r.stderr[-3000:])
+    r = cli(tmp_path, resumed)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for n in (1, 2):
+        for name in ("samples.jsonl", "rewards.jsonl", "pairs.jsonl"):
+            rel = Path("online") / f"round_{n:03d}" / name
+            assert (straight / rel).read_bytes() == (resumed / rel).read_bytes(), rel
+    assert ((straight / "hf" / "model.safetensors").read_bytes()
+            == (resumed / "hf" / "model.safetensors").read_bytes())
+
+
+def test_a_reward_that_is_not_one_finite_float_per_completion_is_one_line():
+    prompts, samples = ["a", "b"], [["x", "y"], ["z", "w"]]
+    nan = lambda prompts, completions: [0.0, 1.0, float("nan"), 2.0]
+    with pytest.raises(ConfigError, match=r"round 3: online_reward='m:nan' returned nan for "
+                                          r"completion 2 \(prompt 1: 'b'\); 1 of 4 are not "
+                                          r"finite"):
+        online.score(nan, "m:nan", prompts, samples, 3)
+    short = lambda prompts, completions: [0.0, 1.0]
+    with pytest.raises(ConfigError, match=r"returned shape \(2,\) for 4 completions"):
+        online.score(short, "m:short", prompts, samples, 1)
+    text = lambda prompts, completions: ["good"] * 4
+    with pytest.raises(ConfigError, match=r"online_reward='m:text' returned"):
+        online.score(text, "m:text", prompts, samples, 1)
+    with pytest.raises(ConfigError, match=r"neither module:function nor an HF"):
+        online.reward_function("no_colon_here")
+
+
+def test_pairings_and_ties():
+    prompts = ["p", "q"]
+    samples = [["a", "b", "c"], ["d", "e", "f"]]
+    rewards = [[0.1, 0.9, 0.5], [0.2, 0.2, 0.2]]  # q: all tied
+    pairs, ties = online.make_pairs(prompts, samples, rewards, "best_worst", 0)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("b", "a")] and ties == 1
+    pairs, ties = online.make_pairs(prompts, samples, rewards, "all_pairs", 0)
+    assert {(p["chosen"], p["rejected"]) for p in pairs} == {("b", "a"), ("c", "a"), ("b", "c")}
+    assert ties == 3
+    pairs, ties = online.make_pairs(prompts, samples, rewards, "random_pair", 0)
+    assert len(pairs) == 1 and ties == 1 and pairs[0]["chosen_reward"] > pairs[0][
+        "rejected_reward"]
+    assert online.make_pairs(prompts, samples, rewards, "random_pair", 0) == (pairs, ties)
+    np.testing.assert_equal(len(pairs), 1)
+
+
+def test_rounds_need_prompts_and_a_reward(tmp_path):
+    from trainutil import tiny_config
+    from dpo_jax import config as configs
+    with pytest.raises(ConfigError, match=r"online_rounds=2 needs online_prompts and "
+                                          r"online_reward"):
+        configs.build(tiny_config(tmp_path, online_rounds=2))
