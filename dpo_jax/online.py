@@ -13,11 +13,12 @@ pairs from the policy being trained: with ``online_rounds`` = R > 0 a run is R r
    sequence-classification folder (one output: its logit of prompt + completion);
 3. **pair**: per prompt, by ``online_pairing``: ``best_worst`` (the highest against the lowest
    reward), ``random_pair`` (two drawn at random, ordered by reward) or ``all_pairs`` (every two
-   with different rewards); ties are dropped and counted;
+   with different rewards); ties, and pairs with an empty completion, are dropped and counted;
 4. **train**: the normal DPO trainer on the round's pairs (any loss, layout, tuning, mesh):
    ``max_steps`` / ``num_train_epochs`` per round. The policy starts from the previous round's.
-   The reference (``online_reference``) is ``initial``, the model round 1 started from, or
-   ``previous_round``, the policy the round's samples came from. Full tuning: the previous
+   The reference (``online_reference``) is ``initial``, round 1's (``ref_model_name_or_path``,
+   or else the model round 1 started from), or ``previous_round``, the policy the round's
+   samples came from. Full tuning: the previous
    round's export is the model and ``ref_model_name_or_path`` the initial one. LoRA / DoRA with
    ``initial``: the base stays the initial model (the reference) and the adapters continue from
    the previous round's (``lora_init``); with ``previous_round`` the previous round's merged
@@ -223,15 +224,19 @@ def score(fn, spec: str, prompts, samples, round_: int) -> list[list[float]]:
     return [r[i * k:(i + 1) * k].tolist() for i in range(len(samples))]
 
 
-def make_pairs(prompts, samples, rewards, pairing: str, seed: int) -> tuple[list[dict], int]:
-    """(pairs, ties dropped): per prompt, by ``pairing`` (see the module docstring)."""
+def make_pairs(prompts, samples, rewards, pairing: str, seed: int) -> tuple[list[dict], dict]:
+    """(pairs, {"ties": n, "empty": m}): per prompt, by ``pairing`` (see the module docstring);
+    pairs of equal rewards, and pairs with an empty completion (EOS first: no text to train
+    on), dropped and counted."""
     rng = np.random.default_rng(seed)
-    pairs, ties = [], 0
+    pairs, dropped = [], {"ties": 0, "empty": 0}
 
     def add(p, s, r, i, j):
-        nonlocal ties
         if r[i] == r[j]:
-            ties += 1
+            dropped["ties"] += 1
+            return
+        if not s[i].strip() or not s[j].strip():
+            dropped["empty"] += 1
             return
         hi, lo = (i, j) if r[i] > r[j] else (j, i)
         pairs.append({"prompt": p, "chosen": s[hi], "rejected": s[lo],
@@ -247,7 +252,7 @@ def make_pairs(prompts, samples, rewards, pairing: str, seed: int) -> tuple[list
             for i in range(len(s)):
                 for j in range(i + 1, len(s)):
                     add(p, s, r, i, j)
-    return pairs, ties
+    return pairs, dropped
 
 
 # =========================================================================== the rounds
@@ -271,8 +276,10 @@ def _round_config(cfg, r: int, rdir: Path, online_dir: Path, initial: str):
     flat = cfg.flat.to_dict() if hasattr(cfg.flat, "to_dict") else dict(cfg.flat)
     o = cfg.online
     prev = online_dir / f"round_{r - 1:03d}" / "train"
-    flat.update(online_rounds=0, dataset_name=str(rdir / "pairs.jsonl"), dataset_test_split="",
+    flat.update(online_rounds=0, dataset_name=str(rdir / "pairs.jsonl"),
                 prompt_column="prompt", chosen_column="chosen", rejected_column="rejected")
+    if not cfg.data.eval_dataset_name:  # the pairs file has no test split: no evaluation
+        flat.update(dataset_test_split="")
     if cfg.tuning.lora_rank:
         if r > 1 and o.online_reference == "initial":  # the base stays: adapters continue
             flat.update(model_name_or_path=initial, lora_init=str(prev / "adapter"))
@@ -280,8 +287,10 @@ def _round_config(cfg, r: int, rdir: Path, online_dir: Path, initial: str):
             flat.update(model_name_or_path=str(prev / "hf"), lora_init="")
     elif r > 1:
         flat.update(model_name_or_path=str(prev / "hf"))
-        if o.online_reference == "initial":
-            flat.update(ref_model_name_or_path=initial)
+        if o.online_reference == "initial":  # the run's reference: its own, or round 1's model
+            flat.update(ref_model_name_or_path=cfg.reference.ref_model_name_or_path or initial)
+        else:
+            flat.update(ref_model_name_or_path="")
     return flat
 
 
@@ -336,15 +345,16 @@ def run_rounds(cfg, workdir) -> dict:
             _write_once(rdir / "rewards.jsonl", ({"rewards": x} for x in rewards))
         rewards = [row["rewards"] for row in _read(rdir / "rewards.jsonl")]
         if not (rdir / "round.json").exists():
-            pairs, ties = make_pairs(prompts, samples, rewards, o.online_pairing, seed)
+            pairs, dropped = make_pairs(prompts, samples, rewards, o.online_pairing, seed)
             if not pairs:
-                raise ConfigError(f"round {r}: every completion of every prompt got the same "
-                                  f"reward ({ties} ties): no pair to train on (raise "
-                                  "online_temperature, or another online_reward)")
+                raise ConfigError(f"round {r}: no pair to train on ({dropped['ties']} ties, "
+                                  f"{dropped['empty']} with an empty completion); raise "
+                                  "online_temperature, or use another online_reward")
             _write_once(rdir / "pairs.jsonl", pairs)
             flat_r = np.asarray(rewards, np.float64)
             info = {"round": r, "prompts": len(prompts), "samples": int(flat_r.size),
-                    "pairs": len(pairs), "ties_dropped": ties,
+                    "pairs": len(pairs), "ties_dropped": dropped["ties"],
+                    "empty_dropped": dropped["empty"],
                     "reward_mean": float(flat_r.mean()),
                     "reward_best_of_k_mean": float(flat_r.max(-1).mean())}
             (rdir / "round.json.tmp").write_text(json.dumps(info, indent=2) + "\n")

@@ -28,8 +28,10 @@ OLD_RUN_KEYS = (
 def test_groups_hold_every_key_once_and_the_resume_keys_are_derived():
     keys = [f.name for _, cls in configs.GROUPS.items() for f in configs.K.fields(cls)]
     assert len(keys) == len(set(keys))  # one owner per key
-    assert set(configs.resume_keys()) == set(OLD_RUN_KEYS) | {"use_dora", "router_aux_loss_coef",
-                                                              "quantize_base"}
+    assert set(configs.resume_keys()) == set(OLD_RUN_KEYS) | {
+        "use_dora", "router_aux_loss_coef", "quantize_base", "quantize_embeddings",
+        "ref_model_name_or_path", *(f.name for f in configs.K.fields(configs.OnlineConfig)
+                                    if f.name != "online_batch_size")}
     cfg = configs.build({**configs.defaults().to_dict(), "dataset_name": "x.jsonl"})
     assert cfg.optim.learning_rate == 1e-6 and cfg.loss.loss_type == ("sigmoid",)
 

@@ -9,7 +9,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from dpo_jax import online
@@ -86,7 +85,7 @@ def test_rounds_train_from_the_cli_and_a_kill_in_each_phase_resumes_bitwise(tmp_
         info = json.loads((rdir / "round.json").read_text())
         pairs = [json.loads(l) for l in (rdir / "pairs.jsonl").read_text().splitlines()]
         assert info["prompts"] == 12 and info["samples"] == 36
-        assert len(pairs) + info["ties_dropped"] == 12  # best_worst: one per prompt, or a tie
+        assert len(pairs) + info["ties_dropped"] + info["empty_dropped"] == 12  # one per prompt
         assert all(p["chosen_reward"] > p["rejected_reward"] for p in pairs)
         assert (rdir / "train" / "hf" / "model.safetensors").exists()
     # round 2 sampled from round 1's policy, and trained against the initial model
@@ -132,16 +131,18 @@ def test_pairings_and_ties():
     prompts = ["p", "q"]
     samples = [["a", "b", "c"], ["d", "e", "f"]]
     rewards = [[0.1, 0.9, 0.5], [0.2, 0.2, 0.2]]  # q: all tied
-    pairs, ties = online.make_pairs(prompts, samples, rewards, "best_worst", 0)
-    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("b", "a")] and ties == 1
-    pairs, ties = online.make_pairs(prompts, samples, rewards, "all_pairs", 0)
+    pairs, dropped = online.make_pairs(prompts, samples, rewards, "best_worst", 0)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("b", "a")]
+    assert dropped == {"ties": 1, "empty": 0}
+    pairs, dropped = online.make_pairs(prompts, samples, rewards, "all_pairs", 0)
     assert {(p["chosen"], p["rejected"]) for p in pairs} == {("b", "a"), ("c", "a"), ("b", "c")}
-    assert ties == 3
-    pairs, ties = online.make_pairs(prompts, samples, rewards, "random_pair", 0)
-    assert len(pairs) == 1 and ties == 1 and pairs[0]["chosen_reward"] > pairs[0][
-        "rejected_reward"]
-    assert online.make_pairs(prompts, samples, rewards, "random_pair", 0) == (pairs, ties)
-    np.testing.assert_equal(len(pairs), 1)
+    assert dropped == {"ties": 3, "empty": 0}
+    pairs, dropped = online.make_pairs(prompts, samples, rewards, "random_pair", 0)
+    assert len(pairs) == 1 and dropped["ties"] == 1
+    assert pairs[0]["chosen_reward"] > pairs[0]["rejected_reward"]
+    assert online.make_pairs(prompts, samples, rewards, "random_pair", 0) == (pairs, dropped)
+    pairs, dropped = online.make_pairs(["p"], [["a", " "]], [[1.0, 0.0]], "best_worst", 0)
+    assert not pairs and dropped == {"ties": 0, "empty": 1}  # EOS first: nothing to train on
 
 
 def test_rounds_need_prompts_and_a_reward(tmp_path):

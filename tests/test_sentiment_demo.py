@@ -1,5 +1,6 @@
-"""Issues 8 and 19: the controlled-sentiment demo, shrunken (config preset "tiny"), end to end:
-DPO, a baseline (Preferred-FT) and best-of-N on the graded classifier reward."""
+"""Issues 8, 19 and 31: the controlled-sentiment demo, shrunken (config preset "tiny"), end to
+end: DPO, a baseline (Preferred-FT), on-policy DPO rounds and best-of-N on the graded classifier
+reward."""
 
 import csv
 import json
@@ -42,6 +43,13 @@ def test_demo_moves_reward_up_at_a_kl_cost(demo_run):
     assert pol["kl"] > 0.1, rows
     assert pol["eval_reward_accuracy"] > 0.5, rows
     assert pft["kl"] > 0.05 and pft["reward"] > ref["reward"], rows  # SFT on the chosen ones
+    # issue 31: a round of on-policy DPO from the DPO run, pi_ref still the reference
+    (onp,) = [r for r in rows if r["method"] == "On-policy DPO"]
+    assert onp["reward"] > ref["reward"] + 0.3 and onp["kl"] > 0.1, rows
+    rnd = json.loads((wd / "runs" / "online_dpo_beta0.5_seed0" / "online" / "round_001" /
+                      "round.json").read_text())
+    assert rnd["pairs"] > 50 and rnd["samples"] == 2 * 96, rnd
+    assert "On-policy DPO beta=0.5 seed 0: 1 rounds" in out
     # best-of-N: its closed-form KL, and choosing the best of 4 beats a single sample
     assert bon[1]["kl"] == 0 and abs(bon[4]["kl"] - (np.log(4) - 0.75)) < 1e-9, bon
     assert bon[4]["reward"] > bon[1]["reward"] + 0.3, bon
@@ -58,7 +66,7 @@ def test_demo_writes_table_plot_and_samples(demo_run):
     with (wd / "results.csv").open() as f:
         table = list(csv.DictReader(f))
     assert [r["method"] for r in table] == ["pi_ref", "best-of-N", "best-of-N", "DPO",
-                                            "Preferred-FT"]
+                                            "Preferred-FT", "On-policy DPO"]
     md = (wd / "results.md").read_text()
     assert "| DPO | beta = 0.5 |" in md and "Ranking at matched KL" in md
     png = (wd / "reward_vs_kl.png").read_bytes()

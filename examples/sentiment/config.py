@@ -50,11 +50,17 @@ def get_config(preset: str = "mini"):
     c.methods = ml_collections.ConfigDict(dict(
         dpo="sigmoid:beta=0.1,0.3,1,4",
         ipo="ipo:beta=0.5,2",
-        simpo="simpo:beta=1,2.5;simpo_gamma=0.5",
+        simpo="simpo:beta=1;simpo_gamma=0.5",
         orpo="orpo:beta=0.1,1",
-        unlikelihood="unlikelihood:beta=0.1,0.3",
+        unlikelihood="unlikelihood:beta=0.1",
         preferred_ft="sft:learning_rate=3e-4,1e-3",
     ))
+    # ---- on-policy DPO (dpo_jax/online.py): from each offline DPO run of these betas, `rounds`
+    # more rounds of sampling 2 completions of `prompts` train prompts from the current policy,
+    # scoring them, pairing best against worst and training `epochs` on them; the reference
+    # stays pi_ref. () = off. Needs reward "classifier" or "lexicon".
+    c.online = ml_collections.ConfigDict(dict(betas=(0.3, 1.0), rounds=2, prompts=384,
+                                              epochs=1))
     c.seeds = (0, 1)
     c.dpo_epochs = 2
     c.dpo_batch_size = 32
@@ -77,6 +83,8 @@ def get_config(preset: str = "mini"):
         c.max_new_tokens = 12
         c.methods = ml_collections.ConfigDict(dict(dpo="sigmoid:beta=0.5",
                                                    preferred_ft="sft:learning_rate=1e-3"))
+        c.online = ml_collections.ConfigDict(dict(betas=(0.5,), rounds=1, prompts=96,
+                                                  epochs=1))
         c.best_of_n = (1, 4)
         c.seeds = (0,)
         c.dpo_epochs = 4
@@ -95,6 +103,7 @@ def get_config(preset: str = "mini"):
         c.eval_prompts = 512
         c.max_new_tokens = 48
         c.reward = "hf:lvwerra/distilbert-imdb"
+        c.online = ml_collections.ConfigDict(dict(betas=(), rounds=2, prompts=2048, epochs=1))
         c.seeds = (0, 1, 2)
         c.dpo_epochs = 1
         c.dpo_batch_size = 64

@@ -260,13 +260,47 @@ def trainer_config(c, *, stage: str, tokenizer, dataset: Path, eval_dataset: Pat
 
 
 def run_trainer(t, workdir: Path) -> dict:
-    """The normal trainer; a finished run (summary.json and hf/ present) is read back instead."""
+    """The normal trainer; a finished run (summary.json and hf/ present) is read back instead.
+    On-policy rounds' summaries give their last round's."""
     from dpo_jax.trainer import train_and_evaluate
     summary = workdir / "summary.json"
     if summary.exists() and (workdir / "hf" / "config.json").exists():
         print(f"  {workdir}: already trained", flush=True)
-        return json.loads(summary.read_text())
-    return train_and_evaluate(t, workdir)
+        s = json.loads(summary.read_text())
+    else:
+        s = train_and_evaluate(t, workdir)
+    return dict(s["final"], rounds=s["rounds"]) if "rounds" in s else s
+
+
+def online_runs(c) -> list[tuple[float, int]]:
+    """(beta, seed) of the on-policy DPO runs: config key online.betas that DPO sweeps too (each
+    starts from that offline run), with a reward the rounds can call."""
+    if c.reward not in ("classifier", "lexicon"):
+        return []
+    dpo = next((m for m in methods(c) if m.name == "dpo"), None)
+    return [(b, s) for b in c.online.betas if dpo and b in dpo.values for s in c.seeds]
+
+
+def online_config(c, work: Path, tokenizer, beta: float, seed: int):
+    """The trainer config of one on-policy run: DPO at ``beta`` from the offline DPO run of that
+    beta and seed, c.online.rounds rounds on fresh samples of the current policy, pi_ref the
+    reference throughout (dpo_jax/online.py)."""
+    dpo = next(m for m in methods(c) if m.name == "dpo")
+    t = trainer_config(c, stage="dpo", tokenizer=tokenizer, dataset=work / "pairs" / "train.jsonl",
+                       eval_dataset=work / "pairs" / "eval.jsonl",
+                       model_name_or_path=str(work / "runs" / dpo.run_name(beta, seed) / "hf"),
+                       method=dpo, value=beta, seed=seed)
+    t.ref_model_name_or_path = str(work / "sft" / "hf")
+    t.online_rounds = c.online.rounds
+    t.online_prompts = str(work / "pairs" / "online_prompts.jsonl")
+    t.online_reward = f"examples.sentiment.reward:online_{c.reward}"
+    t.online_samples_per_prompt = 2  # as the offline pairs: two samples, the better chosen
+    t.online_temperature = c.temperature
+    t.online_max_new_tokens = c.max_new_tokens
+    t.online_batch_size = 128
+    t.num_train_epochs = c.online.epochs
+    t.warmup_steps = 0  # each round goes on from a trained policy
+    return t
 
 
 # =========================================================================== sampling
@@ -490,8 +524,9 @@ def write_report(c, work: Path, rows: list[dict], samples: list[dict]) -> dict:
     return {"table": table, "ranking": ranking}
 
 
+ONLINE = "On-policy DPO"
 COLORS = {"DPO": "tab:blue", "IPO": "tab:orange", "SimPO": "tab:green", "ORPO": "tab:red",
-          "Unlikelihood": "tab:purple", "Preferred-FT": "tab:brown"}
+          "Unlikelihood": "tab:purple", "Preferred-FT": "tab:brown", ONLINE: "tab:cyan"}
 
 
 def plot(rows: list[dict], path: Path, reward_name: str):
@@ -563,7 +598,7 @@ def checks(c, rows: list[dict]) -> list[tuple[str, bool]]:
         d = dict(ranked)["DPO"]
         above = lambda keep: [f"{m} {v[0]:+.3f}" for m, v in ranked if keep(m) and m != "DPO"
                               and v[0] - d[0] > d[1] + v[1]]
-        trained = above(lambda m: m != "best-of-N")
+        trained = above(lambda m: m not in ("best-of-N", ONLINE))  # on-policy is DPO too
         out.append((f"at KL {kl:g}: no trained method above DPO ({d[0]:+.3f} ± {d[1]:.3f}) "
                     "beyond the seed spread" + (f"; above: {', '.join(trained)}" if trained
                                                 else ""), not trained))
@@ -572,6 +607,18 @@ def checks(c, rows: list[dict]) -> list[tuple[str, bool]]:
             out.append((f"at KL {kl:g}: DPO on or above best-of-N ({bon[0]:+.3f} ± "
                         f"{bon[1]:.3f}) within the seed spread",
                         not above(lambda m: m == "best-of-N")))
+    if ONLINE in curves(rows):  # on-policy rounds against offline DPO, and best-of-N
+        for kl, ranked, _ in matched_kl(rows, [k for k in (0.5, 1.0, 1.5)]):
+            got = dict(ranked)
+            if ONLINE not in got:
+                out.append((f"at KL {kl:g}: {ONLINE}'s curve does not reach this KL", False))
+                continue
+            (o, so), (d, sd) = got[ONLINE], got["DPO"]
+            gap = "" if "best-of-N" not in got else (
+                f"; best-of-N {got['best-of-N'][0]:+.3f}, {o - got['best-of-N'][0]:+.3f} from it")
+            out.append((f"at KL {kl:g}: {ONLINE} {o:+.3f} ± {so:.3f} above offline DPO "
+                        f"{d:+.3f} ± {sd:.3f} by more than the seed spread" + gap,
+                        o - d > so + sd))
     for r in dpo:
         out.append((f"DPO beta={r['value']:g}: eval reward accuracy "
                     f"{r['eval_reward_accuracy']:.3f} > 0.5", r["eval_reward_accuracy"] > 0.5))
@@ -651,6 +698,21 @@ def run(c, workdir) -> dict:
                     print(f"    eval reward accuracy {s['eval/rewards/accuracies']:.3f}, "
                           f"margin {s['eval/rewards/margins']:.3f}, loss {s['eval/loss']:.3f}",
                           flush=True)
+        if online_runs(c):
+            prompts_file = work / "pairs" / "online_prompts.jsonl"
+            if not prompts_file.exists():
+                _write_jsonl(prompts_file, ({"prompt": p}
+                                            for p in train_prompts[:c.online.prompts]))
+        for beta, seed in online_runs(c):
+            name = f"online_dpo_beta{beta:g}_seed{seed}"
+            print(f"  {ONLINE} beta={beta:g} seed {seed}: {c.online.rounds} rounds from the "
+                  f"offline DPO run, {min(c.online.prompts, len(train_prompts))} prompts",
+                  flush=True)
+            s = runs[name] = run_trainer(online_config(c, work, tokenizer, beta, seed),
+                                         work / "runs" / name)
+            print("    " + "; ".join(f"round {r['round']}: {r['pairs']} pairs, sample reward "
+                                     f"{r['reward_mean']:+.3f}" for r in s["rounds"]) +
+                  f"; eval reward accuracy {s['eval/rewards/accuracies']:.3f}", flush=True)
 
     rows, first_samples = [], {}
     with Stage(5, "evaluation on held-out prompts (reward, KL; best-of-N from pi_ref)"):
@@ -682,6 +744,21 @@ def run(c, workdir) -> dict:
                     eval_loss=float(np.mean([runs[n]["eval/loss"] for n in names]))))
                 print(f"  {m.label} {m.key}={value:g}: reward {rows[-1]['reward']:+.3f}, "
                       f"KL {rows[-1]['kl']:.2f}", flush=True)
+        for beta in dict.fromkeys(b for b, _ in online_runs(c)):
+            res, names = [], [f"online_dpo_beta{beta:g}_seed{s}" for s in c.seeds]
+            for seed, name in zip(c.seeds, names):
+                sampler = Sampler(hf.load_pretrained(work / "runs" / name / "hf"), tokenizer,
+                                  c.prompt_tokens[1], c.max_new_tokens, c.temperature)
+                res.append(evaluate_model(c, sampler, ref_sampler, reward, eval_prompts, seed))
+                if seed == c.seeds[0]:
+                    first_samples[f"{ONLINE} beta={beta:g}"] = (sampler, res[-1][2])
+            rows.append(_point(
+                ONLINE, "beta", beta, [(r, kl) for r, kl, _ in res],
+                eval_reward_accuracy=float(np.mean(
+                    [runs[n]["eval/rewards/accuracies"] for n in names])),
+                eval_loss=float(np.mean([runs[n]["eval/loss"] for n in names]))))
+            print(f"  {ONLINE} beta={beta:g}: reward {rows[-1]['reward']:+.3f}, "
+                  f"KL {rows[-1]['kl']:.2f}", flush=True)
 
     with Stage(6, "report"):
         samples = []

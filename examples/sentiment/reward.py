@@ -139,6 +139,17 @@ def hf_classifier(model: str = "lvwerra/distilbert-imdb", positive_label: str = 
     return reward
 
 
+def online_classifier(prompts: Sequence[str], completions: Sequence[str], **_) -> np.ndarray:
+    """``classifier`` as on-policy rounds call a reward (dpo_jax/online.py, config key
+    ``online_reward="examples.sentiment.reward:online_classifier"``): of prompt + completion."""
+    return classifier([p + c for p, c in zip(prompts, completions)])
+
+
+def online_lexicon(prompts: Sequence[str], completions: Sequence[str], **_) -> np.ndarray:
+    """``lexicon`` as on-policy rounds call a reward."""
+    return lexicon([p + c for p, c in zip(prompts, completions)])
+
+
 def load(spec: str) -> Reward:
     """``classifier``, ``lexicon``, ``hf:<model id>``, or ``module:function`` (a Reward, or a
     factory of one when the name ends in ``()``)."""
