@@ -89,8 +89,8 @@ def context_order(masks, t: int, mesh_axes):
     None (index order)."""
     n = context_size(mesh_axes)
     leaves = masks if isinstance(masks, tuple) else (masks,)
-    if (n < 2 or CONTEXT_ATTENTION != "ring" or CONTEXT_ORDER != "zigzag"
-            or not all(isinstance(m, attention_lib.Mask) and m.causal and not m.order for m in leaves)):
+    causal = all(isinstance(m, attention_lib.Mask) and m.causal and not m.order for m in leaves)
+    if n < 2 or CONTEXT_ATTENTION != "ring" or CONTEXT_ORDER != "zigzag" or not causal:
         return None
     return attention_lib.zigzag(t, n)
 

@@ -53,13 +53,13 @@ def get_config(preset: str = "mini"):
         simpo="simpo:beta=1;simpo_gamma=0.5",
         orpo="orpo:beta=0.1,1",
         unlikelihood="unlikelihood:beta=0.1",
-        preferred_ft="sft:learning_rate=3e-4,1e-3",
+        preferred_ft="sft:learning_rate=1e-3",
     ))
     # ---- on-policy DPO (dpo_jax/online.py): from each offline DPO run of these betas, `rounds`
     # more rounds of sampling 2 completions of `prompts` train prompts from the current policy,
     # scoring them, pairing best against worst and training `epochs` on them; the reference
     # stays pi_ref. () = off. Needs reward "classifier" or "lexicon".
-    c.online = ml_collections.ConfigDict(dict(betas=(0.3, 1.0), rounds=2, prompts=384,
+    c.online = ml_collections.ConfigDict(dict(betas=(0.3, 1.0, 4.0), rounds=2, prompts=384,
                                               epochs=1))
     c.seeds = (0, 1)
     c.dpo_epochs = 2

@@ -1,6 +1,6 @@
 """The DPO paper's controlled-sentiment experiment (Section 6.1, Figure 2 left), in miniature.
 
-    python examples/sentiment/demo.py --workdir runs/sentiment        # offline, ~10 min on 2 CPUs
+    python examples/sentiment/demo.py --workdir runs/sentiment        # offline, ~12 min on 2 CPUs
 
 Stages, each reported as it runs (a stage whose output is already in the workdir is not redone):
   1. corpus: seeded synthetic movie reviews (corpus.py) and a byte-level BPE tokenizer on them
@@ -10,7 +10,9 @@ Stages, each reported as it runs (a stage whose output is already in the workdir
      held-out prompts are disjoint.
   4. DPO and the baselines, the normal trainer from pi_ref on the same pairs, once per (method,
      swept value, seed): DPO over beta; IPO, SimPO, ORPO (the package's losses); Unlikelihood
-     (Welleck et al., as the DPO paper's baseline); Preferred-FT (SFT on the chosen completions)
+     (Welleck et al., as the DPO paper's baseline); Preferred-FT (SFT on the chosen completions);
+     on-policy DPO (dpo_jax/online.py): from DPO runs, rounds that sample the current policy,
+     score, pair and train again, pi_ref still the reference
   5. evaluation on the held-out prompts: mean reward of samples (temperature 1) and the sequence
      KL(pi_theta || pi_ref) = E_{y ~ pi_theta}[log pi_theta(y|x) - log pi_ref(y|x)], estimated
      from the same samples; the eval pairs' reward accuracy from the trainer. Best-of-N from
@@ -18,9 +20,9 @@ Stages, each reported as it runs (a stage whose output is already in the workdir
   6. report: results.csv / results.md (with the ranking at matched KL), reward_vs_kl.png,
      samples.md (pi_ref | each policy)
 
-PPO, the paper's other baseline, is not run: it needs a value model and on-policy sampling in
-the loop, which this package does not have (best-of-N stands in as the reward-model-using
-reference).
+PPO, the paper's other baseline, is not run: it needs a value model and sampling inside every
+update, which this package does not have (its on-policy rounds sample between trainings;
+best-of-N stands in as the reward-model-using reference).
 
 ``--config examples/sentiment/config.py:full`` runs the paper's own setting (GPT-2, IMDb, a
 sentiment classifier) with the same code where the hub is reachable.
