@@ -95,8 +95,11 @@ def test_the_adapter_runs_on_the_base_bitsandbytes_loads(qlora_run):
 
 def test_one_device_and_eight_give_the_same_steps(qlora_run, tmp_path):
     """The codes and scales split with their matrix (fsdp 4 x tensor 2; the 64-wide matrices'
-    single scale block per output kept whole along fsdp): losses and adapters within 1e-5."""
+    single scale block per output kept whole along fsdp): losses and adapters within 1e-5
+    (the Llama: GPT-2's matrices split by the same rules)."""
     family, tmp = qlora_run
+    if family != "llama":
+        pytest.skip("one family is enough for the mesh (suite time)")
     one = tmp / "wd"
     run = trainer.setup(lora_config(tmp_path, tmp / "base", quantize_base="nf4", mesh_data=1,
                                     mesh_fsdp=4, mesh_tensor=2), tmp_path / "eight")
