@@ -45,7 +45,12 @@ CASES = {
     "qlora": ({"optim": "sgd", "learning_rate": 0.1},
               {"lora_rank": 4, "lora_alpha": 8.0, "lora_target": r".*\.(q|v)_proj",
                "quantize_base": "nf4", "optim": "sgd", "learning_rate": 0.1}),
+    "qlora-gpt2": ({"optim": "sgd", "learning_rate": 0.1},
+                   {"lora_rank": 4, "lora_alpha": 8.0, "lora_target": r"h\.attn\.c_attn",
+                    "quantize_base": "nf4", "optim": "sgd", "learning_rate": 0.1}),
 }
+# the QLoRA cases' bases (NF4 blocks of 64 inputs: 64 wide) and PEFT's target modules
+BASES = {"qlora": ("base64", ["q_proj", "v_proj"]), "qlora-gpt2": ("gpt2_64", ["c_attn"])}
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +69,11 @@ def setup(tmp_path_factory):
     wide = dict(cfg.to_dict(), hidden_size=64, intermediate_size=128, head_dim=16)
     transformers.LlamaForCausalLM(transformers.LlamaConfig(**wide)).save_pretrained(
         root / "base64")
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=128,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(
+        root / "gpt2_64")
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     return root, tok
 
@@ -71,10 +81,11 @@ def setup(tmp_path_factory):
 def trl_run(root, tok, name, theirs, lora):
     import peft
     torch.manual_seed(0)
-    if name == "qlora":
+    base, targets = BASES.get(name, ("base", ["q_proj", "v_proj"]))
+    if name in BASES:
         pytest.importorskip("bitsandbytes", reason="bitsandbytes is the NF4 reference")
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            root / "base64", dtype=torch.float32,
+            root / base, dtype=torch.float32,
             quantization_config=transformers.BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4",
                 bnb_4bit_compute_dtype=torch.float32))
@@ -82,7 +93,7 @@ def trl_run(root, tok, name, theirs, lora):
         model = transformers.AutoModelForCausalLM.from_pretrained(root / "base")
     if lora:  # the adapter both sides start from: PEFT's init (B = 0), saved first
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                           target_modules=["q_proj", "v_proj"]))
+                                                           target_modules=targets))
         model.save_pretrained(root / f"{name}-init")
     kw = dict(output_dir=str(root / f"{name}-trl"), per_device_train_batch_size=8,
               max_steps=STEPS, learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True,
@@ -92,7 +103,7 @@ def trl_run(root, tok, name, theirs, lora):
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainer = trl.DPOTrainer(model=model, args=args, processing_class=tok,
                              train_dataset=datasets.Dataset.from_list(ROWS))
-    if name == "qlora":  # TRL casts a quantized base's adapters to bfloat16 (QLoRA's paper);
+    if name in BASES:  # TRL casts a quantized base's adapters to bfloat16 (QLoRA's paper);
         # ours train in float32, as every trainable param: compared in float32 both, from the
         # same (unrounded) adapters
         for n, p in trainer.model.named_parameters():
@@ -100,7 +111,7 @@ def trl_run(root, tok, name, theirs, lora):
                 p.data = start[n]
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    if name == "qlora":  # the trained adapters (PEFT's merge would requantize the base)
+    if name in BASES:  # the trained adapters (PEFT's merge would requantize the base)
         return logs, {k.replace(".default", ""): v.detach().numpy()
                       for k, v in trainer.model.state_dict().items() if ".default." in k}
     model = trainer.model.merge_and_unload() if lora else trainer.model
@@ -113,7 +124,7 @@ def test_trl_and_we_log_the_same_numbers(setup, tmp_path, name):
     theirs, ours = CASES[name]
     lora = "lora_rank" in ours
     logs, weights = trl_run(root, tok, name, theirs, lora)
-    base = root / ("base64" if name == "qlora" else "base")
+    base = root / BASES.get(name, ("base",))[0]
     c = tiny_config(tmp_path, model_name_or_path=str(base),
                     tokenizer_name_or_path=str(root / "tok"),
                     dataset_name=str(root / "pairs.jsonl"), dataset_test_split="",
@@ -142,9 +153,9 @@ def test_trl_and_we_log_the_same_numbers(setup, tmp_path, name):
         assert not missing, (name, missing)  # every metric TRL logs, we log
     from safetensors.numpy import load_file
     ours_w = load_file(str(tmp_path / "wd" / ("adapter/adapter_model.safetensors"
-                                              if name == "qlora" else "hf/model.safetensors")))
+                                              if name in BASES else "hf/model.safetensors")))
     init = (load_file(str(root / f"{name}-init" / "adapter_model.safetensors"))
-            if name == "qlora" else {})
+            if name in BASES else {})
     for key, want in weights.items():
         got = ours_w[key]
         if key in init:  # what training moved, on both sides
