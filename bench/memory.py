@@ -103,9 +103,9 @@ def parse():
     ap.add_argument("--compare-remat", action="store_true", help="report remat off and on")
     ap.add_argument("--chunk", type=int, default=1024, help="LM-head chunk (positions)")
     ap.add_argument("--lora-only", action="store_true", help="with --lora-rank: skip full tuning")
-    ap.add_argument("--quantize-base", default="", choices=("", "nf4"),
-                    help="with --lora-rank: also QLoRA, the base's Linear matrices in NF4 "
-                         "(quantize_base), beside LoRA on the --ref-dtype base")
+    ap.add_argument("--quantize-base", default="", choices=("", "nf4", "int8"),
+                    help="with --lora-rank: also QLoRA, the base's Linear matrices in NF4 or "
+                         "int8 (quantize_base), beside LoRA on the --ref-dtype base")
     ap.add_argument("--quantize-embeddings", action="store_true",
                     help="with --quantize-base: a third case, the embedding tables in NF4 too")
     ap.add_argument("--context-attention", default="ring",
@@ -192,20 +192,21 @@ def main():
         if quantize:  # the base's Linear matrices as NF4 codes and scales, split with them
             flat = models.flatten(params)
             for path in tuning.quantized_paths + tuning.quantized_tables:
-                flat[f"{path}.weight"] = quant.abstract_nf4(
-                    flat[f"{path}.weight"].shape, rows=path in tuning.quantized_tables)
+                flat[f"{path}.weight"] = quant.abstract(
+                    flat[f"{path}.weight"].shape, tuning.cfg.quantize,
+                    rows=path in tuning.quantized_tables)
             frozen = models.unflatten_like(params, flat)
             fspecs = quant.fit_scales(mesh, frozen,
                                       sharding.param_specs(frozen, tuning.base_rules()))
             sharding.check_divisible(mesh, frozen, fspecs)
             frozen_named = sharding.named(mesh, fspecs)
-        frozen_in = jax.tree.map(  # NF4 codes and scales as they are, the rest in ref_dtype
-            lambda x, sh: quant.NF4(
+        frozen_in = jax.tree.map(  # codes and scales as they are, the rest in ref_dtype
+            lambda x, sh: type(x)(
                 jax.ShapeDtypeStruct(x.codes.shape, x.codes.dtype, sharding=sh.codes),
                 jax.ShapeDtypeStruct(x.absmax.shape, x.absmax.dtype, sharding=sh.absmax),
                 rows=x.rows)
-            if quant.is_nf4(x) else jax.ShapeDtypeStruct(x.shape, ref_dt, sharding=sh),
-            frozen, frozen_named, is_leaf=quant.is_nf4)
+            if quant.is_quantized(x) else jax.ShapeDtypeStruct(x.shape, ref_dt, sharding=sh),
+            frozen, frozen_named, is_leaf=quant.is_quantized)
         rows_ = 2 * a.pairs
         batch = {k: jax.ShapeDtypeStruct((1, rows_, a.seq), jnp.int32,  # seq: a multiple of context
                                          sharding=sharding.batch_sharding(mesh, 3))

@@ -142,9 +142,7 @@ TRL_NAMES = {
     "use_bnb_nested_quant": (bool, lambda v, c: {} if not v else _refuse(
         "config key use_bnb_nested_quant=True (TRL's name): the scales' double quantization is "
         "not offered; quantize_base=\"nf4\" keeps a float32 scale per 64 weights")(v, c)),
-    "load_in_8bit": (bool, lambda v, c: {} if not v else _refuse(
-        "config key load_in_8bit=True (TRL's name): an 8-bit base is not offered; "
-        "quantize_base=\"nf4\" is the 4-bit one")(v, c)),
+    "load_in_8bit": (bool, lambda v, c: {"quantize_base": "int8"} if v else {}),
 }
 # TRL's spellings of values of our keys
 TRL_VALUES = {"optim": {"adamw_torch": "adamw", "adamw_torch_fused": "adamw",
@@ -378,5 +376,5 @@ TRL_TABLE = {
     "load_in_4bit": "True: quantize_base=\"nf4\" (QLoRA)",
     "bnb_4bit_quant_type": "nf4: already so; fp4: an error",
     "use_bnb_nested_quant": "False: already so; True: an error (no double quantization)",
-    "load_in_8bit": "True: an error (use quantize_base=\"nf4\")",
+    "load_in_8bit": "True: quantize_base=\"int8\"",
 }

@@ -16,6 +16,15 @@ dequantized matrix: ``weight[...]`` gives the (..., in, out) float32 matrix, as 
 variable does, so every layer and tuning wrapper that reads ``self.weight[...]`` runs on a
 quantized base unchanged; inside the jitted step XLA fuses the lookup and the scale into the
 matmul's operand. Quantization runs once, on the host, in numpy.
+
+``quantize_int8`` is bitsandbytes' 8-bit base (``load_in_8bit``, ``Int8Params``): each output
+row of HF's (out, in) matrix, cast to float16 first as bitsandbytes does, scaled by its largest
+magnitude to int8 (``round(w * 127 / absmax)``); an ``Int8`` reads as ``codes * absmax / 127``,
+the weight-only dequantize-and-matmul bitsandbytes trains with on a CPU (``MatMul8bitFp``).
+Its GPU kernel (LLM.int8) also quantizes the activations; that is not what runs here.
+
+``quantize(w, method)``, ``is_quantized``, ``dequantize``, ``zeros``, ``abstract`` and ``rules``
+take either method by name (config key ``quantize_base``: "nf4" or "int8").
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ NF4_LEVELS = np.array([
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
 _BOUNDS = (NF4_LEVELS[:-1] + NF4_LEVELS[1:]) / np.float32(2)  # float32 midpoints, as bnb's
 
-METHODS = ("", "nf4")
+METHODS = ("", "nf4", "int8")
 
 
 @jax.tree_util.register_dataclass
@@ -74,6 +83,72 @@ class NF4:
 
 def is_nf4(x) -> bool:
     return isinstance(x, NF4)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Int8:
+    """A matrix (or a stack) in bitsandbytes' row-wise int8: ``codes`` (..., out, in) int8 and
+    ``absmax`` (..., out) float32, each output row's scale. ``weight[...]`` is the (..., in,
+    out) float32 matrix; ``rows``: a table (rows, width), a scale per row, not swapped."""
+
+    codes: jax.Array
+    absmax: jax.Array
+    rows: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple:
+        *lead, n_out, n_in = self.codes.shape
+        return (*lead, n_out, n_in) if self.rows else (*lead, n_in, n_out)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, index):
+        return dequantize_int8(self)[index]
+
+    def take(self, ids):
+        return dequantize_int8(Int8(jnp.take(self.codes, ids, axis=0),
+                                    jnp.take(self.absmax, ids, axis=0), rows=True))
+
+
+def quantize_int8(w, *, rows: bool = False) -> Int8:
+    """bitsandbytes' ``int8_vectorwise_quant(w.T.half())`` of an (in, out) matrix, per matrix of
+    a stack; with ``rows``, of a (rows, width) table as it is; numpy, on the host."""
+    w = np.asarray(w, np.float32)
+    hf = (w if rows else np.swapaxes(w, -1, -2)).astype(np.float16).astype(np.float32)
+    absmax = np.abs(hf).max(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero row: codes 0, as bnb's
+        # torch evaluates bnb's 127.0 / absmax as reciprocal(absmax) * 127: two roundings
+        scale = (np.float32(1) / absmax) * np.float32(127)
+        codes = np.nan_to_num(np.round(hf * scale[..., None]))
+    return Int8(codes.astype(np.int8), absmax.astype(np.float32), rows=rows)
+
+
+def dequantize_int8(q: Int8):
+    """codes * (absmax / 127), in float32, as bitsandbytes' ``MatMul8bitFp``."""
+    xp = np if isinstance(q.codes, np.ndarray) else jnp
+    w = q.codes.astype(xp.float32) * (q.absmax.astype(xp.float32)
+                                      * xp.float32(1.0 / 127.0))[..., None]
+    return w if q.rows else xp.swapaxes(w, -1, -2)
+
+
+def is_quantized(x) -> bool:
+    return isinstance(x, (NF4, Int8))
+
+
+def quantize(w, method: str, *, rows: bool = False):
+    return {"nf4": quantize_nf4, "int8": quantize_int8}[method](w, rows=rows)
+
+
+def dequantize(q):
+    return dequantize_nf4(q) if is_nf4(q) else dequantize_int8(q)
+
+
+def block(method: str) -> int:
+    """How many inputs a matrix's width must be a multiple of."""
+    return BLOCK if method == "nf4" else 1
 
 
 def quantize_nf4(w, *, rows: bool = False) -> NF4:
@@ -114,19 +189,28 @@ def _stored(shape, rows: bool):
     return ((*lead, n_out, n_in // 2), jnp.uint8), ((*lead, n_out, n_in // BLOCK), jnp.float32)
 
 
-def zeros_nf4(shape, *, rows: bool = False) -> NF4:
-    """An all-zero NF4 of an (..., in, out) matrix or a table (a structure to load into)."""
-    return NF4(*(jnp.zeros(*s) for s in _stored(shape, rows)), rows=rows)
+def _stored_int8(shape, rows: bool):
+    *lead, a, b = shape
+    n_out, n_in = (a, b) if rows else (b, a)
+    return ((*lead, n_out, n_in), jnp.int8), ((*lead, n_out), jnp.float32)
 
 
-def abstract_nf4(shape, *, rows: bool = False) -> NF4:
-    """The NF4 of an (..., in, out) matrix or a table as ShapeDtypeStructs (memory benches)."""
-    return NF4(*(jax.ShapeDtypeStruct(*s) for s in _stored(shape, rows)), rows=rows)
+def zeros(shape, method: str = "nf4", *, rows: bool = False):
+    """An all-zero quantized (..., in, out) matrix or table (a structure to load into)."""
+    cls, stored = (NF4, _stored) if method == "nf4" else (Int8, _stored_int8)
+    return cls(*(jnp.zeros(*s) for s in stored(shape, rows)), rows=rows)
+
+
+def abstract(shape, method: str = "nf4", *, rows: bool = False):
+    """A quantized (..., in, out) matrix or table as ShapeDtypeStructs (memory benches)."""
+    cls, stored = (NF4, _stored) if method == "nf4" else (Int8, _stored_int8)
+    return cls(*(jax.ShapeDtypeStruct(*s) for s in stored(shape, rows)), rows=rows)
 
 
 def dense(tree):
-    """A params tree with every NF4 dequantized (host numpy or traced)."""
-    return jax.tree.map(lambda a: dequantize_nf4(a) if is_nf4(a) else a, tree, is_leaf=is_nf4)
+    """A params tree with every quantized matrix dequantized (host numpy or traced)."""
+    return jax.tree.map(lambda a: dequantize(a) if is_quantized(a) else a, tree,
+                        is_leaf=is_quantized)
 
 
 def fit_scales(mesh, params, specs):
@@ -149,10 +233,10 @@ def fit_scales(mesh, params, specs):
     return jax.tree.map(fit, params, specs, is_leaf=is_nf4)
 
 
-def rules(paths, spec_of, tables=()) -> list:
-    """Sharding rules of the NF4 leaves of the matrices ``paths``, from each matrix's spec
-    (layer, in, out) (``spec_of(name)``): codes and scales (layer, out, in); of the tables
-    ``tables``, as the table's own (rows, width)."""
+def rules(paths, spec_of, tables=(), method: str = "nf4") -> list:
+    """Sharding rules of the quantized leaves of the matrices ``paths``, from each matrix's spec
+    (layer, in, out) (``spec_of(name)``): codes and NF4's scales (layer, out, in), int8's
+    scales (layer, out); of the tables ``tables``, as the table's own (rows, width)."""
     import re
     from jax.sharding import PartitionSpec as P
     out = []
@@ -163,6 +247,7 @@ def rules(paths, spec_of, tables=()) -> list:
         else:
             *lead, n_in, n_out = spec
             spec = (*lead, n_out, n_in)
-        for leaf in ("codes", "absmax"):
-            out.append((re.escape(f"{path}.weight.{leaf}"), P(*spec)))
+        out.append((re.escape(f"{path}.weight.codes"), P(*spec)))
+        out.append((re.escape(f"{path}.weight.absmax"),
+                    P(*spec) if method == "nf4" else P(*spec[:-1])))
     return out

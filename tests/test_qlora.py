@@ -1,5 +1,5 @@
 """Issue 30: QLoRA, a 4-bit frozen base. Our NF4 codec against bitsandbytes' own
-``quantize_4bit`` (it runs on the CPU); the adapter a QLoRA run exports on the base
+``quantize_4bit`` (it runs on the CPU), the 8-bit one against its ``int8_vectorwise_quant``; the adapter a QLoRA run exports on the base
 bitsandbytes loads in 4 bits, under PEFT, against our merged export; 1 device against 8; a
 resume with another quantization refused. TRL's DPO step on a bnb base beside ours is
 tests/test_trl_side_by_side.py's "qlora" case, SIGKILL + rerun test_train.py's "llama-qlora"."""
@@ -54,6 +54,26 @@ def test_nf4_equals_bitsandbytes(shape, dtype):
         np.testing.assert_allclose(ours_dense[i], dense, atol=1e-6, rtol=0)
         np.testing.assert_allclose(on_device[i], dense, atol=1e-6, rtol=0)
     assert q.shape == shape and q[...].shape == shape
+
+
+def test_int8_equals_bitsandbytes():
+    """Row-wise int8 (load_in_8bit's Int8Params): codes and row scales as bitsandbytes'
+    ``int8_vectorwise_quant`` of the float16-cast matrix (random matrices at three scales, a
+    zero row, an outlier; 64k values, where an ulp in the scale flips a few roundings), and the
+    dequantized values as its CPU training matmul's, ``CB * (SCB / 127)``."""
+    rng = np.random.default_rng(1)
+    w = (rng.normal(size=(4, 256, 64)) * rng.choice([0.02, 1.0, 30.0], size=64)).astype(
+        np.float32)
+    w[0, :, 3] = 0.0
+    w[1, 7, 5] = 900.0
+    q = quant.quantize_int8(w)
+    for i in range(4):
+        cb, scb, _ = F.int8_vectorwise_quant(torch.from_numpy(np.ascontiguousarray(w[i].T)).half())
+        np.testing.assert_array_equal(q.codes[i], cb.numpy())
+        np.testing.assert_array_equal(q.absmax[i], scb.numpy())
+        dense = cb.float().mul_(scb.unsqueeze(1).mul(1.0 / 127.0)).numpy().T
+        np.testing.assert_array_equal(quant.dequantize_int8(q)[i], dense)
+    assert q.shape == w.shape and q[...].shape == w.shape
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])

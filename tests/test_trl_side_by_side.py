@@ -39,18 +39,22 @@ CASES = {
     "weight_decay": ({"weight_decay": 0.1}, {"weight_decay": 0.1}),
     "lora": ({}, {"lora_rank": 4, "lora_alpha": 8.0, "lora_target": r".*\.(q|v)_proj"}),
     "remat": ({"gradient_checkpointing": True}, {"remat": True}),
-    # issue 30: TRL on the base bitsandbytes loads in NF4 (a wider Llama: NF4 blocks of 64
+    # issue 30: TRL on the base bitsandbytes loads in NF4 or int8 (a wider Llama: NF4 blocks of 64
     # inputs), ours with quantize_base="nf4" on the same checkpoint; plain SGD, so the adapters'
     # moves are the sums of the (clipped) gradients, compared to 1e-4 of their size
     "qlora": ({"optim": "sgd", "learning_rate": 0.1},
               {"lora_rank": 4, "lora_alpha": 8.0, "lora_target": r".*\.(q|v)_proj",
                "quantize_base": "nf4", "optim": "sgd", "learning_rate": 0.1}),
+    "qlora-int8": ({"optim": "sgd", "learning_rate": 0.1},
+                   {"lora_rank": 4, "lora_alpha": 8.0, "lora_target": r".*\.(q|v)_proj",
+                    "quantize_base": "int8", "optim": "sgd", "learning_rate": 0.1}),
     "qlora-gpt2": ({"optim": "sgd", "learning_rate": 0.1},
                    {"lora_rank": 4, "lora_alpha": 8.0, "lora_target": r"h\.attn\.c_attn",
                     "quantize_base": "nf4", "optim": "sgd", "learning_rate": 0.1}),
 }
 # the QLoRA cases' bases (NF4 blocks of 64 inputs: 64 wide) and PEFT's target modules
-BASES = {"qlora": ("base64", ["q_proj", "v_proj"]), "qlora-gpt2": ("gpt2_64", ["c_attn"])}
+BASES = {"qlora": ("base64", ["q_proj", "v_proj"]), "qlora-gpt2": ("gpt2_64", ["c_attn"]),
+         "qlora-int8": ("base64", ["q_proj", "v_proj"])}
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +88,11 @@ def trl_run(root, tok, name, theirs, lora):
     base, targets = BASES.get(name, ("base", ["q_proj", "v_proj"]))
     if name in BASES:
         pytest.importorskip("bitsandbytes", reason="bitsandbytes is the NF4 reference")
+        quantization = (dict(load_in_8bit=True) if name == "qlora-int8" else dict(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
         model = transformers.AutoModelForCausalLM.from_pretrained(
             root / base, dtype=torch.float32,
-            quantization_config=transformers.BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                bnb_4bit_compute_dtype=torch.float32))
+            quantization_config=transformers.BitsAndBytesConfig(**quantization))
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(root / "base")
     if lora:  # the adapter both sides start from: PEFT's init (B = 0), saved first

@@ -243,7 +243,7 @@ class Embedding(nnx.Module):
 
     def __call__(self, ids):
         table = self.weight.get_value()
-        if quant.is_nf4(table):  # a 4-bit table: only the rows looked up are dequantized
+        if quant.is_quantized(table):  # a quantized table: only the rows looked up
             return table.take(ids)
         return jnp.take(table, ids, axis=0)
 

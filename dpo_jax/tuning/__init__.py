@@ -43,11 +43,13 @@ class TuningConfig:
                            K.text)
     use_dora: bool = K.key(False, "DoRA: a trained magnitude per output times LoRA's direction",
                            K.flag, resume=True)
-    quantize_base: str = K.key("", "QLoRA: the frozen base's Linear matrices in 4 bits, \"nf4\" "
-                               "(bitsandbytes' NF4, block 64); \"\" = as loaded",
-                               K.one_of("", "nf4"), resume=True)
-    quantize_embeddings: bool = K.key(False, "with quantize_base: the embedding tables in NF4 too "
-                                      "(a tied LM head with them); bitsandbytes keeps them",
+    quantize_base: str = K.key("", "QLoRA: the frozen base's Linear matrices in \"nf4\" "
+                               "(bitsandbytes' 4-bit NF4, block 64) or \"int8\" (its row-wise "
+                               "8-bit); \"\" = as loaded", K.one_of("", "nf4", "int8"),
+                               resume=True)
+    quantize_embeddings: bool = K.key(False, "with quantize_base: the embedding tables "
+                                      "quantized too (a tied LM head with them); bitsandbytes "
+                                      "keeps them",
                                       K.flag, resume=True)
 
     def __post_init__(self):

@@ -159,12 +159,12 @@ class LoRATuning(Tuning):
             if isinstance(node, common.Embedding)] if cfg.quantize_embeddings else []
         for path in self.quantized_paths:
             n_in = getattr(*_parent(abstract, path)).weight.shape[-2]
-            if n_in % quant.BLOCK:
+            if n_in % quant.block(cfg.quantize):
                 raise ConfigError(f"config key quantize_base={cfg.quantize!r}: {path} has {n_in} "
                                   f"inputs, not a multiple of NF4's block of {quant.BLOCK}")
         for path in self.quantized_tables:
             width = getattr(*_parent(abstract, path)).weight.shape[-1]
-            if width % quant.BLOCK:
+            if width % quant.block(cfg.quantize):
                 raise ConfigError(f"config key quantize_embeddings=True: {path} is {width} "
                                   f"wide, not a multiple of NF4's block of {quant.BLOCK}")
         self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: self.adapted(None, False)))
@@ -198,8 +198,8 @@ class LoRATuning(Tuning):
         """``model`` with the weight of every quantized matrix an NF4 (zeros: a structure)."""
         for path in self.quantized_paths + self.quantized_tables:
             layer = getattr(*_parent(model, path))
-            layer.weight = nnx.Param(quant.zeros_nf4(layer.weight[...].shape,
-                                                     rows=path in self.quantized_tables))
+            layer.weight = nnx.Param(quant.zeros(layer.weight[...].shape, self.cfg.quantize,
+                                                 rows=path in self.quantized_tables))
         return model
 
     def wrap(self, layer: common.Linear, rngs: nnx.Rngs | None, dropout: bool):
@@ -244,8 +244,9 @@ class LoRATuning(Tuning):
         its checksum goes into the record, so a checkpoint's adapters are never put on another
         base, or on the same base quantized otherwise."""
         dtype = jnp.dtype(self.ref_dtype) if self.ref_dtype else None
-        base = jax.tree.map(lambda a: a if quant.is_nf4(a) else
-                            jnp.asarray(a).astype(dtype or a.dtype), params, is_leaf=quant.is_nf4)
+        base = jax.tree.map(lambda a: a if quant.is_quantized(a) else
+                            jnp.asarray(a).astype(dtype or a.dtype), params,
+                            is_leaf=quant.is_quantized)
         self.base_record = np.asarray(checkpoint.checksum(base)).tolist()
         return base
 
@@ -257,16 +258,18 @@ class LoRATuning(Tuning):
         flat = models.flatten(params)
         for path in self.quantized_paths + self.quantized_tables:
             w = flat[f"{path}.weight"]
-            if not quant.is_nf4(w):
-                flat[f"{path}.weight"] = quant.quantize_nf4(np.asarray(w, np.float32),
-                                                            rows=path in self.quantized_tables)
+            if not quant.is_quantized(w):
+                flat[f"{path}.weight"] = quant.quantize(np.asarray(w, np.float32),
+                                                        self.cfg.quantize,
+                                                        rows=path in self.quantized_tables)
         return models.unflatten_like(params, flat)
 
     def base_rules(self) -> list:
         """Sharding rules of the frozen base: the family's, and its quantized matrices' codes and
         scales split as their matrix."""
         return quant.rules(self.quantized_paths, lambda name: _spec_of(
-            name, self.family.rules), self.quantized_tables) + list(self.family.rules)
+            name, self.family.rules), self.quantized_tables,
+            self.cfg.quantize) + list(self.family.rules)
 
     def init_trainable(self, mesh, seed: int, base: dict, rules) -> dict:
         """Fresh adapters, placed: A random, B zero."""
