@@ -5,7 +5,8 @@ Xu et al. 2023 (arXiv 2312.16682), Llama 3's post-training rounds and TRL's onli
 pairs from the policy being trained: with ``online_rounds`` = R > 0 a run is R rounds of
 
 1. **sample**: ``online_samples_per_prompt`` completions of every prompt of ``online_prompts``
-   from the current policy (round 1: the initial model), with the jitted KV-cache sampler at
+   from the current policy (round 1: the initial model), with the jitted KV-cache sampler (its
+   rows split over the local devices) at
    ``online_temperature`` / ``online_top_p``, ``online_max_new_tokens`` new tokens, a fixed
    seed per round and batch;
 2. **score**: every completion by ``online_reward``: a ``module:function`` called as TRL's
@@ -133,7 +134,7 @@ def load_prompts(cfg, column: str = "prompt") -> list[str]:
 def sample(model, tokenizer, prompts, cfg, *, seed: int, max_prompt_tokens: int) -> list[list[str]]:
     """``cfg.online_samples_per_prompt`` completions (texts) of each prompt from ``model``:
     fixed-shape batches of ``online_batch_size`` prompts x samples (one compilation), each
-    batch's key from (seed, batch index)."""
+    batch's key from (seed, batch index), its rows split over the local devices."""
     from dpo_jax import sampling
     k, per = cfg.online_samples_per_prompt, cfg.online_batch_size
     sc = sampling.SamplingConfig(max_new_tokens=cfg.online_max_new_tokens,
@@ -146,6 +147,8 @@ def sample(model, tokenizer, prompts, cfg, *, seed: int, max_prompt_tokens: int)
     length = max(len(t) for t in toks)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
         tokenizer.eos_token_id or 0)
+    devices = jax.local_devices()  # the rows split over them where they divide evenly
+    devices = devices if (per * k) % len(devices) == 0 else devices[:1]
     out = []
     for b in range(math.ceil(len(toks) / per)):
         chunk = toks[b * per:(b + 1) * per]
@@ -153,7 +156,7 @@ def sample(model, tokenizer, prompts, cfg, *, seed: int, max_prompt_tokens: int)
         rows += [[start]] * (per * k - len(rows))  # the last batch filled up to its shape
         ids, mask = sampling.left_pad(rows, pad, length)
         new = sampling.generate(model, ids, mask, sc, seed=int(jax.random.randint(
-            jax.random.fold_in(jax.random.key(seed), b), (), 0, 2**31 - 1)))
+            jax.random.fold_in(jax.random.key(seed), b), (), 0, 2**31 - 1)), devices=devices)
         for i in range(len(chunk)):
             texts = []
             for row in new[i * k:(i + 1) * k]:
@@ -187,6 +190,8 @@ def _classifier(path: Path):
     import torch
     import transformers
     tok = transformers.AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:  # batches of texts are padded; the model finds each one's end
+        tok.pad_token = tok.eos_token
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path).eval()
     if model.config.num_labels != 1:
         raise ConfigError(f"config key online_reward={str(path)!r}: a reward model has one "

@@ -132,16 +132,24 @@ def _generate_jit(graphdef, state, prompt_ids, prompt_mask, rng, cfg, use_cache)
 
 
 def generate(model, prompt_ids, prompt_mask, cfg: SamplingConfig, *, seed: int = 0,
-             use_cache: bool = True) -> np.ndarray:
-    """New tokens (B, max_new_tokens), int32; rows that stopped are EOS-padded after their EOS."""
+             use_cache: bool = True, devices=None) -> np.ndarray:
+    """New tokens (B, max_new_tokens), int32; rows that stopped are EOS-padded after their EOS.
+    ``devices``: split the rows over these devices (the params replicated on each; B a
+    multiple of their count), the same tokens as on one."""
     for field, room in model.config.length_limits().items():
         if prompt_ids.shape[1] + cfg.max_new_tokens > room:
             raise ConfigError(f"a prompt of {prompt_ids.shape[1]} tokens + max_new_tokens "
                               f"{cfg.max_new_tokens} exceeds the model's {field}={room}")
     graphdef, state = nnx.split(model)
-    return np.asarray(_generate_jit(graphdef, state, jnp.asarray(prompt_ids, jnp.int32),
-                                    jnp.asarray(prompt_mask, jnp.int32),
-                                    jax.random.key(seed), cfg, use_cache))
+    ids, mask = jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32)
+    if devices is not None and len(devices) > 1:
+        mesh = jax.sharding.Mesh(np.asarray(devices), ("rows",))
+        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows"))
+        ids, mask = jax.device_put(ids, rows), jax.device_put(mask, rows)
+        state = jax.device_put(state, jax.sharding.NamedSharding(mesh,
+                                                                 jax.sharding.PartitionSpec()))
+    return np.asarray(_generate_jit(graphdef, state, ids, mask, jax.random.key(seed), cfg,
+                                    use_cache))
 
 
 def left_pad(token_lists, pad_id: int, length: int | None = None):

@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dpo_jax import online
@@ -151,3 +152,52 @@ def test_rounds_need_prompts_and_a_reward(tmp_path):
     with pytest.raises(ConfigError, match=r"online_rounds=2 needs online_prompts and "
                                           r"online_reward"):
         configs.build(tiny_config(tmp_path, online_rounds=2))
+
+
+def test_sampling_split_over_devices_gives_the_tokens_of_one():
+    """The rows of a sampling batch split over 8 devices: the same tokens as on one."""
+    import jax
+    from flax import nnx
+    from dpo_jax import sampling
+    from dpo_jax.models import gpt2
+    model = gpt2.GPT2(gpt2.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2,
+                                      n_head=4), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    ids, mask = sampling.left_pad([rng.integers(1, 64, n).tolist() for n in
+                                   rng.integers(2, 9, 16)], 0, 8)
+    sc = sampling.SamplingConfig(max_new_tokens=6, temperature=1.0)
+    one = sampling.generate(model, ids, mask, sc, seed=3)
+    eight = sampling.generate(model, ids, mask, sc, seed=3, devices=jax.devices()[:8])
+    np.testing.assert_array_equal(one, eight)
+
+
+def test_a_sequence_classification_folder_is_a_reward(tmp_path):
+    """online_reward = an HF reward model's folder (one output): its logit of prompt +
+    completion, as transformers computes it."""
+    torch = pytest.importorskip("torch")
+    import transformers
+    from tokenizers_offline import llama_like
+    tok = llama_like()
+    tok.pad_token = tok.eos_token
+    torch.manual_seed(0)
+    rm = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+        pad_token_id=tok.pad_token_id)).eval()
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    fn = online.reward_function(str(tmp_path / "rm"))
+    prompts, completions = ["The film", "A story"], [" was good", " was dull and long"]
+    got = fn(prompts=prompts, completions=completions)
+    with torch.no_grad():
+        want = [rm(**tok(p + c, return_tensors="pt")).logits[0, 0].item()
+                for p, c in zip(prompts, completions)]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    two = tmp_path / "two"
+    cfg2 = transformers.LlamaConfig(**{k: v for k, v in rm.config.to_dict().items()
+                                       if k not in ("id2label", "label2id")}, num_labels=2)
+    transformers.LlamaForSequenceClassification(cfg2).save_pretrained(two)
+    tok.save_pretrained(two)
+    with pytest.raises(ConfigError, match=r"a reward model has one output \(num_labels=1\), "
+                                          r"this one 2"):
+        online.reward_function(str(two))
