@@ -25,7 +25,8 @@ pairs from the policy being trained: with ``online_rounds`` = R > 0 a run is R r
    the previous round's (``lora_init``); with ``previous_round`` the previous round's merged
    model is the base and the adapters start fresh.
 
-Everything a round makes is written to ``workdir/online/round_NNN/`` once, atomically:
+Everything a round makes is written to ``workdir/online/round_NNN/`` once, atomically (a rerun
+with other settings, ``online/settings.json``, is refused):
 ``samples.jsonl``, ``rewards.jsonl``, ``pairs.jsonl``, ``round.json`` (counts, reward means) and
 the round's trainer workdir ``train/``. A rerun (after a SIGKILL in any phase) reuses what a round
 finished and redoes only what it did not, with the same seeds, so it ends with the same pairs and
@@ -299,6 +300,25 @@ def _round_config(cfg, r: int, rdir: Path, online_dir: Path, initial: str):
     return flat
 
 
+def _check_settings(cfg, path: Path) -> None:
+    """A rerun reuses the rounds' files only under the settings that made them: the keys a
+    resume must match (``config.resume_keys``) are recorded at the start and compared."""
+    from dpo_jax import config as configs
+    flat = cfg.flat.to_dict() if hasattr(cfg.flat, "to_dict") else dict(cfg.flat)
+    now = {k: flat.get(k) for k in configs.resume_keys()}
+    now = json.loads(json.dumps(now, default=str))  # as the file holds it (tuples as lists)
+    if path.exists():
+        before = json.loads(path.read_text())
+        diff = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now))
+                if before.get(k) != now.get(k)}
+        if diff:
+            raise ConfigError(f"{path.parent} holds rounds made with other settings (saved vs "
+                              f"this config: {diff}); use a fresh --workdir or the same config")
+        return
+    path.with_suffix(".tmp").write_text(json.dumps(now, indent=2, sort_keys=True) + "\n")
+    path.with_suffix(".tmp").replace(path)
+
+
 def run_rounds(cfg, workdir) -> dict:
     """Trains ``cfg.online.online_rounds`` rounds into ``workdir`` (see the module docstring);
     returns the summary."""
@@ -313,6 +333,7 @@ def run_rounds(cfg, workdir) -> dict:
     workdir = Path(workdir)
     online_dir = workdir / "online"
     online_dir.mkdir(parents=True, exist_ok=True)
+    _check_settings(cfg, online_dir / "settings.json")
     tokenizer = hub.load_tokenizer(cfg.model.tokenizer_name_or_path
                                    or cfg.model.model_name_or_path)
     if cfg.model.model_name_or_path:

@@ -109,6 +109,14 @@ def test_rounds_train_from_the_cli_and_a_kill_in_each_phase_resumes_bitwise(tmp_
             assert (straight / rel).read_bytes() == (resumed / rel).read_bytes(), rel
     assert ((straight / "hf" / "model.safetensors").read_bytes()
             == (resumed / "hf" / "model.safetensors").read_bytes())
+    # the rounds' files are reused only under the settings that made them
+    from trainutil import tiny_config
+    from dpo_jax import config as configs
+    c = tiny_config(tmp_path, online_rounds=2, online_prompts=str(tmp_path / "prompts.jsonl"),
+                    online_reward="rewards_mod:vowels", online_samples_per_prompt=4)
+    with pytest.raises(ConfigError, match=r"holds rounds made with other settings \(saved vs "
+                                          r"this config: .*'online_samples_per_prompt': \(3, 4\)"):
+        online._check_settings(configs.build(c), resumed / "online" / "settings.json")
 
 
 def test_a_reward_that_is_not_one_finite_float_per_completion_is_one_line():
