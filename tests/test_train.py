@@ -253,7 +253,7 @@ def test_unknown_config_key_names_the_close_ones_or_lists_the_valid_ones(tmp_pat
     r = run(["train.py", "--config", "configs/tiny.py", "--workdir", str(tmp_path),
              "--config.zzzz=0.2"])
     assert r.returncode != 0
-    assert "unknown config key 'zzzz'" in r.stderr and "beta, bf16, chosen_column" in r.stderr
+    assert "unknown config key 'zzzz'" in r.stderr and "beta, bf16, bnb_4bit_quant_type, " in r.stderr
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
