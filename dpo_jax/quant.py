@@ -14,8 +14,9 @@ An ``NF4`` is a pytree (its codes and scales are the leaves, laid out (..., out,
 (..., out, in / 64) so the sharding rules split them with their matrix) that reads as its
 dequantized matrix: ``weight[...]`` gives the (..., in, out) float32 matrix, as an array
 variable does, so every layer and tuning wrapper that reads ``self.weight[...]`` runs on a
-quantized base unchanged; inside the jitted step XLA fuses the lookup and the scale into the
-matmul's operand. Quantization runs once, on the host, in numpy.
+quantized base unchanged. Inside the jitted step each use dequantizes its matrix (one fused
+elementwise pass: the level lookup and the scale) before the matmul. Quantization runs once,
+on the host, in numpy.
 
 ``quantize_int8`` is bitsandbytes' 8-bit base (``load_in_8bit``, ``Int8Params``): each output
 row of HF's (out, in) matrix, cast to float16 first as bitsandbytes does, scaled by its largest

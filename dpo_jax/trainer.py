@@ -143,8 +143,8 @@ def _reference_model(cfg, tokenizer, model_cfg, state, state_sh) -> dict:
                           f"({models.family_of(ref_cfg).name} against "
                           f"{models.family_of(model_cfg).name})")
     dtype = jnp.dtype(cfg.model.ref_dtype) if cfg.model.ref_dtype else None
-    return jax.tree.map(lambda a, sh: jax.device_put(jnp.asarray(a).astype(dtype or a.dtype), sh),
-                        params, state_sh["params"])
+    return sharding.place(jax.tree.map(lambda a: a.astype(dtype) if dtype else a, params),
+                          state_sh["params"])
 
 
 def _check_model(cfg, model_cfg, mesh):

@@ -209,3 +209,30 @@ def test_a_sequence_classification_folder_is_a_reward(tmp_path):
     with pytest.raises(ConfigError, match=r"a reward model has one output \(num_labels=1\), "
                                           r"this one 2"):
         online.reward_function(str(two))
+
+
+def test_a_reference_of_its_own_folder(tmp_path):
+    """ref_model_name_or_path (TRL's ref_model): full tuning scores against that model; LoRA
+    (whose reference is its base) and a model of other shapes are one line each."""
+    import jax
+    from trainutil import tiny_config
+    from dpo_jax import hf, models, trainer
+    base = tiny_config(tmp_path, max_steps=2, warmup_steps=0, sample_prompts=0, eval_steps=0)
+    trainer.train_and_evaluate(base, tmp_path / "first")
+    run = trainer.setup(tiny_config(tmp_path, ref_model_name_or_path=str(tmp_path / "first" / "hf"),
+                                    max_steps=2, warmup_steps=0), tmp_path / "second")
+    _, want = hf.load_pretrained_params(str(tmp_path / "first" / "hf"))
+    for k, v in models.flatten(jax.tree.map(np.asarray, run.frozen)).items():
+        np.testing.assert_array_equal(v, np.asarray(models.flatten(want)[k]), err_msg=k)
+    assert "reference: from " in "\n".join(run.describe())
+    run.ckpt.close()
+    with pytest.raises(ConfigError, match=r"ref_model_name_or_path=.*: LoRA's and DoRA's "
+                                          r"reference is their base"):
+        trainer.setup(tiny_config(tmp_path, lora_rank=4, ref_model_name_or_path=str(
+            tmp_path / "first" / "hf")), tmp_path / "third")
+    wide = tiny_config(tmp_path, max_steps=1, warmup_steps=0, sample_prompts=0, eval_steps=0)
+    wide.model.n_embd = 32
+    trainer.train_and_evaluate(wide, tmp_path / "wide")
+    with pytest.raises(ConfigError, match=r"not a model of the policy's family and shapes"):
+        trainer.setup(tiny_config(tmp_path, ref_model_name_or_path=str(tmp_path / "wide" / "hf")),
+                      tmp_path / "fourth")

@@ -22,7 +22,7 @@ import dataclasses
 import importlib
 import pkgutil
 
-from dpo_jax import checkpoint, keys as K
+from dpo_jax import checkpoint, keys as K, quant
 from dpo_jax.checkpoint import CheckpointMismatch
 from dpo_jax.errors import ConfigError
 
@@ -45,7 +45,7 @@ class TuningConfig:
                            K.flag, resume=True)
     quantize_base: str = K.key("", "QLoRA: the frozen base's Linear matrices in \"nf4\" "
                                "(bitsandbytes' 4-bit NF4, block 64) or \"int8\" (its row-wise "
-                               "8-bit); \"\" = as loaded", K.one_of("", "nf4", "int8"),
+                               "8-bit); \"\" = as loaded", K.one_of(*quant.METHODS),
                                resume=True)
     quantize_embeddings: bool = K.key(False, "with quantize_base: the embedding tables "
                                       "quantized too (a tied LM head with them); bitsandbytes "

@@ -50,7 +50,7 @@ class LoRAConfig:
     alpha: float
     dropout: float
     target: str  # regex over the paths of Linear layers ("layers.self_attn.q_proj")
-    quantize: str = ""  # the frozen base's matrices: "" as loaded, "nf4" (quant.py)
+    quantize: str = ""  # the frozen base's matrices: "" as loaded, "nf4" or "int8" (quant.py)
     quantize_embeddings: bool = False  # its embedding tables too
 
     @property
@@ -195,7 +195,8 @@ class LoRATuning(Tuning):
         return model
 
     def quantized_layers(self, model):
-        """``model`` with the weight of every quantized matrix an NF4 (zeros: a structure)."""
+        """``model`` with the weight of every quantized matrix (and table) an NF4 or an Int8
+        (zeros: a structure to load into)."""
         for path in self.quantized_paths + self.quantized_tables:
             layer = getattr(*_parent(model, path))
             layer.weight = nnx.Param(quant.zeros(layer.weight[...].shape, self.cfg.quantize,
