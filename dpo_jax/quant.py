@@ -51,35 +51,48 @@ _BOUNDS = (NF4_LEVELS[:-1] + NF4_LEVELS[1:]) / np.float32(2)  # float32 midpoint
 METHODS = ("", "nf4", "int8")
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class NF4:
-    """A matrix (or a stack) in bitsandbytes' NF4: ``codes`` (..., out, in / 2) uint8, two
-    4-bit level indices per byte (high nibble first, along ``in``); ``absmax`` (..., out,
-    in / 64) float32, each block's scale. ``weight[...]`` is the (..., in, out) float32
-    matrix. ``rows``: a table (an embedding, (rows, width)), stored as it is, not swapped; its
-    rows dequantize one by one (``take``)."""
+class Quantized:
+    """A quantized matrix (or a stack, or a table): ``codes`` and their scales ``absmax``, laid
+    out by the subclass. It reads as its float32 matrix, ``weight[...]``, (..., in, out) as a
+    ``Linear`` stores it; ``rows``: a table (an embedding, (rows, width)), stored as it is, not
+    swapped, whose rows dequantize one by one (``take``)."""
 
     codes: jax.Array
     absmax: jax.Array
     rows: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
-    @property
-    def shape(self) -> tuple:
-        *lead, n_out, half = self.codes.shape
-        return (*lead, n_out, 2 * half) if self.rows else (*lead, 2 * half, n_out)
+    def dense(self):
+        """The float32 matrix (jnp inside a trace, numpy on host arrays)."""
+        raise NotImplementedError
 
     @property
     def ndim(self) -> int:
         return len(self.shape)
 
     def __getitem__(self, index):
-        return dequantize_nf4(self)[index]
+        return self.dense()[index]
 
     def take(self, ids):
         """Rows ``ids`` of a table, (*ids.shape, width) float32: only those rows dequantized."""
-        return dequantize_nf4(NF4(jnp.take(self.codes, ids, axis=0),
-                                  jnp.take(self.absmax, ids, axis=0), rows=True))
+        return type(self)(jnp.take(self.codes, ids, axis=0), jnp.take(self.absmax, ids, axis=0),
+                          rows=True).dense()
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NF4(Quantized):
+    """A matrix (or a stack) in bitsandbytes' NF4: ``codes`` (..., out, in / 2) uint8, two
+    4-bit level indices per byte (high nibble first, along ``in``); ``absmax`` (..., out,
+    in / 64) float32, each block's scale."""
+
+    @property
+    def shape(self) -> tuple:
+        *lead, n_out, half = self.codes.shape
+        return (*lead, n_out, 2 * half) if self.rows else (*lead, 2 * half, n_out)
+
+    def dense(self):
+        return dequantize_nf4(self)
 
 
 def is_nf4(x) -> bool:
@@ -88,30 +101,17 @@ def is_nf4(x) -> bool:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Int8:
+class Int8(Quantized):
     """A matrix (or a stack) in bitsandbytes' row-wise int8: ``codes`` (..., out, in) int8 and
-    ``absmax`` (..., out) float32, each output row's scale. ``weight[...]`` is the (..., in,
-    out) float32 matrix; ``rows``: a table (rows, width), a scale per row, not swapped."""
-
-    codes: jax.Array
-    absmax: jax.Array
-    rows: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    ``absmax`` (..., out) float32, each output row's scale (a table: a scale per row)."""
 
     @property
     def shape(self) -> tuple:
         *lead, n_out, n_in = self.codes.shape
         return (*lead, n_out, n_in) if self.rows else (*lead, n_in, n_out)
 
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    def __getitem__(self, index):
-        return dequantize_int8(self)[index]
-
-    def take(self, ids):
-        return dequantize_int8(Int8(jnp.take(self.codes, ids, axis=0),
-                                    jnp.take(self.absmax, ids, axis=0), rows=True))
+    def dense(self):
+        return dequantize_int8(self)
 
 
 def quantize_int8(w, *, rows: bool = False) -> Int8:
@@ -136,7 +136,7 @@ def dequantize_int8(q: Int8):
 
 
 def is_quantized(x) -> bool:
-    return isinstance(x, (NF4, Int8))
+    return isinstance(x, Quantized)
 
 
 def quantize(w, method: str, *, rows: bool = False):
@@ -144,7 +144,7 @@ def quantize(w, method: str, *, rows: bool = False):
 
 
 def dequantize(q):
-    return dequantize_nf4(q) if is_nf4(q) else dequantize_int8(q)
+    return q.dense()
 
 
 def block(method: str) -> int:
