@@ -273,10 +273,6 @@ def _write_once(path: Path, rows) -> None:
     tmp.replace(path)
 
 
-def _read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _round_config(cfg, r: int, rdir: Path, online_dir: Path, initial: str):
     """The flat keys of round r's DPO run."""
     flat = cfg.flat.to_dict() if hasattr(cfg.flat, "to_dict") else dict(cfg.flat)
@@ -302,27 +298,28 @@ def _round_config(cfg, r: int, rdir: Path, online_dir: Path, initial: str):
 
 def _check_settings(cfg, path: Path) -> None:
     """A rerun reuses the rounds' files only under the settings that made them: the keys a
-    resume must match (``config.resume_keys``) are recorded at the start and compared."""
-    from dpo_jax import config as configs
-    flat = cfg.flat.to_dict() if hasattr(cfg.flat, "to_dict") else dict(cfg.flat)
-    now = {k: flat.get(k) for k in configs.resume_keys()}
-    now = json.loads(json.dumps(now, default=str))  # as the file holds it (tuples as lists)
+    resume must keep, recorded at the start and checked as a checkpoint's are
+    (``workdir.check_resume``: a difference is refused, unless ``allow_resume_changes``)."""
+    from dpo_jax import config as configs, workdir as workdirs
+    now = workdirs.run_settings(cfg.flat, configs.resume_keys(), train_data="")
     if path.exists():
-        before = json.loads(path.read_text())
-        diff = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now))
-                if before.get(k) != now.get(k)}
-        if diff:
-            raise ConfigError(f"{path.parent} holds rounds made with other settings (saved vs "
-                              f"this config: {diff}); use a fresh --workdir or the same config")
-        return
-    path.with_suffix(".tmp").write_text(json.dumps(now, indent=2, sort_keys=True) + "\n")
-    path.with_suffix(".tmp").replace(path)
+        workdirs.check_resume({"run": json.loads(path.read_text())}, now,
+                              cfg.run.allow_resume_changes, path.parent)
+    else:
+        _write_json(path, now)
+
+
+def _write_json(path: Path, obj) -> None:
+    """``obj`` as JSON at ``path``, atomically (a temporary file, then a rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
 
 
 def run_rounds(cfg, workdir) -> dict:
     """Trains ``cfg.online.online_rounds`` rounds into ``workdir`` (see the module docstring);
     returns the summary."""
-    from dpo_jax import hf, hub, storage, trainer
+    from dpo_jax import hf, hub, storage, trainer, workdir as workdirs
     o = cfg.online
     if storage.is_url(str(workdir)):
         raise ConfigError(f"--workdir {workdir}: online rounds run in a local workdir (the "
@@ -365,11 +362,11 @@ def run_rounds(cfg, workdir) -> dict:
             del model
             _write_once(rdir / "samples.jsonl", ({"prompt": p, "completions": s}
                                                  for p, s in zip(prompts, samples)))
-        samples = [row["completions"] for row in _read(rdir / "samples.jsonl")]
+        samples = [row["completions"] for row in workdirs.read_jsonl(rdir / "samples.jsonl")]
         if not (rdir / "rewards.jsonl").exists():
             rewards = score(reward_fn, o.online_reward, prompts, samples, r)
             _write_once(rdir / "rewards.jsonl", ({"rewards": x} for x in rewards))
-        rewards = [row["rewards"] for row in _read(rdir / "rewards.jsonl")]
+        rewards = [row["rewards"] for row in workdirs.read_jsonl(rdir / "rewards.jsonl")]
         if not (rdir / "round.json").exists():
             pairs, dropped = make_pairs(prompts, samples, rewards, o.online_pairing, seed)
             if not pairs:
@@ -383,8 +380,7 @@ def run_rounds(cfg, workdir) -> dict:
                     "empty_dropped": dropped["empty"],
                     "reward_mean": float(flat_r.mean()),
                     "reward_best_of_k_mean": float(flat_r.max(-1).mean())}
-            (rdir / "round.json.tmp").write_text(json.dumps(info, indent=2) + "\n")
-            (rdir / "round.json.tmp").replace(rdir / "round.json")
+            _write_json(rdir / "round.json", info)
         info = json.loads((rdir / "round.json").read_text())
         log.info("round %d: %d pairs (%d ties dropped), mean reward %.4f", r, info["pairs"],
                  info["ties_dropped"], info["reward_mean"])
@@ -404,6 +400,5 @@ def run_rounds(cfg, workdir) -> dict:
             shutil.rmtree(workdir / name, ignore_errors=True)
             tmp.replace(workdir / name)
     summary = {"rounds": rounds, "final": last, "hf_export": str(workdir / "hf")}
-    (workdir / "summary.json.tmp").write_text(json.dumps(summary, indent=2) + "\n")
-    (workdir / "summary.json.tmp").replace(workdir / "summary.json")
+    _write_json(workdir / "summary.json", summary)
     return summary

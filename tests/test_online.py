@@ -114,8 +114,10 @@ def test_rounds_train_from_the_cli_and_a_kill_in_each_phase_resumes_bitwise(tmp_
     from dpo_jax import config as configs
     c = tiny_config(tmp_path, online_rounds=2, online_prompts=str(tmp_path / "prompts.jsonl"),
                     online_reward="rewards_mod:vowels", online_samples_per_prompt=4)
-    with pytest.raises(ConfigError, match=r"holds rounds made with other settings \(saved vs "
-                                          r"this config: .*'online_samples_per_prompt': \(3, 4\)"):
+    from dpo_jax.checkpoint import CheckpointMismatch
+    with pytest.raises(CheckpointMismatch, match=r"online was trained with other settings than "
+                                                 r"this run's \(.*online_samples_per_prompt: "
+                                                 r"3 -> 4"):
         online._check_settings(configs.build(c), resumed / "online" / "settings.json")
 
 
