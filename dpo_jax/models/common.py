@@ -77,17 +77,12 @@ CONTEXT_ATTENTION = "ring"
 CONTEXT_ORDER = "zigzag"
 
 
-def context_size(mesh_axes) -> int:
-    """The size of the context axis the model is traced for (1 without one)."""
-    return mesh_lib.size(mesh_axes, POSITIONS)
-
-
 def context_order(masks, t: int, mesh_axes):
     """The order a training pass's layers take a row's t positions in over a context axis: the
     zig-zag order (``attention.zigzag``) where ring attention can use it (its masks, a ``Mask``
     or a family's tuple of them, causal and in index order; t cutting into 2n chunks), else
     None (index order)."""
-    n = context_size(mesh_axes)
+    n = mesh_lib.size(mesh_axes, POSITIONS)
     leaves = masks if isinstance(masks, tuple) else (masks,)
     causal = all(isinstance(m, attention_lib.Mask) and m.causal and not m.order for m in leaves)
     if n < 2 or CONTEXT_ATTENTION != "ring" or CONTEXT_ORDER != "zigzag" or not causal:

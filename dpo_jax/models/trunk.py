@@ -89,7 +89,7 @@ class CausalLM(nnx.Module):
                                                                      c.mesh_axes)
         if order is not None:  # the layers see the row in zig-zag order, the head in its own
             input_ids, position_ids = input_ids[:, order], position_ids[:, order]
-            mask = jax.tree.map(lambda m: m.reordered(order, common.context_size(c.mesh_axes)),
+            mask = jax.tree.map(lambda m: m.reordered(order, c.mesh_size(common.POSITIONS)),
                                 mask, is_leaf=lambda m: isinstance(m, attention_lib.Mask))
         x = self.embed(input_ids, position_ids)
         context, per_layer = self.block_context(position_ids), self.layer_inputs()
