@@ -108,6 +108,9 @@ def parse():
                          "int8 (quantize_base), beside LoRA on the --ref-dtype base")
     ap.add_argument("--quantize-embeddings", action="store_true",
                     help="with --quantize-base: a third case, the embedding tables in NF4 too")
+    ap.add_argument("--double-quant", action="store_true",
+                    help="with --quantize-base nf4: a case with NF4's scales double quantized "
+                         "(double_quant)")
     ap.add_argument("--context-attention", default="ring",
                     choices=("ring", "ring-index-order", "all-gather"),
                     help="over a context axis: ring attention in zig-zag order (the default), "
@@ -160,8 +163,11 @@ def main():
         cases += [(a.remat, a.lora_rank, "")]
         if a.quantize_base:
             cases += [(a.remat, a.lora_rank, a.quantize_base)]
+        if a.quantize_base and a.double_quant:
+            cases += [(a.remat, a.lora_rank, a.quantize_base + "+dq")]
         if a.quantize_base and a.quantize_embeddings:
-            cases += [(a.remat, a.lora_rank, a.quantize_base + "+embeddings")]
+            cases += [(a.remat, a.lora_rank, a.quantize_base + "+dq+emb" if a.double_quant
+                       else a.quantize_base + "+emb")]
     for remat, rank, quantize in cases:
         cfg = dataclasses.replace(base, remat=remat)
         graphdef, abstract = nnx.split(common.abstract(model_cls, cfg))
@@ -177,7 +183,8 @@ def main():
             tuning = lora.LoRATuning(family, cfg, lora.LoRAConfig(rank, 2.0 * rank, 0.0,
                                                                    family.lora_target,
                                                                    quantize.split("+")[0],
-                                                                   "+" in quantize))
+                                                                   "+emb" in quantize,
+                                                                   "+dq" in quantize))
             trainable = jax.eval_shape(tuning.init_adapters(0))
             train_rules = tuning.rules(rules)
         train_specs = sharding.param_specs(trainable, train_rules)
@@ -194,17 +201,15 @@ def main():
             for path in tuning.quantized_paths + tuning.quantized_tables:
                 flat[f"{path}.weight"] = quant.abstract(
                     flat[f"{path}.weight"].shape, tuning.cfg.quantize,
-                    rows=path in tuning.quantized_tables)
+                    rows=path in tuning.quantized_tables, nested=tuning.cfg.double_quant)
             frozen = models.unflatten_like(params, flat)
             fspecs = quant.fit_scales(mesh, frozen,
                                       sharding.param_specs(frozen, tuning.base_rules()))
             sharding.check_divisible(mesh, frozen, fspecs)
             frozen_named = sharding.named(mesh, fspecs)
         frozen_in = jax.tree.map(  # codes and scales as they are, the rest in ref_dtype
-            lambda x, sh: type(x)(
-                jax.ShapeDtypeStruct(x.codes.shape, x.codes.dtype, sharding=sh.codes),
-                jax.ShapeDtypeStruct(x.absmax.shape, x.absmax.dtype, sharding=sh.absmax),
-                rows=x.rows)
+            lambda x, sh: jax.tree.map(
+                lambda y, s: jax.ShapeDtypeStruct(y.shape, y.dtype, sharding=s), x, sh)
             if quant.is_quantized(x) else jax.ShapeDtypeStruct(x.shape, ref_dt, sharding=sh),
             frozen, frozen_named, is_leaf=quant.is_quantized)
         rows_ = 2 * a.pairs
@@ -239,8 +244,8 @@ def main():
           f"{'reference':>10} {'temp (act.)':>12} {'arguments':>10}   MiB per device")
     for remat, rank, quantize, p, o, f, t, args in rows:
         policy = a.remat_policy if remat else "off"
-        tuning_name = (f"QLoRA r{rank}{'+emb' if '+' in quantize else ''}" if quantize
-                       else f"LoRA r{rank}") if rank else "full"
+        tuning_name = (f"QLoRA r{rank}{''.join('+' + t for t in quantize.split('+')[1:])}"
+                       if quantize else f"LoRA r{rank}") if rank else "full"
         ref = "0 (base)" if rank else f"{mib(f):.1f}"
         print(f"{tuning_name:>13} {policy[:6]:>6} {mib(p):10.1f} {mib(o):10.1f} {mib(f):9.1f} "
               f"{ref:>10} {mib(t):12.1f} {mib(args):10.1f}")

@@ -139,9 +139,7 @@ TRL_NAMES = {
     "bnb_4bit_quant_type": (str, lambda v, c: {} if v == "nf4" else _refuse(
         "config key bnb_4bit_quant_type={v!r} (TRL's name): the 4-bit base is NF4 only "
         "(quantize_base=\"nf4\")")(v, c)),
-    "use_bnb_nested_quant": (bool, lambda v, c: {} if not v else _refuse(
-        "config key use_bnb_nested_quant=True (TRL's name): the scales' double quantization is "
-        "not offered; quantize_base=\"nf4\" keeps a float32 scale per 64 weights")(v, c)),
+    "use_bnb_nested_quant": (bool, lambda v, c: {"double_quant": True} if v else {}),
     "load_in_8bit": (bool, lambda v, c: {"quantize_base": "int8"} if v else {}),
 }
 # TRL's spellings of values of our keys
@@ -375,6 +373,6 @@ TRL_TABLE = {
     "warmup_ratio": "an error: set warmup_steps",
     "load_in_4bit": "True: quantize_base=\"nf4\" (QLoRA)",
     "bnb_4bit_quant_type": "nf4: already so; fp4: an error",
-    "use_bnb_nested_quant": "False: already so; True: an error (no double quantization)",
+    "use_bnb_nested_quant": "True: double_quant=True (NF4's scales in 8 bits)",
     "load_in_8bit": "True: quantize_base=\"int8\"",
 }

@@ -24,8 +24,20 @@ magnitude to int8 (``round(w * 127 / absmax)``); an ``Int8`` reads as ``codes * 
 the weight-only dequantize-and-matmul bitsandbytes trains with on a CPU (``MatMul8bitFp``).
 Its GPU kernel (LLM.int8) also quantizes the activations; that is not what runs here.
 
+Double quantization (QLoRA's, ``bnb_4bit_use_double_quant``; config key ``double_quant``)
+stores NF4's scales in 8 bits too: a matrix's float32 scales, flattened in bitsandbytes' order,
+less their mean (``offset``), cut into blocks of 256, each scaled by its largest magnitude
+(``absmax2``) and replaced by the nearest of the 256 values of bitsandbytes' signed dynamic map
+(``create_dynamic_map()``), found as its CPU kernel finds it: through a 65536-entry table
+indexed by the value scaled to [0, 65535] in float32. The 4-bit codes are those of plain NF4 (bnb
+quantizes with the exact scales, then compresses them). Scales cost 8.125 bits per 64 weights
+instead of 32. The scales' codes and ``absmax2`` are bitsandbytes' bit for bit given the same
+offset; the offset is the float32 mean (computed in float64 and rounded once), where bnb's is
+torch's float32 sum, whose last bit depends on the CPU's vector width and thread count.
+
 ``quantize(w, method)``, ``is_quantized``, ``dequantize``, ``zeros``, ``abstract`` and ``rules``
-take either method by name (config key ``quantize_base``: "nf4" or "int8").
+take either method by name (config key ``quantize_base``: "nf4" or "int8"), and ``nested`` for
+the double quantization of NF4's scales.
 """
 
 from __future__ import annotations
@@ -49,6 +61,65 @@ NF4_LEVELS = np.array([
 _BOUNDS = (NF4_LEVELS[:-1] + NF4_LEVELS[1:]) / np.float32(2)  # float32 midpoints, as bnb's
 
 METHODS = ("", "nf4", "int8")
+SCALE_BLOCK = 256  # double quantization: scales per block of the scales' own scale
+
+
+def _linspace(start: float, stop: float, n: int):
+    """torch.linspace(start, stop, n) in float32, as torch's CPU kernel computes it: the step
+    from float32 ends in double, the first half counted from the start, the rest from the end."""
+    a, b = np.float32(start), np.float32(stop)
+    step = np.float64(b - a) / (n - 1)
+    i = np.arange(n)
+    return np.where(i < n // 2, a + step * i, b - step * (n - 1 - i)).astype(np.float32)
+
+
+def _dynamic_map():
+    """bitsandbytes' ``create_dynamic_map()`` (signed, 7 exponent bits, 8 bits): for each
+    exponent 10^-6 .. 10^0, the midpoints of 2^i + 1 linear steps over [0.1, 1], both signs;
+    and 0 and 1; sorted, float32."""
+    data = []
+    for i in range(7):
+        bounds = _linspace(0.1, 1.0, 2 ** i + 1)
+        means = (bounds[:-1] + bounds[1:]) / np.float32(2)
+        scale = np.float32(10.0 ** (i - 6))
+        data += [scale * means, -scale * means]
+    return np.sort(np.concatenate([*data, np.float32([0.0, 1.0])]))
+
+
+DYNAMIC = _dynamic_map()  # 256 levels in [-1, 1]
+
+
+def _dynamic_table():
+    """bitsandbytes' CPU lookup: for each of 65536 points evenly over [-1, 1] (float32), the
+    index of the first level whose midpoint with the next is not below the point."""
+    mid = np.float32(0.5) * (DYNAMIC[:-1] + DYNAMIC[1:])
+    points = np.float32(-1) + (np.float32(2) * np.arange(65536, dtype=np.float32)) / np.float32(
+        65535)
+    return np.searchsorted(mid, points, side="left").astype(np.uint8)
+
+
+_TABLE = []  # built on first use
+
+
+def quantize_blockwise(x, block: int = SCALE_BLOCK):
+    """bitsandbytes' ``quantize_blockwise(x, blocksize=block)`` (the dynamic map, its CPU
+    kernel) of each row of ``x`` (..., n) float32, the last block short where ``block`` does not
+    divide n: (codes (..., n) uint8, absmax (..., ceil(n / block)) float32)."""
+    if not _TABLE:
+        _TABLE.append(_dynamic_table())
+    x = np.asarray(x, np.float32)
+    *lead, n = x.shape
+    nb = -(-n // block)
+    padded = np.zeros((*lead, nb * block), np.float32)
+    padded[..., :n] = x
+    blocks = padded.reshape(*lead, nb, block)
+    absmax = np.abs(blocks).max(-1)
+    inv = np.float32(1) / np.where(absmax == 0, np.float32(1), absmax)
+    v = np.clip(blocks * inv[..., None], np.float32(-1), np.float32(1))
+    # ((v + 1) * 0.5) * 65535 + 0.5, one float32 rounding per step, truncated (the kernel's)
+    point = ((v + np.float32(1)) * np.float32(0.5)) * np.float32(65535) + np.float32(0.5)
+    codes = np.where(absmax[..., None] == 0, np.uint8(0), _TABLE[0][point.astype(np.int64)])
+    return codes.reshape(*lead, nb * block)[..., :n], absmax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +155,34 @@ class Quantized:
 class NF4(Quantized):
     """A matrix (or a stack) in bitsandbytes' NF4: ``codes`` (..., out, in / 2) uint8, two
     4-bit level indices per byte (high nibble first, along ``in``); ``absmax`` (..., out,
-    in / 64) float32, each block's scale."""
+    in / 64) float32, each block's scale. Double quantized (``nested``), ``absmax`` is uint8,
+    the scales' codes in the dynamic map, ``absmax2`` (..., ceil(out * in / 64 / 256)) float32
+    their blocks' scales and ``offset`` (...,) float32 their mean."""
+
+    absmax2: jax.Array | None = None
+    offset: jax.Array | None = None
+
+    @property
+    def nested(self) -> bool:
+        return self.absmax2 is not None
+
+    def scales(self, rows=None):
+        """The float32 scales (..., out, in / 64); with ``rows`` (ids of a table's rows), those
+        rows' (*rows.shape, width / 64). Double quantized: ``DYNAMIC[code] * absmax2 +
+        offset``, each code's ``absmax2`` the one of its block of 256 in the matrix's flat
+        order (bitsandbytes' ``dequantize_blockwise``, then ``+= offset``)."""
+        xp = np if isinstance(self.codes, np.ndarray) else jnp
+        absmax = self.absmax if rows is None else xp.take(self.absmax, rows, axis=0)
+        if not self.nested:
+            return absmax.astype(xp.float32)
+        n_blocks = self.absmax.shape[-1]
+        row = (xp.arange(self.absmax.shape[-2]) if rows is None else rows)[..., None]
+        which = (row * n_blocks + xp.arange(n_blocks)) // SCALE_BLOCK
+        return (xp.asarray(DYNAMIC)[absmax.astype(xp.int32)] * self.absmax2[..., which]
+                + xp.asarray(self.offset)[..., None, None])
+
+    def take(self, ids):
+        return _nf4_dense(jnp.take(self.codes, ids, axis=0), self.scales(ids), rows=True)
 
     @property
     def shape(self) -> tuple:
@@ -139,8 +237,10 @@ def is_quantized(x) -> bool:
     return isinstance(x, Quantized)
 
 
-def quantize(w, method: str, *, rows: bool = False):
-    return {"nf4": quantize_nf4, "int8": quantize_int8}[method](w, rows=rows)
+def quantize(w, method: str, *, rows: bool = False, nested: bool = False):
+    if method == "nf4":
+        return quantize_nf4(w, rows=rows, nested=nested)
+    return quantize_int8(w, rows=rows)
 
 
 def dequantize(q):
@@ -152,10 +252,11 @@ def block(method: str) -> int:
     return BLOCK if method == "nf4" else 1
 
 
-def quantize_nf4(w, *, rows: bool = False) -> NF4:
+def quantize_nf4(w, *, rows: bool = False, nested: bool = False) -> NF4:
     """bitsandbytes' ``quantize_4bit(w.T, blocksize=64, quant_type="nf4")`` of an (in, out)
     matrix, per matrix of a stack (..., in, out); with ``rows``, of a (rows, width) table as
-    it is; numpy, on the host."""
+    it is; ``nested``: its scales double quantized (``compress_statistics=True``,
+    ``quantize_scales``); numpy, on the host."""
     w = np.asarray(w, np.float32)
     hf = w if rows else np.swapaxes(w, -1, -2)  # (..., out, in): HF's layout, bnb's order
     *lead, n_out, n_in = hf.shape
@@ -169,43 +270,76 @@ def quantize_nf4(w, *, rows: bool = False) -> NF4:
     idx = np.searchsorted(_BOUNDS, scaled, side="left").astype(np.uint8)  # torch.bucketize
     idx = idx.reshape(*lead, n_out, n_in)
     codes = (idx[..., 0::2] << 4) | idx[..., 1::2]
-    return NF4(codes, absmax.astype(np.float32), rows=rows)
+    absmax = absmax.astype(np.float32)
+    if not nested:
+        return NF4(codes, absmax, rows=rows)
+    scale_codes, absmax2, offset = quantize_scales(absmax)
+    return NF4(codes, scale_codes, rows, absmax2, offset)
+
+
+def quantize_scales(absmax, offset=None):
+    """Double quantization of NF4 scales (..., out, in / 64): (their codes, uint8 in the same
+    layout; ``absmax2`` (..., blocks of 256); ``offset`` (...,)), as bitsandbytes'
+    ``quantize_blockwise(absmax - offset, blocksize=256)`` of each matrix's flattened scales.
+    ``offset``: each matrix's mean, float32 (default: computed in float64, rounded once)."""
+    absmax = np.asarray(absmax, np.float32)
+    *lead, n_out, n_blocks = absmax.shape
+    flat = absmax.reshape(*lead, n_out * n_blocks)
+    if offset is None:
+        offset = flat.astype(np.float64).mean(-1).astype(np.float32)
+    offset = np.asarray(offset, np.float32)
+    codes, absmax2 = quantize_blockwise(flat - offset[..., None])
+    return codes.reshape(absmax.shape), absmax2, offset
 
 
 def dequantize_nf4(q: NF4):
     """The (..., in, out) float32 matrix of an NF4 (jnp inside a trace, numpy on host arrays):
     level times its block's absmax, as bitsandbytes' ``dequantize_4bit``."""
-    xp = np if isinstance(q.codes, np.ndarray) else jnp
-    codes = q.codes.astype(xp.int32)
+    return _nf4_dense(q.codes, q.scales(), rows=q.rows)
+
+
+def _nf4_dense(codes, scales, *, rows: bool):
+    xp = np if isinstance(codes, np.ndarray) else jnp
+    *lead, n_out, half = codes.shape
+    codes = codes.astype(xp.int32)
     idx = xp.stack([codes >> 4, codes & 0xF], axis=-1)  # (..., out, in / 2, 2)
-    *lead, n_out, half = q.codes.shape
     levels = xp.asarray(NF4_LEVELS)[idx].reshape(*lead, n_out, 2 * half // BLOCK, BLOCK)
-    w = (levels * q.absmax.astype(xp.float32)[..., None]).reshape(*lead, n_out, 2 * half)
-    return w if q.rows else xp.swapaxes(w, -1, -2)
+    w = (levels * scales[..., None]).reshape(*lead, n_out, 2 * half)
+    return w if rows else xp.swapaxes(w, -1, -2)
 
 
-def _stored(shape, rows: bool):
+def _stored(shape, rows: bool, nested: bool = False):
     *lead, a, b = shape
     n_out, n_in = (a, b) if rows else (b, a)
-    return ((*lead, n_out, n_in // 2), jnp.uint8), ((*lead, n_out, n_in // BLOCK), jnp.float32)
+    scales = (*lead, n_out, n_in // BLOCK)
+    if not nested:
+        return ((*lead, n_out, n_in // 2), jnp.uint8), (scales, jnp.float32)
+    return (((*lead, n_out, n_in // 2), jnp.uint8), (scales, jnp.uint8),
+            ((*lead, -(-n_out * (n_in // BLOCK) // SCALE_BLOCK)), jnp.float32),
+            (tuple(lead), jnp.float32))
 
 
-def _stored_int8(shape, rows: bool):
+def _stored_int8(shape, rows: bool, nested: bool = False):
     *lead, a, b = shape
     n_out, n_in = (a, b) if rows else (b, a)
     return ((*lead, n_out, n_in), jnp.int8), ((*lead, n_out), jnp.float32)
 
 
-def zeros(shape, method: str = "nf4", *, rows: bool = False):
+def _build(make, shape, method, rows, nested):
+    if method == "nf4":
+        codes, absmax, *more = (make(*s) for s in _stored(shape, rows, nested))
+        return NF4(codes, absmax, rows, *more)
+    return Int8(*(make(*s) for s in _stored_int8(shape, rows)), rows=rows)
+
+
+def zeros(shape, method: str = "nf4", *, rows: bool = False, nested: bool = False):
     """An all-zero quantized (..., in, out) matrix or table (a structure to load into)."""
-    cls, stored = (NF4, _stored) if method == "nf4" else (Int8, _stored_int8)
-    return cls(*(jnp.zeros(*s) for s in stored(shape, rows)), rows=rows)
+    return _build(jnp.zeros, shape, method, rows, nested)
 
 
-def abstract(shape, method: str = "nf4", *, rows: bool = False):
+def abstract(shape, method: str = "nf4", *, rows: bool = False, nested: bool = False):
     """A quantized (..., in, out) matrix or table as ShapeDtypeStructs (memory benches)."""
-    cls, stored = (NF4, _stored) if method == "nf4" else (Int8, _stored_int8)
-    return cls(*(jax.ShapeDtypeStruct(*s) for s in stored(shape, rows)), rows=rows)
+    return _build(jax.ShapeDtypeStruct, shape, method, rows, nested)
 
 
 def dense(tree):
@@ -230,14 +364,16 @@ def fit_scales(mesh, params, specs):
         entries = tuple(s.absmax) + (None,) * (q.absmax.ndim - len(s.absmax))
         if q.absmax.shape[-1] % size(entries[-1]):
             entries = entries[:-1] + (None,)
-        return NF4(s.codes, P(*entries), rows=q.rows)
+        return dataclasses.replace(s, absmax=P(*entries))
     return jax.tree.map(fit, params, specs, is_leaf=is_nf4)
 
 
-def rules(paths, spec_of, tables=(), method: str = "nf4") -> list:
+def rules(paths, spec_of, tables=(), method: str = "nf4", nested: bool = False) -> list:
     """Sharding rules of the quantized leaves of the matrices ``paths``, from each matrix's spec
     (layer, in, out) (``spec_of(name)``): codes and NF4's scales (layer, out, in), int8's
-    scales (layer, out); of the tables ``tables``, as the table's own (rows, width)."""
+    scales (layer, out); of the tables ``tables``, as the table's own (rows, width). Double
+    quantized, the scales' scales and offset (a float per 16384 weights) split only as the
+    layers are."""
     import re
     from jax.sharding import PartitionSpec as P
     out = []
@@ -251,4 +387,8 @@ def rules(paths, spec_of, tables=(), method: str = "nf4") -> list:
         out.append((re.escape(f"{path}.weight.codes"), P(*spec)))
         out.append((re.escape(f"{path}.weight.absmax"),
                     P(*spec) if method == "nf4" else P(*spec[:-1])))
+        if nested:
+            lead = spec[:-2]
+            out.append((re.escape(f"{path}.weight.absmax2"), P(*lead, None)))
+            out.append((re.escape(f"{path}.weight.offset"), P(*lead)))
     return out

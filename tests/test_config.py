@@ -29,7 +29,7 @@ def test_groups_hold_every_key_once_and_the_resume_keys_are_derived():
     keys = [f.name for _, cls in configs.GROUPS.items() for f in configs.K.fields(cls)]
     assert len(keys) == len(set(keys))  # one owner per key
     assert set(configs.resume_keys()) == set(OLD_RUN_KEYS) | {
-        "use_dora", "router_aux_loss_coef", "quantize_base", "quantize_embeddings",
+        "use_dora", "router_aux_loss_coef", "quantize_base", "quantize_embeddings", "double_quant",
         "ref_model_name_or_path", *(f.name for f in configs.K.fields(configs.OnlineConfig)
                                     if f.name != "online_batch_size")}
     cfg = configs.build({**configs.defaults().to_dict(), "dataset_name": "x.jsonl"})
@@ -52,8 +52,8 @@ def test_groups_hold_every_key_once_and_the_resume_keys_are_derived():
     (dict(precompute_ref_batch_size=4), "batches of eval_batch_size"),
     (dict(lora_rank=4, load_in_4bit=True, bnb_4bit_quant_type="fp4"),
      "config key bnb_4bit_quant_type='fp4' (TRL's name): the 4-bit base is NF4 only"),
-    (dict(lora_rank=4, load_in_4bit=True, use_bnb_nested_quant=True),
-     "double quantization is not offered"),
+    (dict(lora_rank=4, load_in_8bit=True, use_bnb_nested_quant=True),
+     "config key double_quant=True quantizes NF4's block scales, and quantize_base='int8'"),
     (dict(load_in_4bit=True), "config key quantize_base='nf4' quantizes the frozen base of LoRA"),
     (dict(quantize_base="int8"), "config key quantize_base='int8'"),
 ])
@@ -82,6 +82,9 @@ def test_trl_names_are_resolved_and_logged_once(tmp_path, caplog):
     assert len(said) == 10 and any("bf16=True (TRL's name): dtype='bfloat16'" in s for s in said)
     use_peft = configs.build(tiny_config(tmp_path, use_peft=True))
     assert use_peft.tuning.lora_rank == 16
+    qlora = configs.build(tiny_config(tmp_path, use_peft=True, load_in_4bit=True,
+                                      use_bnb_nested_quant=True))
+    assert qlora.tuning.quantize_base == "nf4" and qlora.tuning.double_quant
 
 
 def test_a_loss_option_and_the_table_agree():

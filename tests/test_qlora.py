@@ -56,6 +56,47 @@ def test_nf4_equals_bitsandbytes(shape, dtype):
     assert q.shape == shape and q[...].shape == shape
 
 
+def test_double_quantization_equals_bitsandbytes():
+    """QLoRA's double quantization (``compress_statistics=True``): the dynamic map is
+    bitsandbytes' own; its 8-bit blockwise codes and block scales are its CPU kernel's bit for
+    bit (scales with a zero block, a short last block, six decades of magnitude); a matrix's
+    4-bit codes are plain NF4's, its scales' codes and scales bnb's given bnb's offset, and the
+    offset (bnb: torch's float32 sum) within 2 ulp of ours; the dequantized matrix, host and
+    jitted, within 2e-6 of bnb's ``dequantize_4bit`` relative to its largest value. A table
+    (quantize_embeddings) dequantizes row by row to the same values."""
+    np.testing.assert_array_equal(quant.DYNAMIC, F.create_dynamic_map().numpy())
+    rng = np.random.default_rng(2)
+    x = (rng.normal(size=1000) * 10.0 ** rng.integers(-6, 1, size=1000)).astype(np.float32)
+    x[256:512] = 0.0
+    codes, absmax = quant.quantize_blockwise(x)
+    t, state = F.quantize_blockwise(torch.from_numpy(x), blocksize=256)
+    np.testing.assert_array_equal(codes, t.numpy())
+    np.testing.assert_array_equal(absmax, state.absmax.numpy())
+    w = (rng.normal(size=(3, 512, 96)) * rng.choice([0.02, 1.0, 30.0], size=96)).astype(
+        np.float32)
+    q = quant.quantize_nf4(w, nested=True)
+    assert q.nested and q.absmax.dtype == np.uint8 and q.absmax2.shape == (3, 3)
+    plain = quant.quantize_nf4(w)
+    np.testing.assert_array_equal(q.codes, plain.codes)
+    on_device = np.asarray(jax.jit(quant.dequantize_nf4)(jax.tree.map(jax.numpy.asarray, q)))
+    for i in range(3):
+        t, state = F.quantize_4bit(torch.from_numpy(np.ascontiguousarray(w[i].T)), blocksize=64,
+                                   quant_type="nf4", compress_statistics=True)
+        offset = state.offset.numpy()
+        assert abs(int(offset.view(np.int32)) - int(q.offset[i].view(np.int32))) <= 2
+        scale_codes, absmax2, _ = quant.quantize_scales(plain.absmax[i], offset)
+        np.testing.assert_array_equal(scale_codes.reshape(-1), state.absmax.numpy())
+        np.testing.assert_array_equal(absmax2, state.state2.absmax.numpy())
+        dense = F.dequantize_4bit(t, state).numpy().T
+        tol = 2e-6 * np.abs(dense).max()
+        np.testing.assert_allclose(quant.dequantize_nf4(q)[i], dense, atol=tol, rtol=0)
+        np.testing.assert_allclose(on_device[i], dense, atol=tol, rtol=0)
+    table = quant.quantize_nf4(w[0].T, rows=True, nested=True)
+    ids = np.array([[3, 90], [95, 0]])
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda t: t.take(ids))(table)),
+                               quant.dequantize_nf4(table)[ids], atol=1e-6 * np.abs(w).max())
+
+
 def test_int8_equals_bitsandbytes():
     """Row-wise int8 (load_in_8bit's Int8Params): codes and row scales as bitsandbytes'
     ``int8_vectorwise_quant`` of the float16-cast matrix (random matrices at three scales, a
@@ -78,25 +119,30 @@ def test_int8_equals_bitsandbytes():
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def qlora_run(request, tmp_path_factory):
-    """A 4-step QLoRA run (adapters on the family's targets, every Linear of the base in NF4)."""
+    """A 4-step QLoRA run (adapters on the family's targets, every Linear of the base in NF4;
+    the Llama's with its scales double quantized)."""
     tmp = tmp_path_factory.mktemp(f"qlora_{request.param}")
     torch_base(request.param).save_pretrained(tmp / "base")
-    trainer.train_and_evaluate(lora_config(tmp, tmp / "base", quantize_base="nf4"), tmp / "wd")
+    trainer.train_and_evaluate(lora_config(tmp, tmp / "base", quantize_base="nf4",
+                                           double_quant=request.param == "llama"), tmp / "wd")
     return request.param, tmp
 
 
 def test_the_adapter_runs_on_the_base_bitsandbytes_loads(qlora_run):
     """PEFT's model of our adapter on ``from_pretrained(base, quantization_config=NF4)`` gives
     the logits of our merged export (the adapters merged into the dequantized base, as PEFT's
-    merge does); every Linear bitsandbytes quantized is one we quantized."""
+    merge does); every Linear bitsandbytes quantized is one we quantized. The Llama's base is
+    double quantized on both sides (``bnb_4bit_use_double_quant``)."""
     import peft
     family, tmp = qlora_run
     wd = tmp / "wd"
     base = transformers.AutoModelForCausalLM.from_pretrained(
         tmp / "base", dtype=torch.float32, quantization_config=transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_use_double_quant=family == "llama"))
     quantized = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantized) == (4 if family == "gpt2" else 7) * 2
+    assert all(m.weight.quant_state.nested == (family == "llama") for m in quantized)
     for m in quantized:  # bitsandbytes' CPU inference kernel computes in bfloat16 (on
         # machines with AVX512-BF16; its training path, TRL's, dequantizes to float32): the
         # float32 path, the one the reference of the numbers is
@@ -115,20 +161,24 @@ def test_the_adapter_runs_on_the_base_bitsandbytes_loads(qlora_run):
 
 def test_one_device_and_eight_give_the_same_steps(qlora_run, tmp_path):
     """The codes and scales split with their matrix (fsdp 4 x tensor 2; the 64-wide matrices'
-    single scale block per output kept whole along fsdp): losses and adapters within 1e-5
+    single scale block per output kept whole along fsdp; double quantized, the scales' codes
+    split as the scales, their own scales and offsets whole): losses and adapters within 1e-5
     (the Llama: GPT-2's matrices split by the same rules)."""
     family, tmp = qlora_run
     if family != "llama":
         pytest.skip("one family is enough for the mesh (suite time)")
     one = tmp / "wd"
-    run = trainer.setup(lora_config(tmp_path, tmp / "base", quantize_base="nf4", mesh_data=1,
+    run = trainer.setup(lora_config(tmp_path, tmp / "base", quantize_base="nf4",
+                                    double_quant=True, mesh_data=1,
                                     mesh_fsdp=4, mesh_tensor=2), tmp_path / "eight")
-    codes = [a for a in models.flatten(run.frozen).values() if quant.is_nf4(a)][0].codes
-    assert len({str(s.index) for s in codes.addressable_shards}) == 8  # split, not replicated
+    q = [a for a in models.flatten(run.frozen).values() if quant.is_nf4(a)][0]
+    assert q.nested and q.absmax.dtype == np.uint8
+    assert len({str(s.index) for s in q.codes.addressable_shards}) == 8  # split, not replicated
     run.ckpt.close()
     eight = tmp_path / "eight2"
     trainer.train_and_evaluate(lora_config(tmp_path, tmp / "base", quantize_base="nf4",
-                                           mesh_data=1, mesh_fsdp=4, mesh_tensor=2), eight)
+                                           double_quant=True, mesh_data=1, mesh_fsdp=4,
+                                           mesh_tensor=2), eight)
     rows = lambda wd: [json.loads(r) for r in (wd / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(rows(one), rows(eight), strict=True):
         np.testing.assert_allclose(a["train/loss"], b["train/loss"], rtol=1e-5)
@@ -139,7 +189,16 @@ def test_one_device_and_eight_give_the_same_steps(qlora_run, tmp_path):
 
 
 def test_a_checkpoint_resumes_only_on_its_quantization(qlora_run, tmp_path):
+    """An NF4 run's checkpoint refuses an unquantized base; a double-quantized one (the
+    Llama's) refuses plain NF4 scales."""
     family, tmp = qlora_run
+    if family == "llama":
+        with pytest.raises(checkpoint.CheckpointMismatch,
+                           match=r"another lora setting \(saved vs this config: "
+                                 r"\{'double_quant': \(True, None\)\}\)"):
+            trainer.setup(lora_config(tmp_path, tmp / "base", max_steps=6,
+                                      quantize_base="nf4"), tmp / "wd")
+        return
     with pytest.raises(checkpoint.CheckpointMismatch,
                        match=r"another lora setting \(saved vs this config: \{'quantize': "
                              r"\('nf4', None\)\}\)"):

@@ -50,7 +50,8 @@ CASES = {
                     "quantize_base": "int8", "optim": "sgd", "learning_rate": 0.1}),
     "qlora-gpt2": ({"optim": "sgd", "learning_rate": 0.1},
                    {"lora_rank": 4, "lora_alpha": 8.0, "lora_target": r"h\.attn\.c_attn",
-                    "quantize_base": "nf4", "optim": "sgd", "learning_rate": 0.1}),
+                    "quantize_base": "nf4", "double_quant": True, "optim": "sgd",
+                    "learning_rate": 0.1}),
 }
 # the QLoRA cases' bases (NF4 blocks of 64 inputs: 64 wide) and PEFT's target modules
 BASES = {"qlora": ("base64", ["q_proj", "v_proj"]), "qlora-gpt2": ("gpt2_64", ["c_attn"]),
@@ -89,7 +90,8 @@ def trl_run(root, tok, name, theirs, lora):
     if name in BASES:
         pytest.importorskip("bitsandbytes", reason="bitsandbytes is the NF4 reference")
         quantization = (dict(load_in_8bit=True) if name == "qlora-int8" else dict(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_use_double_quant=name == "qlora-gpt2"))
         model = transformers.AutoModelForCausalLM.from_pretrained(
             root / base, dtype=torch.float32,
             quantization_config=transformers.BitsAndBytesConfig(**quantization))
@@ -165,4 +167,8 @@ def test_trl_and_we_log_the_same_numbers(setup, tmp_path, name):
         if key in init:  # what training moved, on both sides
             got, want = got - init[key], want - init[key]
         scale = max(np.abs(want).max(), 1e-3)
-        assert np.abs(got - want).max() <= 1e-4 * scale, (name, key)
+        # double quantized: bnb's scale offset is torch's float32 sum, ours the mean rounded
+        # once; they differ in the last bit for 2 of the 8 matrices, and one of 208 scales'
+        # 8-bit codes rounds the other way (1.6e-4 here; with bnb's offset, within 1e-4)
+        rel = 5e-4 if ours.get("double_quant") else 1e-4
+        assert np.abs(got - want).max() <= rel * scale, (name, key)

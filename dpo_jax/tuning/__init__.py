@@ -51,6 +51,11 @@ class TuningConfig:
                                       "quantized too (a tied LM head with them); bitsandbytes "
                                       "keeps them",
                                       K.flag, resume=True)
+    double_quant: bool = K.key(False, "with quantize_base=\"nf4\": its float32 scales (one per "
+                               "64 weights) quantized again to 8 bits in blocks of 256, "
+                               "QLoRA's double quantization (bnb_4bit_use_double_quant): "
+                               "0.127 bits per weight for the scales instead of 0.5",
+                               K.flag, resume=True)
 
     def __post_init__(self):
         K.check_fields(self)
@@ -61,6 +66,9 @@ class TuningConfig:
             raise ConfigError(f"config key quantize_base={self.quantize_base!r} quantizes the "
                               "frozen base of LoRA or DoRA, and lora_rank=0 (full fine-tuning "
                               "trains every weight): set lora_rank")
+        if self.double_quant and self.quantize_base != "nf4":
+            raise ConfigError("config key double_quant=True quantizes NF4's block scales, and "
+                              f"quantize_base={self.quantize_base!r}: set quantize_base=\"nf4\"")
         if self.quantize_embeddings and not self.quantize_base:
             raise ConfigError("config key quantize_embeddings=True quantizes the embedding "
                               "tables of a quantized base: set quantize_base=\"nf4\"")

@@ -52,6 +52,7 @@ class LoRAConfig:
     target: str  # regex over the paths of Linear layers ("layers.self_attn.q_proj")
     quantize: str = ""  # the frozen base's matrices: "" as loaded, "nf4" or "int8" (quant.py)
     quantize_embeddings: bool = False  # its embedding tables too
+    double_quant: bool = False  # NF4's scales in 8 bits too
 
     @property
     def scale(self) -> float:
@@ -63,11 +64,12 @@ class LoRAConfig:
                    dropout=float(config.lora_dropout),
                    target=config.lora_target or family.lora_target,
                    quantize=config.quantize_base,
-                   quantize_embeddings=config.quantize_embeddings)
+                   quantize_embeddings=config.quantize_embeddings,
+                   double_quant=config.double_quant)
 
     def record(self) -> dict:
         out = dataclasses.asdict(self)
-        for key in ("quantize", "quantize_embeddings"):
+        for key in ("quantize", "quantize_embeddings", "double_quant"):
             if not out[key]:  # as records were before these keys
                 del out[key]
         return out
@@ -200,7 +202,8 @@ class LoRATuning(Tuning):
         for path in self.quantized_paths + self.quantized_tables:
             layer = getattr(*_parent(model, path))
             layer.weight = nnx.Param(quant.zeros(layer.weight[...].shape, self.cfg.quantize,
-                                                 rows=path in self.quantized_tables))
+                                                 rows=path in self.quantized_tables,
+                                                 nested=self.cfg.double_quant))
         return model
 
     def wrap(self, layer: common.Linear, rngs: nnx.Rngs | None, dropout: bool):
@@ -262,7 +265,8 @@ class LoRATuning(Tuning):
             if not quant.is_quantized(w):
                 flat[f"{path}.weight"] = quant.quantize(np.asarray(w, np.float32),
                                                         self.cfg.quantize,
-                                                        rows=path in self.quantized_tables)
+                                                        rows=path in self.quantized_tables,
+                                                        nested=self.cfg.double_quant)
         return models.unflatten_like(params, flat)
 
     def base_rules(self) -> list:
@@ -270,7 +274,7 @@ class LoRATuning(Tuning):
         scales split as their matrix."""
         return quant.rules(self.quantized_paths, lambda name: _spec_of(
             name, self.family.rules), self.quantized_tables,
-            self.cfg.quantize) + list(self.family.rules)
+            self.cfg.quantize, self.cfg.double_quant) + list(self.family.rules)
 
     def init_trainable(self, mesh, seed: int, base: dict, rules) -> dict:
         """Fresh adapters, placed: A random, B zero."""
