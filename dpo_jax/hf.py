@@ -90,8 +90,8 @@ def config_from_hf(hf_config: dict, *, source: str = "config.json", **compute):
         raise CheckpointError(f"{source}: {e}") from None
 
 
-def config_to_hf(cfg) -> dict:
-    return {**models.family_of(cfg).config_to_hf(cfg), "dtype": "float32"}
+def config_to_hf(cfg, dtype: str = "float32") -> dict:
+    return {**models.family_of(cfg).config_to_hf(cfg), "dtype": dtype}
 
 
 def model_params(model) -> dict:
@@ -195,10 +195,14 @@ def save_pretrained(model, path: str | os.PathLike, *, max_shard_bytes: int = 5 
     return save_params(model.config, model_params(model), path, max_shard_bytes=max_shard_bytes)
 
 
-def save_params(cfg, params: dict, path: str | os.PathLike, *,
+def save_params(cfg, params: dict, path: str | os.PathLike, *, dtype: str = "float32",
                 max_shard_bytes: int = 5 << 30) -> Path:
-    """``save_pretrained`` from a config and a params dict (host or device arrays)."""
-    return hub.write_weights(Path(path), hf_state_dict(cfg, params), config_to_hf(cfg),
+    """``save_pretrained`` from a config and a params dict (host or device arrays), the
+    tensors in ``dtype`` ("float32" or "bfloat16", rounded to nearest even)."""
+    tensors = hf_state_dict(cfg, params)
+    if dtype != "float32":
+        tensors = {k: v.astype(jnp.dtype(dtype)) for k, v in tensors.items()}
+    return hub.write_weights(Path(path), tensors, config_to_hf(cfg, dtype),
                              max_shard_bytes=max_shard_bytes)
 
 

@@ -364,7 +364,8 @@ def finish(run: Run) -> dict:
                              f"exported; the last complete checkpoint is {run.last_checkpoint()}")
     hf_dir = None
     if run.cfg.run.export_hf and run.lead:
-        hf_dir = hf.save_params(run.model_cfg, host_params, run.workdir / "hf")
+        hf_dir = hf.save_params(run.model_cfg, host_params, run.workdir / "hf",
+                                dtype=run.tuning.export_dtype())
         run.tokenizer.save_pretrained(str(hf_dir))
         run.tuning.export(run.workdir, trainable, base_name=run.cfg.model.model_name_or_path)
     summary = {

@@ -108,7 +108,8 @@ KILL_DRIVER = textwrap.dedent("""
 
 @pytest.mark.parametrize("config, extra", [  # (plain GPT-2: test_object_store's SIGKILL;
     ("configs/tiny_llama.py", ["--config.lora_rank=4",     # the Llama family: its QLoRA run) "--config.lora_dropout=0.1",
-                               "--config.quantize_base=nf4", "--config.learning_rate=1e-2"]),
+                               "--config.quantize_base=nf4", "--config.double_quant=True",
+                               "--config.dtype=bfloat16", "--config.learning_rate=1e-2"]),
     ("configs/tiny.py", ["--config.lora_rank=4", "--config.use_dora=True",
                          "--config.learning_rate=1e-2"]),
     ("configs/tiny.py", ["--config.sync_ref_model=True", "--config.ref_model_sync_steps=3",
@@ -144,6 +145,10 @@ def test_exact_resume_after_sigkill(tmp_path, config, extra):
                                         "Qwen3MoeForCausalLM")
         assert not info["missing_keys"]
         assert not info["unexpected_keys"]
+        # QLoRA's merged export in the compute dtype (PEFT's merge on a bnb base), else float32
+        import torch
+        assert model.dtype == (torch.bfloat16 if "--config.dtype=bfloat16" in extra
+                               else torch.float32)
         r = run(["generate.py", "--workdir", str(resumed), "--prompt", "The acting was",
                  "--max_new_tokens", "4"])
         assert r.returncode == 0 and "pi_theta | The acting was" in r.stdout, r.stderr[-2000:]

@@ -163,6 +163,10 @@ class Tuning(abc.ABC):
         """The policy as one plain params dict of the family (host numpy): the HF export.
         ``trainable``: host arrays; ``frozen``: as placed. Called on every process."""
 
+    def export_dtype(self) -> str:
+        """The dtype of the merged HF export: float32, the trained params' own."""
+        return "float32"
+
     def export(self, workdir, trainable: dict, *, base_name: str) -> None:
         """Writes what this method exports besides the merged HF folder (an adapter), from the
         host ``trainable`` params (the lead process only)."""

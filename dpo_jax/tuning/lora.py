@@ -314,6 +314,12 @@ class LoRATuning(Tuning):
         a, b = (np.asarray(adapters[f"{path}.lora_{x}"], np.float32) for x in "ab")
         return w + self.cfg.scale * (a @ b)
 
+    def export_dtype(self) -> str:
+        """A quantized base merges in the compute dtype, as PEFT's ``merge_and_unload`` on a
+        bitsandbytes base (dequantized to ``bnb_4bit_compute_dtype``, the delta added); an
+        unquantized one in float32."""
+        return self.model_cfg.dtype if self.cfg.quantize else "float32"
+
     def merged_params(self, trainable, frozen) -> dict:
         """The base with every adapted matrix merged (host numpy, float32); a quantized base
         dequantized first (as PEFT's merge into a bitsandbytes base)."""
