@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from trainutil import CLI_ENV
 from dpo_jax import online
 from dpo_jax.errors import ConfigError
 
@@ -70,8 +71,8 @@ def cli(tmp_path, workdir, kill="none:0"):
             "--config.max_steps=3", "--config.warmup_steps=0", "--config.save_steps=1",
             "--config.sample_prompts=0", "--config.eval_steps=0", "--config.logging_steps=1",
             "--config.progress_bar=False", f"--config.data_cache_dir={tmp_path / 'cache'}"]
-    env = dict(os.environ, KILL=kill,
-               PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
+    # one device and the session's compilation cache, as every CLI test (trainutil.CLI_ENV)
+    env = dict(CLI_ENV, KILL=kill, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
