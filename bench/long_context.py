@@ -7,9 +7,11 @@ For each context axis size N and each row length (ascending), ``bench/memory.py`
 DPO train step of one pair (two rows of that many positions) on N simulated CPU devices
 (``--mesh 1,1,1,1,N``: each row's positions split over the context axis, ring attention), bf16
 compute and reference, remat, and reads XLA's memory analysis: per-device step arguments +
-temporaries. Lengths stop growing for an N once the largest budget is exceeded. Printed: the
-table of measured MiB per device, then the longest measured length that fits each budget (GB =
-1e9 bytes), with LoRA (``--lora-rank``) and, unless ``--lora-only``, full fine-tuning. Each point
+temporaries, without the float32 copy of the bf16 weights the CPU compiler hoists out of the
+layer loop (``--no-hoist``; ``--hoist`` keeps it). Lengths stop growing for an N once the
+largest budget is exceeded. Printed: the table of measured MiB per device, then the longest
+measured length that fits each budget (GB = 1e9 bytes), with LoRA (``--lora-rank``) and,
+unless ``--lora-only``, full fine-tuning. Each point
 is a separate process (the simulated device count is fixed when XLA starts) and compiles
 without running: minutes per point for a 1B model on a small CPU.
 
@@ -32,12 +34,13 @@ ROW = re.compile(r"^\s*(full|LoRA r\d+)\s+\S+\s+(?:[\d.]+\s+){3}\S+(?:\s+\(base\
                  r"([\d.]+)\s+([\d.]+)\s*$")
 
 
-def measure(model, length, context, lora_rank, lora_only, attention="ring"):
-    """{tuning: MiB per device (arguments + temporaries)} of one compiled step."""
+def measure(model, length, context, lora_rank, lora_only, attention="ring", hoist=False):
+    """{tuning: MiB per device (arguments + temporaries)} of one compiled step (``hoist``: with
+    the CPU's hoisted float32 copy of the bf16 weights, bench/memory.py's ``--no-hoist``)."""
     cmd = [sys.executable, os.path.join(HERE, "memory.py"), "--model", model, "--pairs", "1",
            "--seq", str(length), "--mesh", f"1,1,1,1,{context}", "--devices", str(context),
            "--dtype", "bfloat16", "--ref-dtype", "bfloat16", "--remat",
-           "--context-attention", attention]
+           "--context-attention", attention] + ([] if hoist else ["--no-hoist"])
     if lora_rank:
         cmd += ["--lora-rank", str(lora_rank)] + (["--lora-only"] if lora_only else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -129,6 +132,9 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="--time: timed steps per length")
     ap.add_argument("--orders", default="zigzag",
                     help="--time: ring attention's orders to time side by side (zigzag,index)")
+    ap.add_argument("--hoist", action="store_true",
+                    help="memory: keep the CPU compiler's hoisted float32 copy of the bf16 "
+                         "weights (bench/memory.py --no-hoist is the default here)")
     ap.add_argument("--context-attention", default="ring",
                     choices=("ring", "ring-index-order", "all-gather"),
                     help="memory: what attention over the context axis is (bench/memory.py)")
@@ -152,7 +158,8 @@ def main():
     rows = []
     for n in (int(c) for c in a.contexts.split(",")):
         for length in sorted(int(x) for x in a.lengths.split(",")):
-            got = measure(a.model, length, n, a.lora_rank, a.lora_only, a.context_attention)
+            got = measure(a.model, length, n, a.lora_rank, a.lora_only, a.context_attention,
+                          a.hoist)
             for tuning, mib in got.items():
                 rows.append((tuning, n, length, mib))
                 print(f"{a.model} {tuning}: context {n}, {length} tokens / row: "
