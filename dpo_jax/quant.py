@@ -319,7 +319,7 @@ def _stored(shape, rows: bool, nested: bool = False):
             (tuple(lead), jnp.float32))
 
 
-def _stored_int8(shape, rows: bool, nested: bool = False):
+def _stored_int8(shape, rows: bool):
     *lead, a, b = shape
     n_out, n_in = (a, b) if rows else (b, a)
     return ((*lead, n_out, n_in), jnp.int8), ((*lead, n_out), jnp.float32)
