@@ -137,7 +137,7 @@ def test_exact_resume_after_sigkill(tmp_path, config, extra):
     if "--config.lora_rank=4" in extra:  # LoRA: the adapters themselves, as PEFT's file holds them
         adapter = lambda wd: (wd / "adapter" / "adapter_model.safetensors").read_bytes()
         assert adapter(straight) == adapter(resumed), "final adapters differ after resume"
-    if "tiny.py" not in config:  # a transformers model of the family; generate.py serves it
+    if "tiny.py" not in config:  # a transformers model of the family
         import transformers
         model, info = transformers.AutoModelForCausalLM.from_pretrained(
             resumed / "hf", output_loading_info=True)
@@ -149,9 +149,13 @@ def test_exact_resume_after_sigkill(tmp_path, config, extra):
         import torch
         assert model.dtype == (torch.bfloat16 if "--config.dtype=bfloat16" in extra
                                else torch.float32)
-        r = run(["generate.py", "--workdir", str(resumed), "--prompt", "The acting was",
-                 "--max_new_tokens", "4"])
-        assert r.returncode == 0 and "pi_theta | The acting was" in r.stdout, r.stderr[-2000:]
+        if "quantize_base" in " ".join(extra):  # generate.py is family-agnostic: served once
+            # here, on its hardest restore (adapters on a quantized base); each family's
+            # decoding is its own module's test
+            r = run(["generate.py", "--workdir", str(resumed), "--prompt", "The acting was",
+                     "--max_new_tokens", "4"])
+            assert r.returncode == 0 and "pi_theta | The acting was" in r.stdout, \
+                r.stderr[-2000:]
     steps = [json.loads(l)["step"] for l in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 21))
     logged = lambda wd, key: [json.loads(l)[key] for l in (wd / "metrics.jsonl").read_text()
