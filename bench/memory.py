@@ -103,11 +103,12 @@ def parse():
     ap.add_argument("--compare-remat", action="store_true", help="report remat off and on")
     ap.add_argument("--chunk", type=int, default=1024, help="LM-head chunk (positions)")
     ap.add_argument("--lora-only", action="store_true", help="with --lora-rank: skip full tuning")
-    ap.add_argument("--quantize-base", default="", choices=("", "nf4", "int8"),
-                    help="with --lora-rank: also QLoRA, the base's Linear matrices in NF4 or "
-                         "int8 (quantize_base), beside LoRA on the --ref-dtype base")
+    ap.add_argument("--quantize-base", default="", choices=("", "nf4", "int8", "fp8"),
+                    help="with --lora-rank: also QLoRA, the base's Linear matrices in NF4, "
+                         "int8 or FP8 (quantize_base), beside LoRA on the --ref-dtype base")
     ap.add_argument("--quantize-embeddings", action="store_true",
-                    help="with --quantize-base: a third case, the embedding tables in NF4 too")
+                    help="with --quantize-base: a further case, the embedding tables "
+                         "quantized too")
     ap.add_argument("--double-quant", action="store_true",
                     help="with --quantize-base nf4: a case with NF4's scales double quantized "
                          "(double_quant)")

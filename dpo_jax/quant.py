@@ -35,9 +35,18 @@ instead of 32. The scales' codes and ``absmax2`` are bitsandbytes' bit for bit g
 offset; the offset is the float32 mean (computed in float64 and rounded once), where bnb's is
 torch's float32 sum, whose last bit depends on the CPU's vector width and thread count.
 
+``quantize_fp8`` is transformers' fine-grained FP8 (``FineGrainedFP8Config``, the format of
+DeepSeek-V3's and Qwen3's FP8 checkpoints): HF's (out, in) matrix cut into 128 x 128 tiles,
+each scaled by 448 / its largest magnitude and cast to float8_e4m3fn (round to nearest even,
+clamped to +-448), the tile's inverse scale (``weight_scale_inv``) kept in float32. An ``FP8``
+reads as ``codes * weight_scale_inv``. Codes and scales are what transformers' ``Fp8Quantize``
+gives on the CPU, the dequantized matrix its ``Fp8Dequantize``'s (the tests check both). 8 bits
+per weight and 32 per 16384; the matmul runs in the compute dtype after the dequantization (an
+fp8 matmul is an accelerator's, not measured here).
+
 ``quantize(w, method)``, ``is_quantized``, ``dequantize``, ``zeros``, ``abstract`` and ``rules``
-take either method by name (config key ``quantize_base``: "nf4" or "int8"), and ``nested`` for
-the double quantization of NF4's scales.
+take any method by name (config key ``quantize_base``: "nf4", "int8" or "fp8"), and ``nested``
+for the double quantization of NF4's scales.
 """
 
 from __future__ import annotations
@@ -60,7 +69,9 @@ NF4_LEVELS = np.array([
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
 _BOUNDS = (NF4_LEVELS[:-1] + NF4_LEVELS[1:]) / np.float32(2)  # float32 midpoints, as bnb's
 
-METHODS = ("", "nf4", "int8")
+METHODS = ("", "nf4", "int8", "fp8")
+FP8_TILE = 128  # fp8: the side of a tile with one scale
+FP8_MAX = np.float32(448.0)  # float8_e4m3fn's largest finite value
 SCALE_BLOCK = 256  # double quantization: scales per block of the scales' own scale
 
 
@@ -233,6 +244,58 @@ def dequantize_int8(q: Int8):
     return w if q.rows else xp.swapaxes(w, -1, -2)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FP8(Quantized):
+    """A matrix (or a stack) in transformers' fine-grained FP8: ``codes`` (..., out, in)
+    float8_e4m3fn, ``absmax`` (..., out / 128, in / 128) float32, each tile's inverse scale
+    (``weight_scale_inv``: the tile's largest magnitude / 448)."""
+
+    @property
+    def shape(self) -> tuple:
+        *lead, n_out, n_in = self.codes.shape
+        return (*lead, n_out, n_in) if self.rows else (*lead, n_in, n_out)
+
+    def dense(self):
+        return _fp8_dense(self.codes, self.absmax, rows=self.rows)
+
+    def take(self, ids):
+        scales = jnp.take(self.absmax, ids // FP8_TILE, axis=0)  # (*ids, width / 128)
+        return _fp8_dense(jnp.take(self.codes, ids, axis=0)[..., None, :],
+                          scales[..., None, :], rows=True)[..., 0, :]
+
+
+def quantize_fp8(w, *, rows: bool = False) -> FP8:
+    """transformers' ``Fp8Quantize`` (block 128 x 128, float scales) of an (in, out) matrix, per
+    matrix of a stack; with ``rows``, of a (rows, width) table as it is; numpy, on the host."""
+    import ml_dtypes
+    w = np.asarray(w, np.float32)
+    hf = w if rows else np.swapaxes(w, -1, -2)
+    *lead, n_out, n_in = hf.shape
+    if n_out % FP8_TILE or n_in % FP8_TILE:
+        raise ConfigError(f"config key quantize_base='fp8': a ({n_out}, {n_in}) matrix does not "
+                          f"cut into FP8 tiles of {FP8_TILE} x {FP8_TILE}")
+    tiles = hf.reshape(*lead, n_out // FP8_TILE, FP8_TILE, n_in // FP8_TILE, FP8_TILE)
+    max_abs = np.abs(tiles).max(axis=(-3, -1))
+    # torch evaluates transformers' 448 / max_abs as reciprocal(max_abs) * 448: two roundings
+    safe = np.where(max_abs > 0, max_abs, np.float32(1))
+    scale = np.where(max_abs > 0, (np.float32(1) / safe) * FP8_MAX, np.float32(1))
+    inv = (np.float32(1) / scale).astype(np.float32)
+    scaled = np.clip(tiles * scale[..., :, None, :, None], -FP8_MAX, FP8_MAX)
+    codes = scaled.astype(ml_dtypes.float8_e4m3fn).reshape(hf.shape)
+    return FP8(codes, inv, rows=rows)
+
+
+def _fp8_dense(codes, inv, *, rows: bool):
+    """codes * their tile's inverse scale, float32 (transformers' ``Fp8Dequantize``)."""
+    xp = np if isinstance(codes, np.ndarray) else jnp
+    *lead, n_out, n_in = codes.shape
+    tiles = codes.astype(xp.float32).reshape(*lead, inv.shape[-2], n_out // inv.shape[-2],
+                                             inv.shape[-1], n_in // inv.shape[-1])
+    w = (tiles * inv.astype(xp.float32)[..., :, None, :, None]).reshape(*lead, n_out, n_in)
+    return w if rows else xp.swapaxes(w, -1, -2)
+
+
 def is_quantized(x) -> bool:
     return isinstance(x, Quantized)
 
@@ -240,16 +303,16 @@ def is_quantized(x) -> bool:
 def quantize(w, method: str, *, rows: bool = False, nested: bool = False):
     if method == "nf4":
         return quantize_nf4(w, rows=rows, nested=nested)
-    return quantize_int8(w, rows=rows)
+    return {"int8": quantize_int8, "fp8": quantize_fp8}[method](w, rows=rows)
 
 
 def dequantize(q):
     return q.dense()
 
 
-def block(method: str) -> int:
-    """How many inputs a matrix's width must be a multiple of."""
-    return BLOCK if method == "nf4" else 1
+def block(method: str) -> tuple[int, int]:
+    """What a matrix's (inputs, outputs) must be multiples of (a table's (width, rows))."""
+    return {"nf4": (BLOCK, 1), "fp8": (FP8_TILE, FP8_TILE)}.get(method, (1, 1))
 
 
 def quantize_nf4(w, *, rows: bool = False, nested: bool = False) -> NF4:
@@ -325,11 +388,20 @@ def _stored_int8(shape, rows: bool):
     return ((*lead, n_out, n_in), jnp.int8), ((*lead, n_out), jnp.float32)
 
 
+def _stored_fp8(shape, rows: bool):
+    import ml_dtypes
+    *lead, a, b = shape
+    n_out, n_in = (a, b) if rows else (b, a)
+    return (((*lead, n_out, n_in), jnp.dtype(ml_dtypes.float8_e4m3fn)),
+            ((*lead, n_out // FP8_TILE, n_in // FP8_TILE), jnp.float32))
+
+
 def _build(make, shape, method, rows, nested):
     if method == "nf4":
         codes, absmax, *more = (make(*s) for s in _stored(shape, rows, nested))
         return NF4(codes, absmax, rows, *more)
-    return Int8(*(make(*s) for s in _stored_int8(shape, rows)), rows=rows)
+    cls, stored = (FP8, _stored_fp8) if method == "fp8" else (Int8, _stored_int8)
+    return cls(*(make(*s) for s in stored(shape, rows)), rows=rows)
 
 
 def zeros(shape, method: str = "nf4", *, rows: bool = False, nested: bool = False):
@@ -351,7 +423,8 @@ def dense(tree):
 def fit_scales(mesh, params, specs):
     """``specs`` with each NF4's scales kept whole along ``in`` where their in / 64 blocks do
     not split over that axis (a 576-wide matrix has 9 blocks per output, fsdp 8 does not
-    divide them); the codes split as their matrix. Scales are 1/8 of the codes' bytes."""
+    divide them), each FP8's along either axis its tiles do not split over; the codes split as
+    their matrix. Scales are 1/8 of NF4's codes' bytes, 1/4096 of FP8's."""
     from jax.sharding import PartitionSpec as P
 
     def size(entry):
@@ -359,19 +432,20 @@ def fit_scales(mesh, params, specs):
         return int(np.prod([mesh.shape[a] for a in names]))
 
     def fit(q, s):
-        if not is_nf4(q):
+        if not isinstance(q, (NF4, FP8)):
             return s
-        entries = tuple(s.absmax) + (None,) * (q.absmax.ndim - len(s.absmax))
-        if q.absmax.shape[-1] % size(entries[-1]):
-            entries = entries[:-1] + (None,)
+        entries = list(s.absmax) + [None] * (q.absmax.ndim - len(s.absmax))
+        for axis in ([-1] if is_nf4(q) else [-2, -1]):  # FP8: tiles along both
+            if q.absmax.shape[axis] % size(entries[axis]):
+                entries[axis] = None
         return dataclasses.replace(s, absmax=P(*entries))
-    return jax.tree.map(fit, params, specs, is_leaf=is_nf4)
+    return jax.tree.map(fit, params, specs, is_leaf=is_quantized)
 
 
 def rules(paths, spec_of, tables=(), method: str = "nf4", nested: bool = False) -> list:
     """Sharding rules of the quantized leaves of the matrices ``paths``, from each matrix's spec
-    (layer, in, out) (``spec_of(name)``): codes and NF4's scales (layer, out, in), int8's
-    scales (layer, out); of the tables ``tables``, as the table's own (rows, width). Double
+    (layer, in, out) (``spec_of(name)``): codes and NF4's and FP8's scales (layer, out, in),
+    int8's scales (layer, out); of the tables ``tables``, as the table's own (rows, width). Double
     quantized, the scales' scales and offset (a float per 16384 weights) split only as the
     layers are."""
     import re
@@ -386,7 +460,7 @@ def rules(paths, spec_of, tables=(), method: str = "nf4", nested: bool = False) 
             spec = (*lead, n_out, n_in)
         out.append((re.escape(f"{path}.weight.codes"), P(*spec)))
         out.append((re.escape(f"{path}.weight.absmax"),
-                    P(*spec) if method == "nf4" else P(*spec[:-1])))
+                    P(*spec[:-1]) if method == "int8" else P(*spec)))
         if nested:
             lead = spec[:-2]
             out.append((re.escape(f"{path}.weight.absmax2"), P(*lead, None)))

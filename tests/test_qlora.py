@@ -1,5 +1,7 @@
 """Issue 30: QLoRA, a 4-bit frozen base. Our NF4 codec against bitsandbytes' own
-``quantize_4bit`` (it runs on the CPU), the 8-bit one against its ``int8_vectorwise_quant``; the adapter a QLoRA run exports on the base
+``quantize_4bit`` (it runs on the CPU), the 8-bit one against its ``int8_vectorwise_quant``,
+the FP8 one against transformers' fine-grained FP8 (and an adapter trained on it under PEFT on
+the FP8 checkpoint transformers loads); the adapter a QLoRA run exports on the base
 bitsandbytes loads in 4 bits, under PEFT, against our merged export; 1 device against 8; a
 resume with another quantization refused. TRL's DPO step on a bnb base beside ours is
 tests/test_trl_side_by_side.py's "qlora" case, SIGKILL + rerun test_train.py's "llama-qlora"."""
@@ -117,6 +119,85 @@ def test_int8_equals_bitsandbytes():
     assert q.shape == w.shape and q[...].shape == w.shape
 
 
+def hf_fp8():
+    """transformers' fine-grained FP8 quantizer (block 128 x 128, float scales), CPU-runnable."""
+    import types
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+    return Fp8Quantize(types.SimpleNamespace(
+        quantization_config=transformers.FineGrainedFP8Config()))
+
+
+def test_fp8_equals_transformers():
+    """Codes and inverse scales as transformers' ``Fp8Quantize`` gives them (random matrices at
+    three scales, a zero tile, an outlier; 12 tiles per matrix, a stack matrix by matrix), the
+    dequantized values as its ``Fp8Dequantize``'s, host and jitted; a table's rows."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+    rng = np.random.default_rng(3)
+    w = (rng.normal(size=(2, 384, 512)) * rng.choice([0.02, 1.0, 30.0], size=512)).astype(
+        np.float32)
+    w[0, :128, :128] = 0.0
+    w[1, 5, 7] = 900.0
+    q = quant.quantize_fp8(w)
+    assert q.shape == w.shape and q.absmax.shape == (2, 4, 3)
+    on_device = np.asarray(jax.jit(quant.dequantize)(jax.tree.map(jax.numpy.asarray, q)))
+    quantizer = hf_fp8()
+    for i in range(2):
+        out = quantizer._quantize_one("m.weight", torch.from_numpy(np.ascontiguousarray(w[i].T)))
+        codes, inv = out["m.weight"], out["m.weight_scale_inv"]
+        np.testing.assert_array_equal(q.codes[i].view(np.uint8), codes.view(torch.uint8).numpy())
+        np.testing.assert_array_equal(q.absmax[i], inv.numpy())
+        dense = Fp8Dequantize(quantizer.hf_quantizer)._dequantize_one(
+            codes, inv, output_dtype=torch.float32).numpy().T
+        np.testing.assert_array_equal(quant.dequantize(q)[i], dense)
+        np.testing.assert_array_equal(on_device[i], dense)
+    table = quant.quantize_fp8(w[0].T, rows=True)  # (512 rows, 384 wide)
+    ids = np.array([[3, 300], [511, 0]])
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda t: t.take(ids))(table)),
+                                  quant.dequantize(table)[ids])
+
+
+def test_an_fp8_run_trains_what_peft_runs_on_the_fp8_checkpoint(tmp_path):
+    """A LoRA run on a base quantized to FP8 (a 128-wide Llama: every matrix in whole tiles);
+    transformers' FP8 checkpoint of the same base (its own quantizer, weights and
+    ``weight_scale_inv``, ``quant_method: fp8``), which it loads on a CPU dequantized, under
+    PEFT with our adapter, gives our merged export's logits; the base's matrices are ours."""
+    import peft
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=4, max_position_embeddings=128,
+                                   tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model.save_pretrained(tmp_path / "base")
+    trainer.train_and_evaluate(lora_config(tmp_path, tmp_path / "base", quantize_base="fp8",
+                                           learning_rate=3e-2), tmp_path / "wd")
+    quantizer, tensors = hf_fp8(), {}
+    for k, v in model.state_dict().items():
+        tensors.update(quantizer._quantize_one(k, v) if k.endswith("proj.weight")
+                       else {k: v.contiguous()})
+    (tmp_path / "fp8").mkdir()
+    save_file(tensors, str(tmp_path / "fp8" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(dict(
+        cfg.to_dict(), architectures=["LlamaForCausalLM"], quantization_config=dict(
+            quant_method="fp8", weight_block_size=[128, 128], activation_scheme="dynamic"))))
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp8",
+                                                             dtype=torch.float32)
+    w = model.model.layers[1].mlp.down_proj.weight.detach().numpy()
+    np.testing.assert_array_equal(base.model.layers[1].mlp.down_proj.weight.detach().numpy(),
+                                  quant.dequantize(quant.quantize_fp8(w.T)).T)
+    with_adapter = peft.PeftModel.from_pretrained(base, tmp_path / "wd" / "adapter").eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "wd" / "hf", attn_implementation="eager").eval()
+    ids = np.random.default_rng(0).integers(0, VOCAB, (3, 20))
+    mask = np.ones_like(ids)
+    mask[1, 14:] = 0
+    a, b = torch_logits(merged, ids, mask), torch_logits(with_adapter, ids, mask)
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
+    with with_adapter.disable_adapter():  # the adapters moved the model off the FP8 base
+        assert np.abs(torch_logits(with_adapter, ids, mask) - a).max() > 1e-3
+
+
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def qlora_run(request, tmp_path_factory):
     """A 4-step QLoRA run (adapters on the family's targets, every Linear of the base in NF4;
@@ -218,3 +299,10 @@ def test_quantize_base_errors_are_one_line(tmp_path):
                                           r"not a multiple of NF4's block of 64"):
         trainer.setup(lora_config(tmp_path, tmp_path / "odd", quantize_base="nf4"),
                       tmp_path / "wd")
+    with pytest.raises(ConfigError, match=r"quantize_base='fp8': layers\.\S+ has 192 inputs, "
+                                          r"not a multiple of FP8's tile of 128"):
+        trainer.setup(lora_config(tmp_path, tmp_path / "odd", quantize_base="fp8"),
+                      tmp_path / "wd")
+    with pytest.raises(ConfigError, match=r"double_quant=True quantizes NF4's block scales"):
+        trainer.setup(lora_config(tmp_path, tmp_path / "odd", quantize_base="fp8",
+                                  double_quant=True), tmp_path / "wd")

@@ -44,8 +44,9 @@ class TuningConfig:
     use_dora: bool = K.key(False, "DoRA: a trained magnitude per output times LoRA's direction",
                            K.flag, resume=True)
     quantize_base: str = K.key("", "QLoRA: the frozen base's Linear matrices in \"nf4\" "
-                               "(bitsandbytes' 4-bit NF4, block 64) or \"int8\" (its row-wise "
-                               "8-bit); \"\" = as loaded", K.one_of(*quant.METHODS),
+                               "(bitsandbytes' 4-bit NF4, block 64), \"int8\" (its row-wise "
+                               "8-bit) or \"fp8\" (transformers' fine-grained FP8 e4m3, tiles "
+                               "of 128 x 128); \"\" = as loaded", K.one_of(*quant.METHODS),
                                resume=True)
     quantize_embeddings: bool = K.key(False, "with quantize_base: the embedding tables "
                                       "quantized too (a tied LM head with them); bitsandbytes "

@@ -50,7 +50,7 @@ class LoRAConfig:
     alpha: float
     dropout: float
     target: str  # regex over the paths of Linear layers ("layers.self_attn.q_proj")
-    quantize: str = ""  # the frozen base's matrices: "" as loaded, "nf4" or "int8" (quant.py)
+    quantize: str = ""  # the frozen base's matrices: "" as loaded, "nf4", "int8", "fp8" (quant.py)
     quantize_embeddings: bool = False  # its embedding tables too
     double_quant: bool = False  # NF4's scales in 8 bits too
 
@@ -159,16 +159,21 @@ class LoRATuning(Tuning):
         self.quantized_tables = [  # quantize_embeddings: the embedding tables
             ".".join(map(str, path)) for path, node in nnx.iter_graph(abstract)
             if isinstance(node, common.Embedding)] if cfg.quantize_embeddings else []
+        m_in, m_out = quant.block(cfg.quantize)
+        unit = {"nf4": f"NF4's block of {quant.BLOCK}",
+                "fp8": f"FP8's tile of {quant.FP8_TILE}"}.get(cfg.quantize)
         for path in self.quantized_paths:
-            n_in = getattr(*_parent(abstract, path)).weight.shape[-2]
-            if n_in % quant.block(cfg.quantize):
-                raise ConfigError(f"config key quantize_base={cfg.quantize!r}: {path} has {n_in} "
-                                  f"inputs, not a multiple of NF4's block of {quant.BLOCK}")
+            n_in, n_out = getattr(*_parent(abstract, path)).weight.shape[-2:]
+            if n_in % m_in or n_out % m_out:
+                bad = f"{n_in} inputs" if n_in % m_in else f"{n_out} outputs"
+                raise ConfigError(f"config key quantize_base={cfg.quantize!r}: {path} has {bad}, "
+                                  f"not a multiple of {unit}")
         for path in self.quantized_tables:
-            width = getattr(*_parent(abstract, path)).weight.shape[-1]
-            if width % quant.block(cfg.quantize):
-                raise ConfigError(f"config key quantize_embeddings=True: {path} is {width} "
-                                  f"wide, not a multiple of NF4's block of {quant.BLOCK}")
+            n_rows, width = getattr(*_parent(abstract, path)).weight.shape[-2:]
+            if width % m_in or n_rows % m_out:
+                bad = f"is {width} wide" if width % m_in else f"has {n_rows} rows"
+                raise ConfigError(f"config key quantize_embeddings=True: {path} {bad}, not a "
+                                  f"multiple of {unit}")
         self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: self.adapted(None, False)))
         train = nnx.eval_shape(lambda: self.adapted(None, True))
         self.train_graphdef = nnx.graphdef(train)
@@ -197,7 +202,7 @@ class LoRATuning(Tuning):
         return model
 
     def quantized_layers(self, model):
-        """``model`` with the weight of every quantized matrix (and table) an NF4 or an Int8
+        """``model`` with the weight of every quantized matrix (and table) an NF4, Int8 or FP8
         (zeros: a structure to load into)."""
         for path in self.quantized_paths + self.quantized_tables:
             layer = getattr(*_parent(model, path))
