@@ -130,6 +130,7 @@ def load_pretrained_params(name_or_path: str | os.PathLike, *, dtype: str = "flo
                          **compute_options)
     family = models.family_of(cfg)
     tensors, origin = hub.read_weights(folder)
+    tensors = _dequantize_fp8(hf_config, tensors, folder)
     tensors = {family.hf_key(k): v for k, v in tensors.items()}
     origin = {family.hf_key(k): v for k, v in origin.items()}
 
@@ -172,6 +173,38 @@ def load_pretrained_params(name_or_path: str | os.PathLike, *, dtype: str = "flo
     if unexpected:
         log.warning("%s: ignoring unexpected tensors %s", folder, unexpected)
     return cfg, models.unflatten_like(template, loaded)
+
+
+def _dequantize_fp8(hf_config: dict, tensors: dict, folder) -> dict:
+    """A fine-grained FP8 checkpoint's (``quantization_config.quant_method: fp8``: DeepSeek-V3's,
+    Qwen3's *-FP8) float8_e4m3fn weights times their per-tile ``weight_scale_inv``, float32, as
+    transformers loads one on a CPU (``Fp8Dequantize``); the scales dropped. Other checkpoints
+    as they are. (``quantize_base="fp8"`` then quantizes the matrices again; transformers'
+    codec gives back the same codes, and scales within an ulp.)"""
+    qc = hf_config.get("quantization_config") or {}
+    if qc.get("quant_method") != "fp8":
+        return tensors
+    if qc.get("scale_fmt", "float") != "float" or qc.get("activation_scheme") == "static":
+        raise CheckpointError(f"{folder}: an FP8 checkpoint with scale_fmt="
+                              f"{qc.get('scale_fmt')!r}, activation_scheme="
+                              f"{qc.get('activation_scheme')!r}: only float per-tile weight "
+                              "scales (dynamic activations) are read")
+    out = {}
+    for key, a in tensors.items():
+        if key.endswith("_scale_inv"):
+            continue
+        inv = tensors.get(f"{key}_scale_inv")
+        if inv is None:
+            out[key] = a
+            continue
+        inv = np.asarray(inv, np.float32).reshape(a.shape[:-2] + inv.shape[-2:])
+        (rows, cols), (sr, sc) = a.shape[-2:], inv.shape[-2:]
+        if rows % sr or cols % sc:
+            raise CheckpointError(f"{folder}: FP8 tensor {key!r} {tuple(a.shape)} does not cut "
+                                  f"into its scales' grid {tuple(inv.shape)}")
+        tiles = np.asarray(a, np.float32).reshape(*a.shape[:-2], sr, rows // sr, sc, cols // sc)
+        out[key] = (tiles * inv[..., :, None, :, None]).reshape(a.shape)
+    return out
 
 
 def _natural(key: str):

@@ -137,16 +137,18 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     try:
         with safe_open(str(path), framework="np") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
-    except TypeError:  # numpy has no bfloat16: read through ml_dtypes-aware torch-free path
-        return _read_safetensors_bf16(path)
+    except (TypeError, AttributeError):  # numpy has no bfloat16 or float8: read through the
+        return _read_safetensors_bf16(path)  # ml_dtypes-aware, torch-free path
     except Exception as e:  # the library's errors name neither the file nor what to do
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def _read_safetensors_bf16(path: Path) -> dict[str, np.ndarray]:
-    """safetensors' numpy reader refuses bfloat16; parse the header and view the bytes with
-    ml_dtypes' bfloat16 (a JAX dependency), then widen to float32."""
-    dtypes = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32,
+    """safetensors' numpy reader refuses bfloat16 and float8; parse the header and view the
+    bytes with ml_dtypes' types (a JAX dependency), bfloat16 widened to float32, float8 kept
+    (an FP8 checkpoint's weights, dequantized with their scales by the loader)."""
+    dtypes = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
+              "F16": np.float16, "F32": np.float32,
               "F64": np.float64, "I64": np.int64, "I32": np.int32, "I16": np.int16,
               "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
     try:

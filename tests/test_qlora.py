@@ -160,7 +160,8 @@ def test_an_fp8_run_trains_what_peft_runs_on_the_fp8_checkpoint(tmp_path):
     """A LoRA run on a base quantized to FP8 (a 128-wide Llama: every matrix in whole tiles);
     transformers' FP8 checkpoint of the same base (its own quantizer, weights and
     ``weight_scale_inv``, ``quant_method: fp8``), which it loads on a CPU dequantized, under
-    PEFT with our adapter, gives our merged export's logits; the base's matrices are ours."""
+    PEFT with our adapter, gives our merged export's logits; the base's matrices are ours, and
+    that checkpoint loads here to transformers' values."""
     import peft
     from safetensors.torch import save_file
     torch.manual_seed(0)
@@ -184,8 +185,19 @@ def test_an_fp8_run_trains_what_peft_runs_on_the_fp8_checkpoint(tmp_path):
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp8",
                                                              dtype=torch.float32)
     w = model.model.layers[1].mlp.down_proj.weight.detach().numpy()
-    np.testing.assert_array_equal(base.model.layers[1].mlp.down_proj.weight.detach().numpy(),
-                                  quant.dequantize(quant.quantize_fp8(w.T)).T)
+    theirs = base.model.layers[1].mlp.down_proj.weight.detach().numpy()
+    np.testing.assert_array_equal(theirs, quant.dequantize(quant.quantize_fp8(w.T)).T)
+    # the FP8 checkpoint itself loads here as transformers loads it on a CPU (dequantized), and
+    # quantizes back to its own codes, its scales within an ulp
+    from dpo_jax import hf
+    _, params = hf.load_pretrained_params(tmp_path / "fp8")
+    loaded = params["layers"]["mlp"]["down_proj"]["weight"][1]
+    np.testing.assert_array_equal(loaded, theirs.T)
+    again = quant.quantize_fp8(loaded)
+    key = "model.layers.1.mlp.down_proj.weight"
+    np.testing.assert_array_equal(again.codes.view(np.uint8),
+                                  tensors[key].view(torch.uint8).numpy())
+    np.testing.assert_allclose(again.absmax, tensors[f"{key}_scale_inv"].numpy(), rtol=2e-7)
     with_adapter = peft.PeftModel.from_pretrained(base, tmp_path / "wd" / "adapter").eval()
     merged = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "wd" / "hf", attn_implementation="eager").eval()
