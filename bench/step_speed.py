@@ -14,6 +14,9 @@ against transformers' GPT2LMHeadModel; --model smollm2, SmolLM2-135M's (30 layer
   precomputed  + reference log-probs precomputed (no reference forward in the step)
   qlora        plain with --lora-rank on a 4-bit base (quantize_base="nf4": every Linear
                matrix in bitsandbytes' NF4, dequantized per use in the step)
+  qlora-dq     qlora with the NF4 scales double quantized (double_quant)
+  qlora-int8   qlora on bitsandbytes' row-wise int8 base (quantize_base="int8")
+  qlora-fp8    qlora on transformers' fine-grained FP8 base (quantize_base="fp8")
   torch        transformers' model of the same shape, chosen and rejected in one forward,
                reference under no_grad, torch.optim.AdamW, float32
 Each mode runs in its own process (peak RSS is that process's). Step time is the median of
@@ -66,6 +69,7 @@ class Shape:
     top_k: int = 0     # and experts per token (ffn is then each expert's width)
 
 
+QUANT = {"qlora": "nf4", "qlora-dq": "nf4", "qlora-int8": "int8", "qlora-fp8": "fp8"}  # bases
 SHAPES = {
     "gpt2": Shape("gpt2", 12, 768, 12, 12, 64, 3072, 50257, False),
     "smollm2": Shape("llama", 30, 576, 9, 3, 64, 1536, 49152, True),
@@ -96,7 +100,7 @@ def mode_flops(mode, m: Shape, lora: bool = False):
     """FLOPs of one train step in ``mode``: 3x the policy forward (forward, backward to the
     inputs, backward to the weights) + the reference forward. With LoRA the frozen matrices get
     no weight gradient: 2x the policy forward (the adapters' own FLOPs are negligible)."""
-    if mode in ("plain", "qlora", "torch"):  # two rows per pair, head everywhere
+    if mode in ("plain", "torch") or mode.startswith("qlora"):  # two rows a pair, head everywhere
         fwd = model_flops(m, 2 * PAIRS, PROMPT + COMPLETION, 2 * PAIRS * (PROMPT + COMPLETION))
     elif mode == "head":  # two rows per pair, head on the completion positions
         fwd = model_flops(m, 2 * PAIRS, PROMPT + COMPLETION, 2 * PAIRS * COMPLETION)
@@ -223,11 +227,11 @@ def run_jax(mode, a):
         from dpo_jax.tuning import lora
         tuning = lora.LoRATuning(family, cfg, lora.LoRAConfig(
             a.lora_rank, 2.0 * a.lora_rank, 0.0, family.lora_target,
-            "nf4" if mode == "qlora" else ""))
+            QUANT.get(mode, ""), double_quant=mode == "qlora-dq"))
         state, state_sh = sharding.init_state(mesh, jax.jit(tuning.init_adapters(0))(),
                                               optimizer, tuning.rules(family.rules))
         # the base: frozen, and the reference with the adapters off (qlora: in NF4)
-        ref = jax.device_put(tuning.quantized(params)) if mode == "qlora" else params
+        ref = jax.device_put(tuning.quantized(params)) if mode in QUANT else params
     else:
         tuning = FullTuning(graphdef)
         state, state_sh = sharding.init_state(mesh, params, optimizer, family.rules)
@@ -235,7 +239,7 @@ def run_jax(mode, a):
                            state_sh["params"])
     del params
     layout = layouts.make("prefix_sharing" if mode in ("shared", "precomputed") else "pair",
-                          0 if mode in ("plain", "qlora") else COMPLETION)
+                          0 if mode == "plain" or mode in QUANT else COMPLETION)
     pairs_ = synthetic_pairs(cfg.vocab_size)
     max_length = PROMPT + COMPLETION
     batches = data.PairBatches(pairs_, batch_size=PAIRS, max_length=max_length, pad_id=0,
