@@ -35,8 +35,9 @@ ROW = re.compile(r"^\s*(full|LoRA r\d+)\s+\S+\s+(?:[\d.]+\s+){3}\S+(?:\s+\(base\
 
 
 def measure(model, length, context, lora_rank, lora_only, attention="ring", hoist=False):
-    """{tuning: MiB per device (arguments + temporaries)} of one compiled step (``hoist``: with
-    the CPU's hoisted float32 copy of the bf16 weights, bench/memory.py's ``--no-hoist``)."""
+    """{tuning: MiB per device (arguments + temporaries)} of one compiled step; ``hoist``: keep
+    the CPU compiler's hoisted float32 copy of the bf16 weights (else bench/memory.py's
+    ``--no-hoist``)."""
     cmd = [sys.executable, os.path.join(HERE, "memory.py"), "--model", model, "--pairs", "1",
            "--seq", str(length), "--mesh", f"1,1,1,1,{context}", "--devices", str(context),
            "--dtype", "bfloat16", "--ref-dtype", "bfloat16", "--remat",

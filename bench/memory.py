@@ -131,6 +131,8 @@ def parse():
 
 def main():
     a = parse()
+    if a.double_quant and a.quantize_base != "nf4":
+        sys.exit("--double-quant double quantizes NF4's scales: pass --quantize-base nf4")
     if a.devices:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={a.devices}")
