@@ -23,7 +23,7 @@ import numpy as np
 
 from flax import nnx
 
-from dpo_jax import hub, models, sharding
+from dpo_jax import hub, models, quant, sharding
 from dpo_jax import keys as K
 from dpo_jax.errors import ConfigError, choice
 from dpo_jax.hub import CheckpointError, hub_reachable, load_tokenizer  # noqa: F401 (API)
@@ -202,8 +202,7 @@ def _dequantize_fp8(hf_config: dict, tensors: dict, folder) -> dict:
         if rows % sr or cols % sc:
             raise CheckpointError(f"{folder}: FP8 tensor {key!r} {tuple(a.shape)} does not cut "
                                   f"into its scales' grid {tuple(inv.shape)}")
-        tiles = np.asarray(a, np.float32).reshape(*a.shape[:-2], sr, rows // sr, sc, cols // sc)
-        out[key] = (tiles * inv[..., :, None, :, None]).reshape(a.shape)
+        out[key] = quant.FP8(np.asarray(a), inv, rows=True).dense()  # kept as HF lays it out
     return out
 
 

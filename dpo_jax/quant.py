@@ -149,6 +149,13 @@ class Quantized:
         raise NotImplementedError
 
     @property
+    def shape(self) -> tuple:
+        """The matrix's shape as a ``Linear`` stores it, (..., in, out); a table's (rows,
+        width). Codes laid out as HF's (..., out, in) matrix, as Int8's and FP8's are."""
+        *lead, n_out, n_in = self.codes.shape
+        return (*lead, n_out, n_in) if self.rows else (*lead, n_in, n_out)
+
+    @property
     def ndim(self) -> int:
         return len(self.shape)
 
@@ -214,11 +221,6 @@ class Int8(Quantized):
     """A matrix (or a stack) in bitsandbytes' row-wise int8: ``codes`` (..., out, in) int8 and
     ``absmax`` (..., out) float32, each output row's scale (a table: a scale per row)."""
 
-    @property
-    def shape(self) -> tuple:
-        *lead, n_out, n_in = self.codes.shape
-        return (*lead, n_out, n_in) if self.rows else (*lead, n_in, n_out)
-
     def dense(self):
         return dequantize_int8(self)
 
@@ -250,11 +252,6 @@ class FP8(Quantized):
     """A matrix (or a stack) in transformers' fine-grained FP8: ``codes`` (..., out, in)
     float8_e4m3fn, ``absmax`` (..., out / 128, in / 128) float32, each tile's inverse scale
     (``weight_scale_inv``: the tile's largest magnitude / 448)."""
-
-    @property
-    def shape(self) -> tuple:
-        *lead, n_out, n_in = self.codes.shape
-        return (*lead, n_out, n_in) if self.rows else (*lead, n_in, n_out)
 
     def dense(self):
         return _fp8_dense(self.codes, self.absmax, rows=self.rows)
