@@ -17,10 +17,16 @@ without running: minutes per point for a 1B model on a small CPU.
 
     python bench/long_context.py --time --lengths 2048,8192,32768 --contexts 8
 
+On a GPU, ``--run 3`` runs each compiled step as well (``bench/memory.py --run``: zero weights,
+one random pair, each point in a process of its own) and adds the device's real peak memory,
+seconds per step and tokens/s; the budgets are then read from the real peak, and a length the
+device cannot hold reads "OOM" and ends that context's lengths. One GPU is context 1.
+
 ``--time`` instead runs real train steps of a small Llama-family model (SmolLM2-135M's width and
 heads, 2 layers, vocab 4096) on one pair of rows of each length, positions split over the
 context axis (N simulated CPU devices), and prints the median step time per token and its ratio
-to the shortest length's: what grows is attention's quadratic part.
+to the shortest length's: what grows is attention's quadratic part. Each step is compiled ahead
+of time, and every step run is timed (none is run to warm up).
 """
 
 import argparse
@@ -31,17 +37,20 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROW = re.compile(r"^\s*(full|LoRA r\d+)\s+\S+\s+(?:[\d.]+\s+){3}\S+(?:\s+\(base\))?\s+"
-                 r"([\d.]+)\s+([\d.]+)\s*$")
+                 r"([\d.]+)\s+([\d.]+)(?:\s+(OOM|-|[\d.]+)(?:\s+([\d.]+)\s+([\d.]+))?)?\s*$")
 
 
-def measure(model, length, context, lora_rank, lora_only, attention="ring", hoist=False):
+def measure(model, length, context, lora_rank, lora_only, attention="ring", hoist=False,
+            run=0, kernel="xla"):
     """{tuning: MiB per device (arguments + temporaries)} of one compiled step; ``hoist``: keep
     the CPU compiler's hoisted float32 copy of the bf16 weights (else bench/memory.py's
-    ``--no-hoist``)."""
+    ``--no-hoist``). With ``run`` steps, {tuning: (that MiB, the real peak MiB, or "OOM",
+    s per step, tokens/s)}: the steps run, and the compiler keeps its passes."""
     cmd = [sys.executable, os.path.join(HERE, "memory.py"), "--model", model, "--pairs", "1",
            "--seq", str(length), "--mesh", f"1,1,1,1,{context}", "--devices", str(context),
            "--dtype", "bfloat16", "--ref-dtype", "bfloat16", "--remat",
-           "--context-attention", attention] + ([] if hoist else ["--no-hoist"])
+           "--context-attention", attention, "--attention", kernel]
+    cmd += ["--run", str(run)] if run else [] if hoist else ["--no-hoist"]
     if lora_rank:
         cmd += ["--lora-rank", str(lora_rank)] + (["--lora-only"] if lora_only else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -49,7 +58,9 @@ def measure(model, length, context, lora_rank, lora_only, attention="ring", hois
     for line in out.splitlines():
         m = ROW.match(line)
         if m:
-            found[m.group(1)] = float(m.group(2)) + float(m.group(3))
+            mib = float(m.group(2)) + float(m.group(3))
+            found[m.group(1)] = (mib, *(x if x in ("OOM", "-") else float(x)
+                                       for x in m.group(4, 5, 6) if x)) if run else mib
     return found
 
 
@@ -102,8 +113,8 @@ def time_steps(lengths, context, steps=3, orders=("zigzag",)):
                     mesh, jax.sharding.PartitionSpec())))
             state, _ = sharding.init_state(mesh, params, opt, FAMILY.rules)
             ref = sharding.place(params, state_sh["params"])  # the step donates the state
-            state, m = step(state, ref, sharding.shard_batch(mesh, batch))  # compiles
-            jax.block_until_ready(m)
+            # compiled ahead, so no untimed step runs first (a 32k step is tens of minutes here)
+            step = step.lower(state, ref, sharding.shard_batch(mesh, batch)).compile()
             run[order] = [step, state, ref, []]
         for _ in range(steps):
             for order in orders:
@@ -139,6 +150,11 @@ def main():
     ap.add_argument("--context-attention", default="ring",
                     choices=("ring", "ring-index-order", "all-gather"),
                     help="memory: what attention over the context axis is (bench/memory.py)")
+    ap.add_argument("--run", type=int, default=0,
+                    help="memory, on a GPU: also run this many steps of each point: the real "
+                         "peak, s per step and tokens/s; budgets from the real peak")
+    ap.add_argument("--attention", default="xla", choices=("xla", "cudnn", "splash"),
+                    help="memory: the attention kernel (bench/memory.py --attention)")
     a = ap.parse_args()
     if a.time:
         lengths = sorted(int(x) for x in a.lengths.split(","))
@@ -156,11 +172,13 @@ def main():
                       f"{t[k, o] / t[k, orders[0]]:.2f}x |")
         return
     budgets = [float(b) for b in a.budgets.split(",")]
+    if a.run:
+        return run_grid(a, budgets)
     rows = []
     for n in (int(c) for c in a.contexts.split(",")):
         for length in sorted(int(x) for x in a.lengths.split(",")):
             got = measure(a.model, length, n, a.lora_rank, a.lora_only, a.context_attention,
-                          a.hoist)
+                          a.hoist, kernel=a.attention)
             for tuning, mib in got.items():
                 rows.append((tuning, n, length, mib))
                 print(f"{a.model} {tuning}: context {n}, {length} tokens / row: "
@@ -170,6 +188,37 @@ def main():
     print(f"\n| tuning | context axis | tokens / row | MiB per device |\n|---|---|---|---|")
     for tuning, n, length, mib in rows:
         print(f"| {tuning} | {n} | {length} | {mib:.0f} |")
+    longest(rows, budgets)
+
+
+def run_grid(a, budgets):
+    """``--run``: each point compiled and run; the budgets read from the real peak (the
+    compiled analysis where the device keeps no peak count)."""
+    rows, runs = [], []
+    for n in (int(c) for c in a.contexts.split(",")):
+        for length in sorted(int(x) for x in a.lengths.split(",")):
+            got = measure(a.model, length, n, a.lora_rank, a.lora_only, a.context_attention,
+                          run=a.run, kernel=a.attention)
+            for tuning, (mib, peak, *timing) in got.items():
+                step, tps = timing or ("-", "-")
+                runs.append((tuning, n, length, mib, peak, step, tps))
+                if peak != "OOM":
+                    rows.append((tuning, n, length, mib if peak == "-" else peak))
+                print(f"{a.model} {tuning}: context {n}, {length} tokens / row: {mib:.0f} MiB "
+                      f"compiled, peak {peak}, {step} s per step", flush=True)
+            if any(v[1] == "OOM" for v in got.values()):
+                break
+    print("\n| tuning | context axis | tokens / row | compiled MiB | peak MiB | s / step | "
+          "tokens/s |\n|---|---|---|---|---|---|---|")
+    num = lambda x, f: x if isinstance(x, str) else format(x, f)
+    for tuning, n, length, mib, peak, step, tps in runs:
+        print(f"| {tuning} | {n} | {length} | {mib:.0f} | {num(peak, '.0f')} | "
+              f"{num(step, '.3f')} | {num(tps, '.0f')} |")
+    longest(rows, budgets)
+
+
+def longest(rows, budgets):
+    """The longest measured length within each budget, per tuning and context axis."""
     print(f"\n| tuning | context axis | " + " | ".join(f"longest within {b:g} GB"
                                                      for b in budgets) + " |")
     print("|---|---|" + "---|" * len(budgets))

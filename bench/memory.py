@@ -18,6 +18,15 @@ Nothing is run and no weights are needed: the train step is compiled from abstra
 Per device: params, optimizer state and reference params from their shardings; "temp" is what
 the step needs beyond its inputs and outputs, i.e. activations kept for the backward pass and
 scratch. --devices N simulates N CPU devices.
+
+    python bench/memory.py --model gemma-3-1b --pairs 1 --seq 8192 --dtype bfloat16 \
+        --ref-dtype bfloat16 --remat --lora-rank 16 --run 3          # on a GPU: real peak
+
+``--run STEPS`` also runs each case: the compiled step on zero-filled weights and one random
+pair batch placed with the same shardings, STEPS steps after a first one, each case in a
+process of its own (the device's peak counter is per process). It adds the device's real peak
+(``memory_stats()['peak_bytes_in_use']``, a GPU's or TPU's; the CPU has none), the median
+seconds per step and the tokens per second, or "OOM" where the device ran out of memory.
 """
 
 import argparse
@@ -123,6 +132,12 @@ def parse():
                     choices=("ring", "ring-index-order", "all-gather"),
                     help="over a context axis: ring attention in zig-zag order (the default), "
                          "in the row's order (no causal skipping), or all-gathered keys")
+    ap.add_argument("--attention", default="xla", choices=("xla", "cudnn", "splash"),
+                    help="the attention kernel (cudnn: a GPU, bfloat16, heads up to 128)")
+    ap.add_argument("--run", type=int, default=0,
+                    help="> 0: also run each case this many timed steps (after one untimed): "
+                         "the device's real peak memory, seconds per step, tokens/s")
+    ap.add_argument("--case", type=int, default=-1, help=argparse.SUPPRESS)  # --run's child
     ap.add_argument("--lora-rank", type=int, default=0,
                     help="> 0: LoRA adapters (attention + MLP) on a frozen base, which is also "
                          "the reference; also reports full fine-tuning for comparison")
@@ -155,7 +170,7 @@ def main():
     mesh = sharding.make_mesh(*sizes[:3], expert=sizes[3] if len(sizes) > 3 else 1,
                               context=sizes[4] if len(sizes) > 4 else 1)
     model_cls, base = model_config(a.model, dtype=a.dtype, remat=a.remat,
-                                   remat_policy=a.remat_policy,
+                                   remat_policy=a.remat_policy, attention=a.attention,
                                    mesh_axes=sharding.mesh_axes(mesh))
     rules = models.family_of(base).rules
     sharding.check_model_fits(mesh, base, a.pairs)
@@ -181,6 +196,10 @@ def main():
         if a.quantize_base and a.quantize_embeddings:
             cases += [(a.remat, a.lora_rank, a.quantize_base + "+dq+emb" if a.double_quant
                        else a.quantize_base + "+emb")]
+    if a.run and a.case < 0:  # each case in a process of its own: the peak is per process
+        return run_each_case(len(cases))
+    if a.case >= 0:
+        cases = [cases[a.case]]
     for remat, rank, quantize in cases:
         cfg = dataclasses.replace(base, remat=remat)
         graphdef, abstract = nnx.split(common.abstract(model_cls, cfg))
@@ -241,27 +260,85 @@ def main():
                                            out_shardings=(state_sh, replicated))
         compiled = train_step.lower(state_in, frozen_in, batch).compile()
         ma = compiled.memory_analysis()
+        ran = run_steps(compiled, (state_in, frozen_in, batch), a) if a.run else ""
         # full tuning: the frozen copy is the reference; LoRA: it is the base, the reference
         # being that same base with the adapters off (no second copy)
         rows.append((remat, rank, quantize, per_device(state_in["params"]),
                      per_device(state_in["opt_state"]), per_device(frozen_in),
-                     ma.temp_size_in_bytes, ma.argument_size_in_bytes))
+                     ma.temp_size_in_bytes, ma.argument_size_in_bytes, ran))
 
     dev = jax.devices()[0]
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
     print(f"{a.model}: {base.n_layers} layers, {n_params / 1e6:.0f}M params; {a.pairs} pairs x "
           f"{a.seq} tokens; "
           f"mesh {dict(mesh.shape)}; {len(mesh.devices.flat)} x {dev.device_kind} ({dev.platform});"
-          f" compute {a.dtype}, reference {a.ref_dtype or 'float32'}, LM-head chunk {a.chunk}")
+          f" compute {a.dtype}, reference {a.ref_dtype or 'float32'}, LM-head chunk {a.chunk}, "
+          f"{a.attention} attention")
     print(f"{'tuning':>13} {'remat':>6} {'trainable':>10} {'opt state':>10} {'frozen':>9} "
-          f"{'reference':>10} {'temp (act.)':>12} {'arguments':>10}   MiB per device")
-    for remat, rank, quantize, p, o, f, t, args in rows:
+          f"{'reference':>10} {'temp (act.)':>12} {'arguments':>10}   MiB per device"
+          + (f"   {'peak MiB':>9} {'s / step':>9} {'tokens/s':>9}  (run)" if a.run else ""))
+    for remat, rank, quantize, p, o, f, t, args, ran in rows:
         policy = a.remat_policy if remat else "off"
         tuning_name = (f"QLoRA r{rank}{''.join('+' + t for t in quantize.split('+')[1:])}"
                        if quantize else f"LoRA r{rank}") if rank else "full"
         ref = "0 (base)" if rank else f"{mib(f):.1f}"
         print(f"{tuning_name:>13} {policy[:6]:>6} {mib(p):10.1f} {mib(o):10.1f} {mib(f):9.1f} "
-              f"{ref:>10} {mib(t):12.1f} {mib(args):10.1f}")
+              f"{ref:>10} {mib(t):12.1f} {mib(args):10.1f}" + (f"   {ran}" if ran else ""))
+
+
+def run_steps(compiled, inputs, a) -> str:
+    """The compiled step run on zero weights and a random pair batch, placed as ``inputs``
+    (ShapeDtypeStructs with shardings) say: one untimed step, then ``a.run`` timed. The row's
+    run columns: the device's peak MiB ("-" where it keeps no count, as the CPU), the median
+    seconds per step and tokens/s; "OOM" where the device ran out of memory."""
+    import statistics
+    import time
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    state_in, frozen_in, batch_in = inputs
+    zeros = lambda tree: jax.jit(
+        lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree),
+        out_shardings=jax.tree.map(lambda s: s.sharding, tree))()
+    rng = np.random.default_rng(0)
+    shape = batch_in["input_ids"].shape  # (1, rows, seq): each row half prompt, half completion
+    host = {"input_ids": rng.integers(0, 256, shape).astype(np.int32),
+            "attention_mask": np.ones(shape, np.int32),
+            "loss_mask": np.zeros(shape, np.int32), "valid": np.ones((1, a.pairs), np.float32)}
+    host["loss_mask"][..., a.seq // 2:] = 1
+    host["tail_mask"] = host["loss_mask"]
+    batch = {k: jax.device_put(v, batch_in[k].sharding) for k, v in host.items()}
+    times = []
+    try:
+        state, frozen = zeros(state_in), zeros(frozen_in)
+        for i in range(a.run + 1):
+            t = time.perf_counter()
+            state, m = compiled(state, frozen, batch)  # the state is donated
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t)
+    except Exception as e:  # the device's out-of-memory error is a runtime one
+        if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+            return f"{'OOM':>9}"
+        raise
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = f"{stats['peak_bytes_in_use'] / 2**20:9.0f}" if "peak_bytes_in_use" in stats else \
+        f"{'-':>9}"
+    step = statistics.median(times[1:])
+    return f"{peak} {step:9.3f} {2 * a.pairs * a.seq / step:9.0f}"
+
+
+def run_each_case(n: int):
+    """``--run``: this script once per case (``--case i``), each printing its one row; printed
+    as one table."""
+    import subprocess
+    argv = [sys.executable, os.path.abspath(__file__)] + sys.argv[1:]
+    for i in range(n):
+        done = subprocess.run(argv + ["--case", str(i)], capture_output=True, text=True)
+        lines = done.stdout.rstrip("\n").splitlines()
+        if done.returncode:
+            print(f"case {i} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+            continue
+        print("\n".join(lines if i == 0 else lines[2:]), flush=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,11 @@ against transformers' GPT2LMHeadModel; --model smollm2, SmolLM2-135M's (30 layer
   qlora-fp8    qlora on transformers' fine-grained FP8 base (quantize_base="fp8")
   torch        transformers' model of the same shape, chosen and rejected in one forward,
                reference under no_grad, torch.optim.AdamW, float32
+  torch-lora   the peer of LoRA (--lora-rank): PEFT's adapters on the same matrices as ours,
+               the reference the same model under ``disable_adapter()`` (TRL's way)
+  torch-qlora  torch-lora on a bitsandbytes NF4 base (``BitsAndBytesConfig(load_in_4bit=True,
+               bnb_4bit_quant_type="nf4")``, compute in --dtype): the peer of qlora
+  torch-qlora-dq  torch-qlora with bnb_4bit_use_double_quant: the peer of qlora-dq
 Each mode runs in its own process (peak RSS is that process's). Step time is the median of
 --steps timed steps after 2 warm-up steps. tokens/s counts the tokens of the chosen and the
 rejected sequences (prompt + completion each: 4 x 2 x 128 = 1024 per step) in every mode, so the
@@ -70,6 +75,10 @@ class Shape:
 
 
 QUANT = {"qlora": "nf4", "qlora-dq": "nf4", "qlora-int8": "int8", "qlora-fp8": "fp8"}  # bases
+PEFT_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],  # the matrices our family.lora_target names
+                "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                          "down_proj"],
+                "moe": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 SHAPES = {
     "gpt2": Shape("gpt2", 12, 768, 12, 12, 64, 3072, 50257, False),
     "smollm2": Shape("llama", 30, 576, 9, 3, 64, 1536, 49152, True),
@@ -100,7 +109,7 @@ def mode_flops(mode, m: Shape, lora: bool = False):
     """FLOPs of one train step in ``mode``: 3x the policy forward (forward, backward to the
     inputs, backward to the weights) + the reference forward. With LoRA the frozen matrices get
     no weight gradient: 2x the policy forward (the adapters' own FLOPs are negligible)."""
-    if mode in ("plain", "torch") or mode.startswith("qlora"):  # two rows a pair, head everywhere
+    if mode in ("plain", "torch") or mode.startswith(("qlora", "torch-")):  # two rows a pair
         fwd = model_flops(m, 2 * PAIRS, PROMPT + COMPLETION, 2 * PAIRS * (PROMPT + COMPLETION))
     elif mode == "head":  # two rows per pair, head on the completion positions
         fwd = model_flops(m, 2 * PAIRS, PROMPT + COMPLETION, 2 * PAIRS * COMPLETION)
@@ -297,15 +306,24 @@ def run_torch(a):
     if device == "cuda":  # float32 matmuls in TF32, as XLA runs them on a GPU by default
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     peak = torch_matmul_peak(torch, device, dtype)
-    policy = torch_model(shape_of(a), transformers).to(device).train()
+    policy = torch_model(shape_of(a), transformers)
+    if a.child != "torch":  # PEFT: adapters on a frozen base, the reference with them off
+        policy = peft_model(policy, a, device, torch, transformers)
+    policy = policy.to(device).train() if a.child == "torch" else policy.train()
     cfg = policy.config
     for mod in policy.modules():  # DPO trains without dropout
         if isinstance(mod, torch.nn.Dropout):
             mod.p = 0.0
-    ref = copy.deepcopy(policy).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    if a.child == "torch":
+        ref = copy.deepcopy(policy).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        reference = lambda ids, mask: seq_logps(ref, ids, mask)
+    else:
+        def reference(ids, mask):
+            with policy.disable_adapter():
+                return seq_logps(policy, ids, mask)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
     pairs_ = synthetic_pairs(cfg.vocab_size)
 
     def make_batch():
@@ -326,7 +344,7 @@ def run_torch(a):
     def train_step(ids, mask):
         logps = seq_logps(policy, ids, mask)
         with torch.no_grad():
-            ref_logps = seq_logps(ref, ids, mask)
+            ref_logps = reference(ids, mask)
         pc, pr = logps[:PAIRS], logps[PAIRS:]
         rc, rr = ref_logps[:PAIRS], ref_logps[PAIRS:]
         loss = -torch.nn.functional.logsigmoid(0.1 * ((pc - rc) - (pr - rr))).mean()
@@ -347,7 +365,7 @@ def run_torch(a):
         for i in range(min(a.steps, 5) + 1):
             ids, mask = make_batch()
             t = time.perf_counter()
-            seq_logps(policy, ids, mask), seq_logps(ref, ids, mask)
+            seq_logps(policy, ids, mask), reference(ids, mask)
             sync()
             if i >= 1:
                 fwd_times.append(time.perf_counter() - t)
@@ -358,8 +376,33 @@ def run_torch(a):
     return out
 
 
+def peft_model(model, a, device, torch, transformers):
+    """``model`` (random init) with PEFT's LoRA adapters of rank ``a.lora_rank`` (alpha 2 x rank,
+    as ours) on the matrices ours adapts; torch-qlora*: saved, then loaded back on a
+    bitsandbytes NF4 base (the other weights float32, compute in --dtype), as TRL's QLoRA
+    recipe loads one."""
+    import tempfile
+    import peft
+    if not a.lora_rank:
+        sys.exit(f"mode {a.child}: pass --lora-rank")
+    if a.child.startswith("torch-qlora"):
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                tmp, dtype=torch.float32, device_map={"": device},
+                quantization_config=transformers.BitsAndBytesConfig(
+                    load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                    bnb_4bit_compute_dtype=getattr(torch, a.dtype),
+                    bnb_4bit_use_double_quant=a.child == "torch-qlora-dq"))
+    else:
+        model = model.to(device)
+    return peft.get_peft_model(model, peft.LoraConfig(
+        r=a.lora_rank, lora_alpha=2 * a.lora_rank, lora_dropout=0.0,
+        target_modules=PEFT_TARGETS[shape_of(a).family]))
+
+
 def child(a):
-    out = run_torch(a) if a.child == "torch" else run_jax(a.child, a)
+    out = run_torch(a) if a.child.startswith("torch") else run_jax(a.child, a)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -418,13 +461,15 @@ def main():
             continue
         results[mode] = json.loads(line[0][7:])
         print(f"  {mode}: done", file=sys.stderr)
-    if "torch" in results:
+    peer = "torch" if "torch" in results else next(
+        (m for m in results if m.startswith("torch")), "torch")  # the first peer run
+    if peer in results:
         print(f"torch {a.dtype} matmul peak, same machine: "
-              f"{results['torch']['torch_peak'] / 1e12:.3f} TFLOP/s")
+              f"{results[peer]['torch_peak'] / 1e12:.3f} TFLOP/s")
     tokens = 2 * PAIRS * (PROMPT + COMPLETION)
-    base = results.get("torch", {}).get("step_s")
+    base = results.get(peer, {}).get("step_s")
     gpu = any("peak_device_mb" in r for r in results.values())
-    print("\n| mode | step (median) | tokens/s | vs torch | GFLOP | MFU | ceiling vs torch "
+    print(f"\n| mode | step (median) | tokens/s | vs {peer} | GFLOP | MFU | ceiling vs {peer} "
           "| step/forward | compilations | peak RSS |" + (" peak device mem |" if gpu else ""))
     print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     for mode, r in results.items():

@@ -85,6 +85,22 @@ def straight(tmp_path_factory, cache):
             exited - (wd / "summary.json").stat().st_mtime)
 
 
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory, driver, cache):
+    """A run stopped by Ctrl-C at step 9 (checkpoints 4 and 8): (its workdir, its result). The
+    tests that finish it work on a copy (``interrupted_copy``)."""
+    wd = tmp_path_factory.mktemp("interrupted") / "wd"
+    r = run([*COMMON, cache, "--workdir", str(wd)], env={"FAULT_INT": "9"}, script=str(driver))
+    assert r.returncode == 130, r.stderr[-3000:]
+    return wd, r
+
+
+def interrupted_copy(interrupted, tmp_path):
+    wd = tmp_path / "wd"
+    shutil.copytree(interrupted[0], wd)
+    return wd
+
+
 def test_a_finished_run_exits_within_seconds_of_its_summary(straight):
     """Issue 25: a scheduler counts a run that lingers after summary.json as timed out (tracker
     or checkpoint-manager shutdown once took over 1.5 minutes under load)."""
@@ -122,10 +138,9 @@ def test_sigterm_saves_the_current_step_and_the_rerun_is_exact(tmp_path, driver,
     assert "resumed from" in r.stderr and "at step 6" in r.stderr
 
 
-def test_ctrl_c_finishes_the_save_in_flight_and_names_it(tmp_path, driver, cache, straight):
-    wd = tmp_path / "wd"
-    r = run([*COMMON, cache, "--workdir", str(wd)], env={"FAULT_INT": "9"}, script=str(driver))
-    assert r.returncode == 130, r.stderr[-3000:]
+def test_ctrl_c_finishes_the_save_in_flight_and_names_it(tmp_path, interrupted, cache,
+                                                        straight):
+    wd, r = interrupted_copy(interrupted, tmp_path), interrupted[1]
     one_line_error(r, "interrupted (Ctrl-C)", "checkpoint is step 8 in")
     assert not list((wd / "checkpoints").glob("*tmp*"))  # the save of step 8 completed
     finish_and_compare(wd, cache, straight)
@@ -181,10 +196,8 @@ def test_a_kill_during_the_export_is_redone_by_the_rerun(tmp_path, driver, cache
 
 @pytest.mark.parametrize("damage", ["flipped bytes", "truncated file"])
 def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path, damage, cache, straight,
-                                                           driver):
-    wd = tmp_path / "wd"
-    r = run([*COMMON, cache, "--workdir", str(wd)], env={"FAULT_INT": "9"}, script=str(driver))
-    assert r.returncode == 130
+                                                           interrupted):
+    wd = interrupted_copy(interrupted, tmp_path)
     files = sorted(p for p in (wd / "checkpoints" / "8" / "params").rglob("*")
                    if p.is_file() and p.stat().st_size > 1000)
     target = files[0]
@@ -200,10 +213,8 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path, damage, cac
     assert "at step 4" in r.stderr and (wd / "checkpoints" / "8.damaged").exists()
 
 
-def test_a_torn_metrics_line_does_not_block_resume(tmp_path, driver, cache, straight):
-    wd = tmp_path / "wd"
-    r = run([*COMMON, cache, "--workdir", str(wd)], env={"FAULT_INT": "9"}, script=str(driver))
-    assert r.returncode == 130
+def test_a_torn_metrics_line_does_not_block_resume(tmp_path, interrupted, cache, straight):
+    wd = interrupted_copy(interrupted, tmp_path)
     with open(wd / "metrics.jsonl", "a") as f:
         f.write('{"step": 10, "train/lo')  # a crash mid-write
     r = finish_and_compare(wd, cache, straight)

@@ -114,8 +114,9 @@ KILL_DRIVER = textwrap.dedent("""
                          "--config.learning_rate=1e-2"]),
     ("configs/tiny.py", ["--config.sync_ref_model=True", "--config.ref_model_sync_steps=3",
                          "--config.ref_model_mixup_alpha=0.5"]),
-    ("configs/tiny_gemma.py", []), ("configs/tiny_moe.py", []),
-], ids=["llama-qlora", "gpt2-dora", "gpt2-tr-dpo", "gemma", "moe"])
+    ("configs/tiny_moe.py", []),  # (Gemma's case was dropped for suite time: its state is
+    # the Llama family's; MoE's stacked experts and router loss are its own)
+], ids=["llama-qlora", "gpt2-dora", "gpt2-tr-dpo", "moe"])
 def test_exact_resume_after_sigkill(tmp_path, config, extra):
     driver = tmp_path / "driver.py"
     driver.write_text(KILL_DRIVER)
