@@ -79,8 +79,9 @@ def time_steps(lengths, context, steps=3, orders=("zigzag",)):
     from flax import nnx
     from dpo_jax import data, layouts, sharding, steps as steps_lib
     from dpo_jax.losses import LossConfig
-    from dpo_jax.models import common
+    from dpo_jax.models import attention, common
     from dpo_jax.models.llama import FAMILY, Llama, LlamaConfig
+    default_tile = attention.RING_TILE
     from dpo_jax.tuning.full import FullTuning
     mesh = sharding.make_mesh(1, 1, 1, context=context)
     cfg = LlamaConfig(vocab_size=4096, hidden_size=576, intermediate_size=1536,
@@ -104,8 +105,9 @@ def time_steps(lengths, context, steps=3, orders=("zigzag",)):
         _, state_sh = sharding.init_state(mesh, params, opt, FAMILY.rules)
         batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
         run = {}
-        for order in orders:  # traced and compiled with its order
-            common.CONTEXT_ORDER = order
+        for order in orders:  # traced and compiled with its order (and "@N": ring tiles of N)
+            common.CONTEXT_ORDER, _, tile = order.partition("@")
+            attention.RING_TILE = int(tile) if tile else default_tile
             step = steps_lib.make_train_step(
                 FullTuning(graphdef), layouts.make("pair"), LossConfig(), opt, lambda s: 1e-5,
                 chunk_size=256, in_shardings=(state_sh, state_sh["params"], batch_sh),
@@ -143,7 +145,8 @@ def main():
     ap.add_argument("--time", action="store_true", help="time real steps of a small model")
     ap.add_argument("--steps", type=int, default=3, help="--time: timed steps per length")
     ap.add_argument("--orders", default="zigzag",
-                    help="--time: ring attention's orders to time side by side (zigzag,index)")
+                    help="--time: ring attention's orders to time side by side (zigzag,index); "
+                         "ORDER@N: with query tiles of N (attention.RING_TILE)")
     ap.add_argument("--hoist", action="store_true",
                     help="memory: keep the CPU compiler's hoisted float32 copy of the bf16 "
                          "weights (bench/memory.py --no-hoist is the default here)")

@@ -353,14 +353,18 @@ def test_context_parallel_steps_equal_one_device(base, layout, packed, meshes, n
             np.testing.assert_allclose(a, b_, atol=1e-5 if n == 1 else 1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("softcap, zigzag", [(None, False), (5.0, False), (None, True),
-                                             (5.0, True)])
-def test_ring_attention_equals_attention_over_the_whole_row(softcap, zigzag):
+@pytest.mark.parametrize("softcap, zigzag, tile", [(None, False, 0), (5.0, False, 2),
+                                                   (None, True, 0), (5.0, True, 2)])
+def test_ring_attention_equals_attention_over_the_whole_row(softcap, zigzag, tile, monkeypatch):
     """attention.ring over a context axis of 4 (x data 2): grouped-query heads, a causal mask
     with left padding and a packed-segment block mask, Gemma 2's soft-cap; the row in index
     order or in zig-zag order (the causally hidden half blocks skipped); values and gradients
-    equal XLA attention over the whole row wherever a query attends to something."""
+    equal XLA attention over the whole row wherever a query attends to something. ``tile``:
+    the queries of each step in tiles of 2 (row order: 3 tiles of a device's 6; zig-zag: 3
+    of 1 per chunk of 3, the largest divisor)."""
     from dpo_jax.models import attention
+    if tile:
+        monkeypatch.setattr(attention, "RING_TILE", tile)
     rng = np.random.default_rng(0)
     b, t, h, kh, d = 4, 24, 4, 2, 8
     q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32) for n in (h, kh, kh))

@@ -248,6 +248,9 @@ def resolve(requested: str, *, platform: str, dtype: str, head_dim: int, mask_fo
                                      platform != "cpu" else " (the CPU's)")
 
 
+RING_TILE = 1024  # ring attention: queries per tile of a step's (queries x keys) logits
+
+
 def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None = None):
     """Ring attention over the mesh's ``context`` axis (Liu et al. 2023): each device keeps its
     block of queries and passes its block of keys and values around the ring (``ppermute``),
@@ -256,7 +259,9 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
     D), ``k`` / ``v`` (B, S, K, D) and ``mask`` (a ``Mask`` or (B, T, S)) as ``attend`` takes
     them, their positions split over ``context`` (rows over the data-parallel axes, heads over
     ``tensor``). Queries that may attend to nothing (padding) give zeros. Each step is
-    rematerialized in the backward pass, which then keeps one key block per step.
+    rematerialized in the backward pass, which then keeps one key block per step, and within a
+    step the queries go in tiles of ``RING_TILE``, each rematerialized too: the largest logits
+    a device holds are one tile's against one block of keys, whatever the row's length.
 
     A causal mask in zig-zag order (``Mask.order``, see ``zigzag``: device i holds chunks i and
     2n-1-i of the row) skips what the causal mask hides. Of an earlier device's block only the
@@ -273,6 +278,23 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
     dense = as_mask(mask).dense
 
     def fold(state, qg, k, v, allowed):
+        """``fold_tile`` over tiles of at most ``RING_TILE`` queries, each rematerialized in
+        the backward pass: what a step keeps for the backward pass is one tile's (queries x
+        keys) logits, not the whole block's."""
+        t = qg.shape[1]
+        tile = max(x for x in range(1, min(t, RING_TILE) + 1) if t % x == 0)
+        if tile == t:
+            return fold_tile(state, qg, k, v, allowed)
+        tiles = lambda a, axis: jnp.moveaxis(
+            a.reshape(a.shape[:axis] + (t // tile, tile) + a.shape[axis + 1:]), axis, 0)
+        body = jax.checkpoint(lambda _, x: (None, fold_tile(x[0], x[1], k, v, x[2])),
+                              prevent_cse=False)
+        _, out = jax.lax.scan(body, None, (tuple(tiles(a, 3) for a in state), tiles(qg, 1),
+                                           tiles(allowed, 1)))
+        return tuple(jnp.moveaxis(a, 0, 3).reshape(a.shape[1:4] + (t,) + a.shape[5:])
+                     for a in out)
+
+    def fold_tile(state, qg, k, v, allowed):
         """The online softmax's (max, sum, output) after queries qg (b, t, kh, g, d) meet keys
         and values (b, s, kh, d) where ``allowed`` (b, t, s)."""
         m, l, acc = state
