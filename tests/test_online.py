@@ -233,9 +233,11 @@ def test_a_reference_of_its_own_folder(tmp_path):
                                           r"reference is their base"):
         trainer.setup(tiny_config(tmp_path, lora_rank=4, ref_model_name_or_path=str(
             tmp_path / "first" / "hf")), tmp_path / "third")
-    wide = tiny_config(tmp_path, max_steps=1, warmup_steps=0, sample_prompts=0, eval_steps=0)
-    wide.model.n_embd = 32
-    trainer.train_and_evaluate(wide, tmp_path / "wide")
+    import transformers  # a GPT-2 of another width, as transformers writes one
+    m = base.model
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=m.vocab_size, n_positions=m.n_positions, n_embd=32, n_layer=m.n_layer,
+        n_head=m.n_head)).save_pretrained(tmp_path / "wide")
     with pytest.raises(ConfigError, match=r"not a model of the policy's family and shapes"):
-        trainer.setup(tiny_config(tmp_path, ref_model_name_or_path=str(tmp_path / "wide" / "hf")),
+        trainer.setup(tiny_config(tmp_path, ref_model_name_or_path=str(tmp_path / "wide")),
                       tmp_path / "fourth")
