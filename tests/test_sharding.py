@@ -360,8 +360,8 @@ def test_ring_attention_equals_attention_over_the_whole_row(softcap, zigzag, til
     with left padding and a packed-segment block mask, Gemma 2's soft-cap; the row in index
     order or in zig-zag order (the causally hidden half blocks skipped); values and gradients
     equal XLA attention over the whole row wherever a query attends to something. ``tile``:
-    the queries of each step in tiles of 2 (row order: 3 tiles of a device's 6; zig-zag: 3
-    of 1 per chunk of 3, the largest divisor)."""
+    the queries of each step in tiles of 2 (row order: 3 tiles of a device's 6; zig-zag: a
+    chunk of 3 in 2 tiles, the second padded with a query that sees nothing)."""
     from dpo_jax.models import attention
     if tile:
         monkeypatch.setattr(attention, "RING_TILE", tile)

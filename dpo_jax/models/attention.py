@@ -282,17 +282,26 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
         the backward pass: what a step keeps for the backward pass is one tile's (queries x
         keys) logits, not the whole block's."""
         t = qg.shape[1]
-        tile = max(x for x in range(1, min(t, RING_TILE) + 1) if t % x == 0)
-        if tile == t:
+        if t <= RING_TILE:
             return fold_tile(state, qg, k, v, allowed)
-        tiles = lambda a, axis: jnp.moveaxis(
-            a.reshape(a.shape[:axis] + (t // tile, tile) + a.shape[axis + 1:]), axis, 0)
+        n_tiles = -(-t // RING_TILE)
+        tile = -(-t // n_tiles)  # equal tiles; the last padded with queries that see nothing
+        pad = n_tiles * tile - t
+
+        def tiles(a, axis, fill):
+            a = jnp.pad(a, [(0, pad if i == axis else 0) for i in range(a.ndim)],
+                        constant_values=fill)
+            return jnp.moveaxis(a.reshape(a.shape[:axis] + (n_tiles, tile) + a.shape[axis + 1:]),
+                                axis, 0)
+
         body = jax.checkpoint(lambda _, x: (None, fold_tile(x[0], x[1], k, v, x[2])),
                               prevent_cse=False)
-        _, out = jax.lax.scan(body, None, (tuple(tiles(a, 3) for a in state), tiles(qg, 1),
-                                           tiles(allowed, 1)))
-        return tuple(jnp.moveaxis(a, 0, 3).reshape(a.shape[1:4] + (t,) + a.shape[5:])
-                     for a in out)
+        m, l, acc = state
+        _, out = jax.lax.scan(body, None, ((tiles(m, 3, -jnp.inf), tiles(l, 3, 0),
+                                            tiles(acc, 3, 0)), tiles(qg, 1, 0),
+                                           tiles(allowed, 1, False)))
+        return tuple(jnp.moveaxis(a, 0, 3).reshape(a.shape[1:4] + (n_tiles * tile,)
+                                                   + a.shape[5:])[:, :, :, :t] for a in out)
 
     def fold_tile(state, qg, k, v, allowed):
         """The online softmax's (max, sum, output) after queries qg (b, t, kh, g, d) meet keys
