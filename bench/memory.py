@@ -332,13 +332,15 @@ def run_each_case(n: int):
     as one table."""
     import subprocess
     argv = [sys.executable, os.path.abspath(__file__)] + sys.argv[1:]
+    header = False
     for i in range(n):
         done = subprocess.run(argv + ["--case", str(i)], capture_output=True, text=True)
         lines = done.stdout.rstrip("\n").splitlines()
         if done.returncode:
             print(f"case {i} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
             continue
-        print("\n".join(lines if i == 0 else lines[2:]), flush=True)
+        print("\n".join(lines[2:] if header else lines), flush=True)  # the header once
+        header = True
 
 
 if __name__ == "__main__":

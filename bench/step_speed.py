@@ -432,6 +432,13 @@ def main():
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if a.child:
         return child(a)
+    known = {"plain", "head", "shared", "precomputed", "torch", "torch-lora", "torch-qlora",
+             "torch-qlora-dq", *QUANT}
+    unknown = [m for m in a.modes.split(",") if m not in known]
+    if unknown:
+        sys.exit(f"--modes: unknown {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    if not a.lora_rank and any(m.startswith(("torch-", "qlora")) for m in a.modes.split(",")):
+        sys.exit("--modes torch-lora, torch-qlora* and qlora*: pass --lora-rank")
     import platform
     import jax
     peak = matmul_peak(a.dtype)
