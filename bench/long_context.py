@@ -20,7 +20,8 @@ without running: minutes per point for a 1B model on a small CPU.
 On a GPU, ``--run 3`` runs each compiled step as well (``bench/memory.py --run``: zero weights,
 one random pair, each point in a process of its own) and adds the device's real peak memory,
 seconds per step and tokens/s; the budgets are then read from the real peak, and a length the
-device cannot hold reads "OOM" and ends that context's lengths. One GPU is context 1.
+device cannot hold reads "OOM". Lengths stop growing at an OOM or, as without ``--run``, once
+the largest budget is exceeded. One GPU is context 1.
 
 ``--time`` instead runs real train steps of a small Llama-family model (SmolLM2-135M's width and
 heads, 2 layers, vocab 4096) on one pair of rows of each length, positions split over the
@@ -42,15 +43,18 @@ ROW = re.compile(r"^\s*(full|LoRA r\d+)\s+\S+\s+(?:[\d.]+\s+){3}\S+(?:\s+\(base\
 
 def measure(model, length, context, lora_rank, lora_only, attention="ring", hoist=False,
             run=0, kernel="xla"):
-    """{tuning: MiB per device (arguments + temporaries)} of one compiled step; ``hoist``: keep
-    the CPU compiler's hoisted float32 copy of the bf16 weights (else bench/memory.py's
-    ``--no-hoist``). With ``run`` steps, {tuning: (that MiB, the real peak MiB, or "OOM",
-    s per step, tokens/s)}: the steps run, and the compiler keeps its passes."""
+    """{tuning: (MiB per device (arguments + temporaries) of one compiled step, the real peak
+    MiB or "OOM", s per step, tokens/s)}, the last three "-" unless ``run`` steps ran (then the
+    compiler keeps its passes); ``hoist``: keep the CPU compiler's hoisted float32 copy of the
+    bf16 weights (else bench/memory.py's ``--no-hoist``)."""
     cmd = [sys.executable, os.path.join(HERE, "memory.py"), "--model", model, "--pairs", "1",
            "--seq", str(length), "--mesh", f"1,1,1,1,{context}", "--devices", str(context),
            "--dtype", "bfloat16", "--ref-dtype", "bfloat16", "--remat",
            "--context-attention", attention, "--attention", kernel]
-    cmd += ["--run", str(run)] if run else [] if hoist else ["--no-hoist"]
+    if run:  # real steps: the compiler keeps all its passes
+        cmd += ["--run", str(run)]
+    elif not hoist:
+        cmd.append("--no-hoist")
     if lora_rank:
         cmd += ["--lora-rank", str(lora_rank)] + (["--lora-only"] if lora_only else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -58,9 +62,9 @@ def measure(model, length, context, lora_rank, lora_only, attention="ring", hois
     for line in out.splitlines():
         m = ROW.match(line)
         if m:
-            mib = float(m.group(2)) + float(m.group(3))
-            found[m.group(1)] = (mib, *(x if x in ("OOM", "-") else float(x)
-                                       for x in m.group(4, 5, 6) if x)) if run else mib
+            ran = [x if x in ("OOM", "-") else float(x) for x in m.group(4, 5, 6) if x]
+            found[m.group(1)] = (float(m.group(2)) + float(m.group(3)),
+                                 *(ran + ["-"] * (3 - len(ran))))
     return found
 
 
@@ -175,48 +179,32 @@ def main():
                       f"{t[k, o] / t[k, orders[0]]:.2f}x |")
         return
     budgets = [float(b) for b in a.budgets.split(",")]
-    if a.run:
-        return run_grid(a, budgets)
-    rows = []
+    rows, runs = [], []  # (tuning, context, length, MiB the budgets read), measure's tuples
     for n in (int(c) for c in a.contexts.split(",")):
         for length in sorted(int(x) for x in a.lengths.split(",")):
             got = measure(a.model, length, n, a.lora_rank, a.lora_only, a.context_attention,
-                          a.hoist, kernel=a.attention)
-            for tuning, mib in got.items():
-                rows.append((tuning, n, length, mib))
-                print(f"{a.model} {tuning}: context {n}, {length} tokens / row: "
-                      f"{mib:.0f} MiB per device", flush=True)
-            if min(got.values()) * 2**20 > max(budgets) * 1e9:
-                break
-    print(f"\n| tuning | context axis | tokens / row | MiB per device |\n|---|---|---|---|")
-    for tuning, n, length, mib in rows:
-        print(f"| {tuning} | {n} | {length} | {mib:.0f} |")
-    longest(rows, budgets)
-
-
-def run_grid(a, budgets):
-    """``--run``: each point compiled and run; the budgets read from the real peak (the
-    compiled analysis where the device keeps no peak count)."""
-    rows, runs = [], []
-    for n in (int(c) for c in a.contexts.split(",")):
-        for length in sorted(int(x) for x in a.lengths.split(",")):
-            got = measure(a.model, length, n, a.lora_rank, a.lora_only, a.context_attention,
-                          run=a.run, kernel=a.attention)
-            for tuning, (mib, peak, *timing) in got.items():
-                step, tps = timing or ("-", "-")
+                          a.hoist, run=a.run, kernel=a.attention)
+            for tuning, (mib, peak, step, tps) in got.items():
                 runs.append((tuning, n, length, mib, peak, step, tps))
-                if peak != "OOM":
+                if peak != "OOM":  # the real peak where the device counts one
                     rows.append((tuning, n, length, mib if peak == "-" else peak))
                 print(f"{a.model} {tuning}: context {n}, {length} tokens / row: {mib:.0f} MiB "
-                      f"compiled, peak {peak}, {step} s per step", flush=True)
-            if any(v[1] == "OOM" for v in got.values()):
-                break
-    print("\n| tuning | context axis | tokens / row | compiled MiB | peak MiB | s / step | "
-          "tokens/s |\n|---|---|---|---|---|---|---|")
-    num = lambda x, f: x if isinstance(x, str) else format(x, f)
-    for tuning, n, length, mib, peak, step, tps in runs:
-        print(f"| {tuning} | {n} | {length} | {mib:.0f} | {num(peak, '.0f')} | "
-              f"{num(step, '.3f')} | {num(tps, '.0f')} |")
+                      f"per device" + (f" compiled, run: peak {peak}, {step} s per step"
+                                       if a.run else ""), flush=True)
+            used = [r[3] for r in rows if r[1:3] == (n, length)]
+            if len(used) < len(got) or min(used) * 2**20 > max(budgets) * 1e9:
+                break  # out of memory, or over every budget
+    if a.run:
+        print("\n| tuning | context axis | tokens / row | compiled MiB | peak MiB | s / step | "
+              "tokens/s |\n|---|---|---|---|---|---|---|")
+        num = lambda x, f: x if isinstance(x, str) else format(x, f)
+        for tuning, n, length, mib, peak, step, tps in runs:
+            print(f"| {tuning} | {n} | {length} | {mib:.0f} | {num(peak, '.0f')} | "
+                  f"{num(step, '.3f')} | {num(tps, '.0f')} |")
+    else:
+        print(f"\n| tuning | context axis | tokens / row | MiB per device |\n|---|---|---|---|")
+        for tuning, n, length, mib in rows:
+            print(f"| {tuning} | {n} | {length} | {mib:.0f} |")
     longest(rows, budgets)
 
 
