@@ -34,7 +34,7 @@ import numpy as np
 from dpo_jax import keys as K
 from dpo_jax.errors import DpoError
 from dpo_jax.logprobs import columns, features_at, features_from_hidden
-from dpo_jax.models.attention import Mask
+from dpo_jax.models.attention import Mask, Rule
 
 # batch keys whose second axis is the sequence (padded when micro-batches differ in length),
 # with the value that pads them
@@ -194,7 +194,8 @@ def prefix_sharing_mask(attention_mask, segment_ids, unit_ids=None) -> Mask:
     mask = causal & keys & ~crossing
     if unit_ids is not None:
         mask = mask & (unit_ids[:, :, None] == unit_ids[:, None, :])
-    return Mask(mask, causal=True)
+    return Mask(mask, rule=Rule.of(attention_mask, unit=unit_ids, branch=segment_ids),
+                causal=True)
 
 
 class PrefixSharing(Layout):

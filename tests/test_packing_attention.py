@@ -45,6 +45,34 @@ def outputs(impl, q, k, v, mask, real, **kw):
     return out, grads
 
 
+def test_every_mask_equals_its_rule():
+    """Ring attention builds each block's mask from a mask's ``Rule``: for every layout's mask
+    (right and left padding, packed segments, prefix sharing unpacked and packed) and Gemma's
+    sliding-window form of each, the rule gives the dense mask exactly, and a reordering keeps
+    them equal."""
+    from dpo_jax.models.gemma.model import Gemma
+    t = 128
+    left = (jnp.arange(t)[None] >= jnp.array([0, 9, 100])[:, None]).astype(jnp.int32)
+    units = jnp.where(jnp.arange(t)[None] < 64, 0, 1) * jnp.ones((3, 1), jnp.int32)
+    _, prefix, attn = masks(t)[2]
+    parts = jnp.where(jnp.arange(t)[None] < 40, 0, jnp.where(jnp.arange(t)[None] < 90, 1, 2))
+    packed = layouts.prefix_sharing_mask(attn, jnp.where(attn.astype(bool), parts, -1), units)
+    cases = [m for _, m, _ in masks(t)] + [Mask.causal_padded(left).dense_only(), packed]
+    gemma = type("G", (), {"config": type("C", (), {"windowed": True, "sliding_window": 7})})
+    order = attention.zigzag(t, 4)
+    for mask in cases:
+        np.testing.assert_array_equal(mask.rule.sees(mask.rule), mask.dense)
+        positions = jnp.cumsum(jnp.ones((3, t), jnp.int32), 1) * 2  # not the index: a window
+        _, windowed = Gemma.layer_masks(gemma, mask, positions, positions)  # on positions
+        np.testing.assert_array_equal(windowed.rule.sees(windowed.rule), windowed.dense)
+        for local in (True, False):
+            layer = Mask.per_layer(mask, windowed, jnp.asarray(local))
+            np.testing.assert_array_equal(layer.rule.sees(layer.rule), layer.dense)
+        moved = mask.reordered(order, 4)
+        np.testing.assert_array_equal(moved.rule.sees(moved.rule), moved.dense)
+        np.testing.assert_array_equal(moved.rule_only().sees_itself(), moved.sees_itself())
+
+
 @pytest.mark.parametrize("form", [0, 1])  # lengths, segments: the forms splash takes
 def test_splash_kernel_matches_xla(form):
     """The TPU kernel itself (Pallas, interpreted on the CPU) against XLA: 1e-5 (float32;

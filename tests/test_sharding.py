@@ -353,15 +353,20 @@ def test_context_parallel_steps_equal_one_device(base, layout, packed, meshes, n
             np.testing.assert_allclose(a, b_, atol=1e-5 if n == 1 else 1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("softcap, zigzag, tile", [(None, False, 0), (5.0, False, 2),
-                                                   (None, True, 0), (5.0, True, 2)])
-def test_ring_attention_equals_attention_over_the_whole_row(softcap, zigzag, tile, monkeypatch):
+@pytest.mark.parametrize("softcap, zigzag, tile, form", [
+    (None, False, 0, "rule"), (5.0, False, 2, "rule"), (None, True, 0, "rule"),
+    (5.0, True, 2, "rule"), (None, False, 2, "dense"), (5.0, True, 2, "dense")])
+def test_ring_attention_equals_attention_over_the_whole_row(softcap, zigzag, tile, form,
+                                                            monkeypatch):
     """attention.ring over a context axis of 4 (x data 2): grouped-query heads, a causal mask
-    with left padding and a packed-segment block mask, Gemma 2's soft-cap; the row in index
-    order or in zig-zag order (the causally hidden half blocks skipped); values and gradients
-    equal XLA attention over the whole row wherever a query attends to something. ``tile``:
-    the queries of each step in tiles of 2 (row order: 3 tiles of a device's 6; zig-zag: a
-    chunk of 3 in 2 tiles, the second padded with a query that sees nothing)."""
+    with a sliding window (row 0), left padding (row 1), packed units (row 2) and prefix
+    sharing's rejected-skips-chosen rule (row 3), Gemma 2's soft-cap; the row in index order or
+    in zig-zag order (the causally hidden half blocks skipped); values and gradients equal XLA
+    attention over the whole row wherever a query attends to something. ``tile``: the queries
+    of each step in tiles of 2 (row order: 3 tiles of a device's 6; zig-zag: a chunk of 3 in 2
+    tiles, the second padded with a query that sees nothing). ``form``: the ring computes each
+    tile's mask from the mask's ``Rule`` (what training passes), or takes its rows of the dense
+    mask (a mask without a rule)."""
     from dpo_jax.models import attention
     if tile:
         monkeypatch.setattr(attention, "RING_TILE", tile)
@@ -371,16 +376,32 @@ def test_ring_attention_equals_attention_over_the_whole_row(softcap, zigzag, til
     real = np.ones((b, t), bool)
     real[1, :5] = False  # left padding: queries that attend to nothing
     causal = np.tril(np.ones((t, t), bool))[None] & real[:, None, :]
+    idx = np.arange(t)
+    causal[0] &= idx[:, None] - idx[None, :] < 6  # a window of 6 positions
     seg = np.repeat(np.arange(3), 8)
     causal[2] &= seg[:, None] == seg[None, :]  # three packed units in row 2
+    causal[3] &= ~((seg[:, None] == 2) & (seg[None, :] == 1))  # prompt, chosen, rejected
     mask = jnp.asarray(causal)
+    units = np.zeros((b, t), np.int32)
+    units[2] = seg
+    branch = np.zeros((b, t), np.int32)
+    branch[3] = seg
+    rule = attention.Rule.of(jnp.asarray(real), unit=jnp.asarray(units),
+                             branch=jnp.asarray(branch))
+    reach = np.full((b, t), attention.NO_REACH, np.int32)
+    reach[0] = idx - 6
+    rule = dataclasses.replace(rule, positions=jnp.asarray(np.broadcast_to(idx, (b, t))),
+                               reach=jnp.asarray(reach))
+    np.testing.assert_array_equal(np.asarray(rule.sees(rule)), causal)
     mesh = sharding.make_mesh(2, 1, 1, context=4)
     axes = sharding.mesh_axes(mesh)
     place = lambda a: jax.device_put(a, jax.sharding.NamedSharding(mesh, P("data", "context")))
     order = attention.zigzag(t, 4) if zigzag else np.arange(t)
     back = np.argsort(order)
-    ring_mask = (attention.Mask(mask, causal=True).reordered(order, 4) if zigzag
-                 else attention.Mask(mask))
+    ring_mask = attention.Mask(mask, rule=rule, causal=True)
+    ring_mask = ring_mask.reordered(order, 4) if zigzag else ring_mask
+    ring_mask = ring_mask.rule_only() if form == "rule" else attention.Mask(
+        ring_mask.dense, causal=True, order=ring_mask.order)
     ring = jax.jit(lambda q, k, v: attention.ring(
         *(a[:, order] for a in (q, k, v)), ring_mask, scale=0.3, mesh_axes=axes,
         softcap=softcap)[:, back])

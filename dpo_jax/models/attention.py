@@ -12,6 +12,11 @@ Prefix sharing's rule (the rejected tokens see the prompt but not the chosen one
 it is dense only, but it lies inside the causal triangle (``causal``), which lets cuDNN skip the
 blocks above the diagonal.
 
+Every mask a layout builds also carries its ``Rule``: facts about each position ((B, T) each)
+from which the mask between any block of queries and any block of keys is computed on the spot.
+Ring attention (``ring``) works from the rule alone, so under context parallelism no device
+ever holds its queries' mask against the whole row (the dense form is then never built).
+
 Implementations (config key ``attention``; ``auto`` picks one per platform, see ``resolve``):
 
 - ``xla``: ``jax.nn.dot_product_attention`` on the dense mask; runs everywhere, the reference.
@@ -43,12 +48,69 @@ IMPLEMENTATIONS = ("xla", "cudnn", "splash")
 CHOICES = ("auto",) + IMPLEMENTATIONS
 
 
+NO_REACH = np.iinfo(np.int32).min  # ``Rule.reach`` of a query without a window
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Who sees whom as facts about each position of a row, (B, T) each. Query t sees key s
+    where all of these hold:
+
+    - ``index[s] <= index[t]``: causal, in the row's own order (kept through a reordering);
+    - ``valid[s]``: the key is a real token;
+    - ``unit[t] == unit[s]`` (packed rows): within one sequence, or one prefix-sharing triple;
+    - not (``branch[t] == 2`` and ``branch[s] == 1``) (prefix sharing: 0 prompt, 1 chosen, 2
+      rejected): rejected queries skip the chosen keys;
+    - ``positions[s] > reach[t]`` (a sliding window: reach = position - window; ``NO_REACH``
+      where the layer has none).
+
+    The same rule describes the queries and the keys (self-attention over the row)."""
+    index: jax.Array
+    valid: jax.Array
+    unit: jax.Array | None = None
+    branch: jax.Array | None = None
+    positions: jax.Array | None = None
+    reach: jax.Array | None = None
+
+    @classmethod
+    def of(cls, attention_mask_bt, unit=None, branch=None) -> "Rule":
+        b, t = attention_mask_bt.shape
+        index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        as_ids = lambda a: None if a is None else a.astype(jnp.int32)
+        return cls(index, attention_mask_bt.astype(bool), as_ids(unit), as_ids(branch))
+
+    def sees(self, keys: "Rule") -> jax.Array:
+        """(B, T, S) bool: where these queries see ``keys`` (a rule over other positions)."""
+        q = lambda a: a[:, :, None]
+        k = lambda a: a[:, None, :]
+        out = (k(keys.index) <= q(self.index)) & k(keys.valid)
+        if self.unit is not None:
+            out = out & (q(self.unit) == k(keys.unit))
+        if self.branch is not None:
+            out = out & ~((q(self.branch) == 2) & (k(keys.branch) == 1))
+        if self.reach is not None:
+            out = out & (k(keys.positions) > q(self.reach))
+        return out
+
+    def windowed(self, positions_bt, window: int) -> "Rule":
+        """This rule within a sliding window of ``window`` positions (a query at position p
+        sees keys at positions > p - window)."""
+        positions_bt = positions_bt.astype(jnp.int32)
+        return dataclasses.replace(self, positions=positions_bt, reach=positions_bt - window)
+
+    def taken(self, order) -> "Rule":
+        """The rule of the positions taken in ``order``."""
+        return jax.tree.map(lambda a: a[:, order], self)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Mask:
-    dense: jax.Array                      # (B, T, S) bool: True where query t sees key s
+    dense: jax.Array | None               # (B, T, S) bool: True where query t sees key s
     lengths: jax.Array | None = None      # (B,) int32: causal over each row's first n tokens
     segment_ids: jax.Array | None = None  # (B, T) int32: causal within equal ids
+    rule: Rule | None = None              # the same mask as facts per position (``Rule``)
     causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
     # the order of the positions: 0, as the row has them; n, the zig-zag order over n context
     # devices (``zigzag``), which lets ring attention skip the blocks the causal mask hides
@@ -61,7 +123,8 @@ class Mask:
         left-padded prompts use this with ``lengths`` dropped (see ``dense_only``)."""
         t = attention_mask_bt.shape[1]
         dense = jnp.tril(jnp.ones((t, t), bool))[None] & attention_mask_bt.astype(bool)[:, None, :]
-        return cls(dense, lengths=attention_mask_bt.astype(jnp.int32).sum(-1), causal=True)
+        return cls(dense, lengths=attention_mask_bt.astype(jnp.int32).sum(-1),
+                   rule=Rule.of(attention_mask_bt), causal=True)
 
     @classmethod
     def segments(cls, segment_ids_bt, attention_mask_bt) -> "Mask":
@@ -70,16 +133,43 @@ class Mask:
         same = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
         dense = jnp.tril(jnp.ones((t, t), bool))[None] & same & \
             attention_mask_bt.astype(bool)[:, None, :]
-        return cls(dense, segment_ids=segment_ids_bt.astype(jnp.int32), causal=True)
+        return cls(dense, segment_ids=segment_ids_bt.astype(jnp.int32),
+                   rule=Rule.of(attention_mask_bt, unit=segment_ids_bt), causal=True)
 
     def dense_only(self) -> "Mask":
-        return Mask(self.dense, causal=self.causal, order=self.order)
+        """Without the kernels' compact forms (lengths, segment ids); the rule stays."""
+        return Mask(self.dense, rule=self.rule, causal=self.causal, order=self.order)
+
+    def rule_only(self) -> "Mask":
+        """Without the dense form (ring attention's: each block's mask from the rule)."""
+        return Mask(None, rule=self.rule, causal=self.causal, order=self.order)
 
     def reordered(self, order, n: int) -> "Mask":
         """This causal mask over the positions taken in ``order`` (queries and keys alike), the
-        zig-zag order over n devices: dense only (the compact forms assume index order)."""
+        zig-zag order over n devices: dense and rule (the kernels' compact forms assume index
+        order)."""
         assert self.causal and not self.order, "only a causal mask in index order is reordered"
-        return Mask(self.dense[:, order][:, :, order], causal=True, order=n)
+        return Mask(None if self.dense is None else self.dense[:, order][:, :, order],
+                    rule=None if self.rule is None else self.rule.taken(order),
+                    causal=True, order=n)
+
+    def sees_itself(self) -> jax.Array:
+        """(B, T) bool: the queries that see their own key (the real tokens)."""
+        if self.dense is None:  # every rule lets a real token see itself
+            return self.rule.valid
+        return jnp.diagonal(self.dense, axis1=1, axis2=2)
+
+    @staticmethod
+    def per_layer(glob: "Mask", windowed: "Mask", local) -> "Mask":
+        """A layer's mask where ``local`` (a traced bool: which layer of a scanned stack) picks
+        between a sequence's mask and its sliding-window form (Gemma's local layers)."""
+        glob = as_mask(glob)
+        dense = (None if windowed.dense is None or glob.dense is None
+                 else jnp.where(local, windowed.dense, glob.dense))
+        rule = windowed.rule
+        if rule is not None:
+            rule = dataclasses.replace(rule, reach=jnp.where(local, rule.reach, NO_REACH))
+        return dataclasses.replace(windowed, dense=dense, rule=rule)
 
 
 def zigzag(t: int, n: int) -> np.ndarray | None:
@@ -270,12 +360,36 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
     pieces: the second query chunk against the first key chunk, and one more picked by the
     block's source (no branch: the same work on every device at every step), half a block's
     work; the own block adds the piece of its second chunks. About half the attention of the
-    row's own order, balanced over the devices."""
+    row's own order, balanced over the devices.
+
+    Where the mask has its ``Rule``, each tile's mask is computed from it on the spot (in the
+    backward pass too): a device holds the rule of its queries and of the row's keys, (B, T)
+    facts, and no dense mask at all. Without one, each device holds its queries' rows of the
+    dense (B, T, S) mask."""
     n = mesh_lib.size(mesh_axes, "context")
-    heads = jax.sharding.PartitionSpec(mesh_lib.ROWS, "context", "tensor", None)
-    rows_spec = jax.sharding.PartitionSpec(mesh_lib.ROWS, "context", None)
-    zig = as_mask(mask).order == n
-    dense = as_mask(mask).dense
+    P = jax.sharding.PartitionSpec
+    heads = P(mesh_lib.ROWS, "context", "tensor", None)
+    mask = as_mask(mask)
+    zig = mask.order == n
+    # what a device knows of who sees whom: (its queries' side, the keys' side) as
+    # (its rule, the row's rule) or (its rows of the dense mask, None)
+    if mask.rule is not None:
+        sight, sight_specs = (mask.rule, mask.rule), (P(mesh_lib.ROWS, "context"),
+                                                      P(mesh_lib.ROWS, None))
+    else:
+        sight, sight_specs = (mask.dense, None), (P(mesh_lib.ROWS, "context", None), None)
+
+    def seen(sight):
+        """(b, t, s) bool of a sight whose queries and keys are cut to one tile's."""
+        queries, keys = sight
+        return queries if keys is None else queries.sees(keys)
+
+    def cut_keys(sight, at, size):
+        queries, keys = sight
+        if keys is None:
+            return jax.lax.dynamic_slice_in_dim(queries, at, size, axis=2), None
+        return queries, jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, at, size, 1),
+                                     keys)
 
     def fold(state, qg, k, v, allowed):
         """``fold_tile`` over tiles of at most ``RING_TILE`` queries, each rematerialized in
@@ -294,19 +408,21 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
             return jnp.moveaxis(a.reshape(a.shape[:axis] + (n_tiles, tile) + a.shape[axis + 1:]),
                                 axis, 0)
 
-        body = jax.checkpoint(lambda _, x: (None, fold_tile(x[0], x[1], k, v, x[2])),
+        keys = allowed[1]
+        body = jax.checkpoint(lambda _, x: (None, fold_tile(x[0], x[1], k, v, (x[2], keys))),
                               prevent_cse=False)
         m, l, acc = state
         _, out = jax.lax.scan(body, None, ((tiles(m, 3, -jnp.inf), tiles(l, 3, 0),
                                             tiles(acc, 3, 0)), tiles(qg, 1, 0),
-                                           tiles(allowed, 1, False)))
+                                           jax.tree.map(lambda a: tiles(a, 1, 0), allowed[0])))
         return tuple(jnp.moveaxis(a, 0, 3).reshape(a.shape[1:4] + (n_tiles * tile,)
                                                    + a.shape[5:])[:, :, :, :t] for a in out)
 
     def fold_tile(state, qg, k, v, allowed):
         """The online softmax's (max, sum, output) after queries qg (b, t, kh, g, d) meet keys
-        and values (b, s, kh, d) where ``allowed`` (b, t, s)."""
+        and values (b, s, kh, d) where the sight ``allowed`` lets them (``seen``)."""
         m, l, acc = state
+        allowed = seen(allowed)
         z = jnp.einsum("btkgd,bskd->bkgts", qg, k,
                        preferred_element_type=jnp.float32) * jnp.float32(scale)
         if softcap:
@@ -321,19 +437,21 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
         acc = acc * fade[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p, v.astype(jnp.float32))
         return m_new, l, acc
 
-    def local(q, k, v, mask):
+    def local(q, k, v, sight):
         b, t, h, d = q.shape
         kh, s = k.shape[2], k.shape[1]
         qg = q.reshape(b, t, kh, h // kh, d)
         me = jax.lax.axis_index("context")
-        keys_of = lambda src: jax.lax.dynamic_slice_in_dim(mask, src * s, s, axis=2)  # (b, t, s)
+        keys_of = lambda src: cut_keys(sight, src * s, s)  # the sight of block src's keys
         c = t // 2  # zig-zag: a device's two chunks, queries and keys alike
         cut = lambda a, at, axis: jax.lax.dynamic_slice_in_dim(a, at, c, axis=axis)
 
         def fold_chunks(state, qat, k, v, allowed, kat):
             """``fold`` of query chunk ``qat`` against key chunk ``kat`` (offsets 0 or c)."""
+            allowed = cut_keys((jax.tree.map(lambda a: cut(a, qat, 1), allowed[0]),
+                                allowed[1]), kat, c)
             part = fold(tuple(cut(a, qat, 3) for a in state), cut(qg, qat, 1),
-                        cut(k, kat, 1), cut(v, kat, 1), cut(cut(allowed, qat, 1), kat, 2))
+                        cut(k, kat, 1), cut(v, kat, 1), allowed)
             return tuple(jax.lax.dynamic_update_slice_in_dim(a, p, qat, axis=3)
                          for a, p in zip(state, part))
 
@@ -364,5 +482,5 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
         return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
 
     return jax.shard_map(local, mesh=mesh_lib.abstract(mesh_axes),
-                         in_specs=(heads, heads, heads, rows_spec),
-                         out_specs=heads)(q, k, v, dense)
+                         in_specs=(heads, heads, heads, sight_specs),
+                         out_specs=heads)(q, k, v, sight)

@@ -90,6 +90,17 @@ def context_order(masks, t: int, mesh_axes):
     return attention_lib.zigzag(t, n)
 
 
+def context_masks(masks, mesh_axes):
+    """A training pass's masks (a ``Mask`` or a family's tuple of them) as its layers take
+    them: under ring attention over a context axis, their rules only (``Mask.rule_only``), so
+    the dense (B, T, T) masks are never built and no device holds a row's worth of mask."""
+    if mesh_lib.size(mesh_axes, POSITIONS) < 2 or CONTEXT_ATTENTION != "ring":
+        return masks
+    return jax.tree.map(lambda m: m.rule_only() if isinstance(m, attention_lib.Mask) and
+                        m.rule is not None else m, masks,
+                        is_leaf=lambda m: isinstance(m, attention_lib.Mask))
+
+
 def split_positions(x, mesh_axes, *, heads: bool = False, gathered: bool = False):
     """Activations (B, T, ...) pinned to rows over the data-parallel axes and positions over
     the context axis, where the model is traced for a mesh with one (context parallelism: each

@@ -168,9 +168,7 @@ class Attention(nnx.Module):
                                    window=self.window),
                 lambda: run(q, k, v, glob, implementation="splash"))
         else:  # this layer's dense mask: the sequence's, or its windowed form
-            glob, windowed = masks
-            mask = dataclasses.replace(windowed, dense=jnp.where(local, windowed.dense,
-                                                                   as_mask(glob).dense))
+            mask = Mask.per_layer(*masks, local)
             y, kv = run(q, k, v, mask, implementation=self.implementation)
         return self.o_proj(y.reshape(b, t, self.heads * self.head_dim)), kv
 
@@ -228,9 +226,15 @@ class Gemma(CausalLM):
     def layer_masks(self, mask, query_positions, key_positions):
         if not self.config.windowed:
             return mask
-        near = (query_positions[:, :, None] - key_positions[:, None, :]
-                < self.config.sliding_window)
-        return mask, Mask(as_mask(mask).dense & near, causal=True)
+        w = self.config.sliding_window
+        near = query_positions[:, :, None] - key_positions[:, None, :] < w
+        mask = as_mask(mask)
+        rule = mask.rule  # a training pass's rule: queries and keys are the same positions
+        if rule is not None and query_positions is key_positions:
+            rule = rule.windowed(query_positions, w)
+        else:
+            rule = None
+        return mask, Mask(mask.dense & near, rule=rule, causal=True)
 
     def final_norm(self, x):
         return self.norm(x)

@@ -366,7 +366,7 @@ class MoE(CausalLM):
 
     def keep_extras(self, extras, mask):
         """(router logits (layers, N, E), the real queries (N,)) of this pass, for aux_loss."""
-        real = jnp.diagonal(as_mask(mask).dense, axis1=1, axis2=2).reshape(-1)  # sees itself
+        real = as_mask(mask).sees_itself().reshape(-1)
         passes = self.routing.get_value() if hasattr(self, "routing") else ()
         self.routing = nnx.Intermediate(passes + ((extras, real),))
 
