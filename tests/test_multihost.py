@@ -21,7 +21,8 @@ def free_port():
 def start(workdir, tmp_path, max_steps, env=None, save_steps=3):
     port = free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2", **(env or {})}
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2 "
+           + os.environ.get("DPO_JAX_SUITE_XLA_FLAGS", ""), **(env or {})}
     return [subprocess.Popen(
         [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(workdir),
          "--config.distributed=True", f"--config.coordinator_address=127.0.0.1:{port}",

@@ -11,11 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from trainutil import REPO
+from trainutil import CLI_ENV, REPO
 from examples.sentiment import corpus, reward
 
-ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu",
-       "PYTHONPATH": str(REPO)}
+ENV = CLI_ENV
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 # program compiled by one subprocess is not compiled again by the next (the same executable:
 # the numbers are bitwise the same).
 CLI_ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(REPO),
+           "PYTHONPATH": str(REPO), "XLA_FLAGS": os.environ.get("DPO_JAX_SUITE_XLA_FLAGS", ""),
            "JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="dpo_jax_test_xla_cache_"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 SEED_ROW = {
