@@ -353,6 +353,31 @@ def test_context_parallel_steps_equal_one_device(base, layout, packed, meshes, n
             np.testing.assert_allclose(a, b_, atol=1e-5 if n == 1 else 1e-4, rtol=0)
 
 
+def test_each_context_device_computes_only_its_positions():
+    """Issue 29: with the positions split over a context axis of 4, no program of the compiled
+    train step holds the batch's (rows x positions) as one axis of tokens: each device's
+    projections and MLP take its quarter of the positions. (Flattening rows with split
+    positions has no sharding of its own: XLA gathered every token onto every device there,
+    and computed every token's matmuls on each.)"""
+    import re
+    mesh = sharding.make_mesh(1, 1, 1, context=4)
+    cfg = dataclasses.replace(LLAMA, mesh_axes=sharding.mesh_axes(mesh))
+    family = models.family_of(cfg)
+    opt, lr = optimizer()
+    state, state_sh = sharding.init_state(mesh, host_params(LLAMA), opt, family.rules)
+    batch = pair_batch()
+    rows, length = batch["input_ids"].shape[1:]
+    step = steps.make_train_step(
+        FullTuning(nnx.graphdef(common.abstract(family.model_cls, cfg))), layouts.make("pair"),
+        LossConfig(beta=0.5), opt, lr, chunk_size=16,
+        in_shardings=(state_sh, state_sh["params"],
+                      {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}),
+        out_shardings=(state_sh, jax.sharding.NamedSharding(mesh, P())))
+    hlo = step.lower(state, state["params"], sharding.shard_batch(mesh, batch)).compile().as_text()
+    assert re.search(rf"\[{rows},{length // 4},{LLAMA.intermediate_size}\]", hlo)  # a quarter
+    assert not re.findall(rf"\w+\[{rows * length},\d+\]", hlo)  # no whole rows as tokens
+
+
 @pytest.mark.parametrize("softcap, zigzag, tile, form", [
     (None, False, 0, "rule"), (5.0, False, 2, "rule"), (None, True, 0, "rule"),
     (5.0, True, 2, "rule"), (None, False, 2, "dense"), (5.0, True, 2, "dense")])

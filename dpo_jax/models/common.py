@@ -12,6 +12,8 @@ the layers here know nothing about them.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
 
@@ -168,13 +170,33 @@ class Linear(nnx.Module):
         return apply_2d(lambda x2: project(self, x2), x)
 
 
+# whether ``apply_2d`` may flatten (rows, positions) into one axis of tokens: not while a trunk
+# is traced with its positions split over a context axis (``positions_split``)
+_FLATTEN = contextvars.ContextVar("dpo_jax_flatten_tokens", default=True)
+
+
 def apply_2d(fn, x):
     """``fn`` on x flattened to (tokens, features), the leading axes restored after. The matmul
     and its weight gradient are then plain 2-D GEMMs: XLA runs the weight gradient of a 3-D dot
-    noticeably slower on CPU."""
+    noticeably slower on CPU. Not where the positions are split over a context axis: merging
+    rows with split positions has no sharding of its own, so XLA would gather the whole row
+    onto every device (and compute every token's matmul there)."""
+    if not _FLATTEN.get():
+        return fn(x)
     lead = x.shape[:-1]
     y = fn(x.reshape(-1, x.shape[-1]))
     return y.reshape(*lead, y.shape[-1])
+
+
+@contextlib.contextmanager
+def positions_split(mesh_axes):
+    """While a trunk is traced for ``mesh_axes``: with a context axis, ``apply_2d`` keeps the
+    (rows, positions) axes as they are."""
+    token = _FLATTEN.set(_FLATTEN.get() and mesh_lib.size(mesh_axes, POSITIONS) < 2)
+    try:
+        yield
+    finally:
+        _FLATTEN.reset(token)
 
 
 def project(layer, x2, *, bias: bool = True):

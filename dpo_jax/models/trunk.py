@@ -97,23 +97,26 @@ class CausalLM(nnx.Module):
         context, per_layer = self.block_context(position_ids), self.layer_inputs()
         n = len(per_layer)
         extras, kvs, at = [], [], 0
-        for stack, part in self.segments():
-            size = c.n_layers if part is None else part[1] - part[0]
-            mine = lambda xs: tuple(xs if part is None else (a[at:at + size] for a in xs))
-            if cache is None:
-                x, ys = common.scan_stack(
-                    stack, x,
-                    lambda blk, x, *xs: (blk(common.split_positions(x, c.mesh_axes), mask,
-                                             context, xs)[0],
-                                         self.layer_extras(blk)),
-                    mine(per_layer), remat=c.remat, remat_policy=c.remat_policy, layers=part)
-                extras += [ys] if ys is not None else []
-            else:
-                x, kv = common.scan_stack(
-                    stack, x, lambda blk, x, *xs: blk(x, mask, context, xs[:n], xs[n:], index),
-                    mine((*per_layer, *cache)), layers=part)
-                kvs.append(kv)
-            at += size
+        # the layers as traced for the mesh: with a context axis, no flattening of rows and
+        # positions into tokens (common.apply_2d)
+        with common.positions_split(c.mesh_axes if cache is None else ()):
+            for stack, part in self.segments():
+                size = c.n_layers if part is None else part[1] - part[0]
+                mine = lambda xs: tuple(xs if part is None else (a[at:at + size] for a in xs))
+                if cache is None:
+                    x, ys = common.scan_stack(
+                        stack, x,
+                        lambda blk, x, *xs: (blk(common.split_positions(x, c.mesh_axes), mask,
+                                                 context, xs)[0],
+                                             self.layer_extras(blk)),
+                        mine(per_layer), remat=c.remat, remat_policy=c.remat_policy, layers=part)
+                    extras += [ys] if ys is not None else []
+                else:
+                    x, kv = common.scan_stack(
+                        stack, x, lambda blk, x, *xs: blk(x, mask, context, xs[:n], xs[n:], index),
+                        mine((*per_layer, *cache)), layers=part)
+                    kvs.append(kv)
+                at += size
         if cache is None:
             self.keep_extras(extras[0] if len(extras) == 1 else
                              jax.tree.map(lambda *a: jnp.concatenate(a), *extras)
