@@ -293,7 +293,8 @@ CONTEXT_MESHES = [dict(context=2), dict(context=4), dict(context=8),
     (LLAMA, "prefix_sharing", True, CONTEXT_MESHES[2:], 1, True),
     (GEMMA, "prefix_sharing", False, CONTEXT_MESHES[:1], 1, True),
     (LLAMA, "pair", True, CONTEXT_MESHES[2:3], 1, False),
-    (MOE, "prefix_sharing", False, [dict(context=2, expert=2, tensor=2)], 1, True)],
+    (MOE, "prefix_sharing", False, [dict(context=4), dict(context=2, expert=2, tensor=2)], 1,
+     True)],
     ids=["gpt2-pair", "llama-shared-packed", "gemma2-shared", "llama-pair-packed-index-order",
          "moe-shared-experts"])
 def test_context_parallel_steps_equal_one_device(base, layout, packed, meshes, n_steps, zigzag,
@@ -303,7 +304,8 @@ def test_context_parallel_steps_equal_one_device(base, layout, packed, meshes, n
     zig-zag order; to n only: in index order), packed segments and prefix sharing's mask
     travelling with them; the loss, grad norm and updated params of one device (within 1e-5;
     after 12 AdamW steps, on context 2 x fsdp 2 x tensor 2, within 1e-4); a mixture of experts
-    with its expert axis beside the context axis too."""
+    over context alone (each device routing its own tokens) and with its expert axis beside
+    the context axis."""
     from dpo_jax import packing
     from dpo_jax.models import common as common_
     split, orders = [], []
@@ -353,18 +355,20 @@ def test_context_parallel_steps_equal_one_device(base, layout, packed, meshes, n
             np.testing.assert_allclose(a, b_, atol=1e-5 if n == 1 else 1e-4, rtol=0)
 
 
-def test_each_context_device_computes_only_its_positions():
+@pytest.mark.parametrize("base, width", [(LLAMA, LLAMA.intermediate_size),
+                                         (MOE, MOE.num_experts)], ids=["llama", "moe"])
+def test_each_context_device_computes_only_its_positions(base, width):
     """Issue 29: with the positions split over a context axis of 4, no program of the compiled
     train step holds the batch's (rows x positions) as one axis of tokens: each device's
-    projections and MLP take its quarter of the positions. (Flattening rows with split
-    positions has no sharding of its own: XLA gathered every token onto every device there,
-    and computed every token's matmuls on each.)"""
+    projections and MLP (a mixture of experts: its router and experts) take its quarter of the
+    positions. (Flattening rows with split positions has no sharding of its own: XLA gathered
+    every token onto every device there, and computed every token's matmuls on each.)"""
     import re
     mesh = sharding.make_mesh(1, 1, 1, context=4)
-    cfg = dataclasses.replace(LLAMA, mesh_axes=sharding.mesh_axes(mesh))
+    cfg = dataclasses.replace(base, mesh_axes=sharding.mesh_axes(mesh))
     family = models.family_of(cfg)
     opt, lr = optimizer()
-    state, state_sh = sharding.init_state(mesh, host_params(LLAMA), opt, family.rules)
+    state, state_sh = sharding.init_state(mesh, host_params(base), opt, family.rules)
     batch = pair_batch()
     rows, length = batch["input_ids"].shape[1:]
     step = steps.make_train_step(
@@ -374,7 +378,7 @@ def test_each_context_device_computes_only_its_positions():
                       {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}),
         out_shardings=(state_sh, jax.sharding.NamedSharding(mesh, P())))
     hlo = step.lower(state, state["params"], sharding.shard_batch(mesh, batch)).compile().as_text()
-    assert re.search(rf"\[{rows},{length // 4},{LLAMA.intermediate_size}\]", hlo)  # a quarter
+    assert re.search(rf"\[{rows},{length // 4},{width}\]", hlo)  # a quarter of the positions
     assert not re.findall(rf"\w+\[{rows * length},\d+\]", hlo)  # no whole rows as tokens
 
 

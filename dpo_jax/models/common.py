@@ -181,11 +181,17 @@ def apply_2d(fn, x):
     noticeably slower on CPU. Not where the positions are split over a context axis: merging
     rows with split positions has no sharding of its own, so XLA would gather the whole row
     onto every device (and compute every token's matmul there)."""
-    if not _FLATTEN.get():
+    if not tokens_flatten():
         return fn(x)
     lead = x.shape[:-1]
     y = fn(x.reshape(-1, x.shape[-1]))
     return y.reshape(*lead, y.shape[-1])
+
+
+def tokens_flatten() -> bool:
+    """Whether the layers being traced may flatten (rows, positions) into tokens (``apply_2d``):
+    not with the positions split over a context axis (``positions_split``)."""
+    return _FLATTEN.get()
 
 
 @contextlib.contextmanager

@@ -9,16 +9,20 @@ import jax
 import jax.numpy as jnp
 
 
-def load_balancing_loss(router_logits, num_experts: int, top_k: int, token_mask=None):
-    """``router_logits``: (layers, N, E) (or a sequence of (N, E)); ``token_mask``: (N,) 1 for
-    real tokens (padding excluded), or None for all. A float32 scalar."""
+def load_balancing_loss(router_logits, num_experts: int, top_k: int, token_mask=None, *,
+                        choose=jax.lax.top_k):
+    """``router_logits``: (layers, N, E) (or a sequence of (N, E)), or (layers, B, T, E) (the
+    tokens as rows and positions, as a context axis splits them); ``token_mask``: (N,) or
+    (B, T), 1 for real tokens (padding excluded), or None for all. ``choose``: ``lax.top_k``
+    or a form of it that runs per device (``model.top_k``). A float32 scalar."""
     logits = jnp.asarray(router_logits, jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1)                       # (L, N, E)
-    _, chosen = jax.lax.top_k(probs, top_k)                       # (L, N, k)
-    mask = (jnp.ones(logits.shape[1], jnp.float32) if token_mask is None
-            else jnp.asarray(token_mask, jnp.float32).reshape(-1))
-    hits = jax.nn.one_hot(chosen, num_experts, dtype=jnp.float32)  # (L, N, k, E)
-    tokens_per_expert = (hits * mask[None, :, None, None]).sum((0, 1, 2))
-    prob_per_expert = (probs * mask[None, :, None]).sum((0, 1))
+    tokens = logits.shape[1:-1]                                   # (N,) or (B, T)
+    probs = jax.nn.softmax(logits, axis=-1)                       # (L, *tokens, E)
+    _, chosen = choose(probs, top_k)                              # (L, *tokens, k)
+    mask = (jnp.ones(tokens, jnp.float32) if token_mask is None
+            else jnp.asarray(token_mask, jnp.float32).reshape(tokens))[None, ..., None]
+    hits = jax.nn.one_hot(chosen, num_experts, dtype=jnp.float32)  # (L, *tokens, k, E)
+    tokens_per_expert = (hits * mask[..., None]).sum(tuple(range(hits.ndim - 1)))
+    prob_per_expert = (probs * mask).sum(tuple(range(probs.ndim - 1)))
     rows = mask.sum() * logits.shape[0]
     return num_experts * jnp.sum((tokens_per_expert / rows) * (prob_per_expert / rows))

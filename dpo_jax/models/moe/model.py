@@ -230,6 +230,19 @@ def dispatch(x, weights, experts, weight_mats, first: int = 0, kernel: str = "ra
     return jnp.zeros_like(x).at[token].add(y.astype(x.dtype))
 
 
+def top_k(x, k: int, mesh_axes=None):
+    """``lax.top_k`` over x's last axis; with ``mesh_axes``, of x (..., B, T, E) with its rows
+    and positions split over the mesh, run on each device's own (XLA would gather a top-k's
+    batch axes onto every device)."""
+    if mesh_axes is None:
+        return jax.lax.top_k(x, k)
+    mesh = mesh_lib.abstract(mesh_axes)
+    rows = tuple(a for a in mesh_lib.ROWS if a in mesh.axis_names)
+    spec = P(*(None,) * (x.ndim - 3), rows, mesh_lib.POSITIONS, None)
+    return jax.shard_map(lambda a: tuple(jax.lax.top_k(a, k)), mesh=mesh, in_specs=spec,
+                         out_specs=(spec, spec))(x)
+
+
 def expert_parallel(mesh_axes, x, weights, experts, weight_mats, kernel: str = "ragged_dot"):
     """``dispatch`` with the experts split over the mesh's ``expert`` axis (``shard_map``).
 
@@ -244,12 +257,18 @@ def expert_parallel(mesh_axes, x, weights, experts, weight_mats, kernel: str = "
     experts live on: the same bytes for k >= the expert axis size (Qwen3-MoE's 8 of 128 on 8),
     more for Mixtral's top-2, and no worst-case receive buffer to size."""
     mesh = mesh_lib.abstract(mesh_axes)
-    # the tokens (B T, C) of rows split over the data-parallel axes, positions over context
-    batch = P(tuple(a for a in (*mesh_lib.ROWS, mesh_lib.POSITIONS) if a in mesh.axis_names),
-              None)
+    rows = tuple(a for a in mesh_lib.ROWS if a in mesh.axis_names)
+    if x.ndim == 3:  # (B, T, C): rows over the data-parallel axes, positions over context,
+        # flattened into tokens on each device
+        batch = P(rows, mesh_lib.POSITIONS, None)
+    else:  # the tokens (B T, C) of rows split over the data-parallel axes
+        batch = P(rows + ((mesh_lib.POSITIONS,) if mesh_lib.POSITIONS in mesh.axis_names
+                          else ()), None)
     in_out, out_in = P("expert", "fsdp", "tensor"), P("expert", "tensor", "fsdp")
 
     def local(x, weights, experts, gate, up, down):
+        shape = x.shape
+        x, weights, experts = (a.reshape(-1, a.shape[-1]) for a in (x, weights, experts))
         gather = lambda a: jax.lax.all_gather(a, "expert", axis=0, tiled=True)
         gate, up = (jax.lax.all_gather(w, "fsdp", axis=1, tiled=True) for w in (gate, up))
         down = jax.lax.all_gather(down, "fsdp", axis=2, tiled=True)
@@ -257,7 +276,7 @@ def expert_parallel(mesh_axes, x, weights, experts, weight_mats, kernel: str = "
         y = dispatch(gather(x), gather(weights), gather(experts), (gate, up, down), first,
                      kernel)
         y = jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
-        return jax.lax.psum(y, "tensor")
+        return jax.lax.psum(y, "tensor").reshape(shape)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(batch, batch, batch, in_out, in_out, out_in),
                          out_specs=batch)(x, weights, experts, *weight_mats)
@@ -270,20 +289,30 @@ class SparseMoE(nnx.Module):
         self.experts = Experts(cfg, rngs=rngs)
         self.k, self.n_experts = cfg.num_experts_per_tok, cfg.num_experts
         self.norm_topk = cfg.norm_topk_prob
-        self.mesh_axes = cfg.mesh_axes if cfg.mesh_size("expert") > 1 else None
+        # through expert_parallel's shard_map: with an expert axis, or with the positions split
+        # over a context axis (each device then dispatches its own tokens)
+        self.mesh_axes = (cfg.mesh_axes if cfg.mesh_size("expert") > 1 or
+                          cfg.mesh_size(mesh_lib.POSITIONS) > 1 else None)
         self.kernel = resolve_kernel(cfg.experts_kernel)
 
     def route(self, x_nc):
-        """(router logits (N, E), top-k weights (N, k) in x's dtype, top-k experts (N, k))."""
+        """(router logits (N, E), top-k weights (N, k) in x's dtype, top-k experts (N, k)); or
+        of (B, T, C) tokens, each (B, T, ...)."""
         logits = self.gate(x_nc)
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        weights, experts = jax.lax.top_k(probs, self.k)
+        weights, experts = top_k(probs, self.k, self.mesh_axes if x_nc.ndim == 3 else None)
         if self.norm_topk:
             weights = weights / weights.sum(-1, keepdims=True)
         return logits, weights.astype(x_nc.dtype), experts
 
     def __call__(self, x):
         b, t, c = x.shape
+        if not common.tokens_flatten():  # positions split over a context axis: rows and
+            # positions stay apart (merged they have no sharding), tokens flattened per device
+            logits, weights, experts = self.route(x)  # (B, T, E), (B, T, k), (B, T, k)
+            self.router_logits = nnx.Intermediate(logits)
+            return expert_parallel(self.mesh_axes, x, weights, experts,
+                                   self.experts.weights(), self.kernel)
         xf = x.reshape(b * t, c)
         logits, weights, experts = self.route(xf)
         self.router_logits = nnx.Intermediate(logits)  # for the stack's extras (aux_loss)
@@ -366,7 +395,8 @@ class MoE(CausalLM):
 
     def keep_extras(self, extras, mask):
         """(router logits (layers, N, E), the real queries (N,)) of this pass, for aux_loss."""
-        real = as_mask(mask).sees_itself().reshape(-1)
+        real = as_mask(mask).sees_itself()  # (B, T); flat where the logits are (N, E)
+        real = real.reshape(-1) if extras is not None and extras.ndim == 3 else real
         passes = self.routing.get_value() if hasattr(self, "routing") else ()
         self.routing = nnx.Intermediate(passes + ((extras, real),))
 
@@ -379,6 +409,10 @@ class MoE(CausalLM):
         logits = jnp.concatenate([p[0] for p in passes], axis=1)
         real = jnp.concatenate([p[1] for p in passes])
         c = self.config
+        if logits.ndim == 4:  # (layers, B, T, E): positions split over a context axis
+            choose = lambda a, k: top_k(a, k, c.mesh_axes)
+            return load_balancing_loss(logits, c.num_experts, c.num_experts_per_tok, real,
+                                       choose=choose)
         return load_balancing_loss(logits, c.num_experts, c.num_experts_per_tok, real)
 
     def head_weight(self):
