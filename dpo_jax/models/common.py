@@ -206,8 +206,9 @@ def positions_split(mesh_axes):
 
 
 def project(layer, x2, *, bias: bool = True):
-    """``x2 @ layer.weight (+ layer.bias)`` in the layer's compute dtype, for a 2-D ``x2``: the
-    matmul of ``Linear`` and of every wrapper a tuning method puts around one."""
+    """``x2 @ layer.weight (+ layer.bias)`` in the layer's compute dtype, for ``x2`` (..., in)
+    (2-D where ``apply_2d`` flattens): the matmul of ``Linear`` and of every wrapper a tuning
+    method puts around one."""
     y = jnp.dot(x2, layer.weight[...].astype(layer.dtype))
     if bias and layer.bias is not None:
         y = y + layer.bias[...].astype(layer.dtype)

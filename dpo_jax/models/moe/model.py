@@ -289,10 +289,10 @@ class SparseMoE(nnx.Module):
         self.experts = Experts(cfg, rngs=rngs)
         self.k, self.n_experts = cfg.num_experts_per_tok, cfg.num_experts
         self.norm_topk = cfg.norm_topk_prob
-        # through expert_parallel's shard_map: with an expert axis, or with the positions split
-        # over a context axis (each device then dispatches its own tokens)
-        self.mesh_axes = (cfg.mesh_axes if cfg.mesh_size("expert") > 1 or
-                          cfg.mesh_size(mesh_lib.POSITIONS) > 1 else None)
+        # flat tokens go through expert_parallel's shard_map with an expert axis; (rows,
+        # positions) split over a context axis always do (each device dispatches its own)
+        self.mesh_axes = cfg.mesh_axes if cfg.mesh_size("expert") > 1 else None
+        self.split_axes = cfg.mesh_axes
         self.kernel = resolve_kernel(cfg.experts_kernel)
 
     def route(self, x_nc):
@@ -300,7 +300,7 @@ class SparseMoE(nnx.Module):
         of (B, T, C) tokens, each (B, T, ...)."""
         logits = self.gate(x_nc)
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        weights, experts = top_k(probs, self.k, self.mesh_axes if x_nc.ndim == 3 else None)
+        weights, experts = top_k(probs, self.k, self.split_axes if x_nc.ndim == 3 else None)
         if self.norm_topk:
             weights = weights / weights.sum(-1, keepdims=True)
         return logits, weights.astype(x_nc.dtype), experts
@@ -311,7 +311,7 @@ class SparseMoE(nnx.Module):
             # positions stay apart (merged they have no sharding), tokens flattened per device
             logits, weights, experts = self.route(x)  # (B, T, E), (B, T, k), (B, T, k)
             self.router_logits = nnx.Intermediate(logits)
-            return expert_parallel(self.mesh_axes, x, weights, experts,
+            return expert_parallel(self.split_axes, x, weights, experts,
                                    self.experts.weights(), self.kernel)
         xf = x.reshape(b * t, c)
         logits, weights, experts = self.route(xf)
