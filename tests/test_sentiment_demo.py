@@ -4,7 +4,6 @@ reward."""
 
 import csv
 import json
-import os
 import subprocess
 import sys
 
