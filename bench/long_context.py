@@ -202,7 +202,7 @@ def main():
             print(f"| {tuning} | {n} | {length} | {mib:.0f} | {num(peak, '.0f')} | "
                   f"{num(step, '.3f')} | {num(tps, '.0f')} |")
     else:
-        print(f"\n| tuning | context axis | tokens / row | MiB per device |\n|---|---|---|---|")
+        print("\n| tuning | context axis | tokens / row | MiB per device |\n|---|---|---|---|")
         for tuning, n, length, mib in rows:
             print(f"| {tuning} | {n} | {length} | {mib:.0f} |")
     longest(rows, budgets)
@@ -210,7 +210,7 @@ def main():
 
 def longest(rows, budgets):
     """The longest measured length within each budget, per tuning and context axis."""
-    print(f"\n| tuning | context axis | " + " | ".join(f"longest within {b:g} GB"
+    print("\n| tuning | context axis | " + " | ".join(f"longest within {b:g} GB"
                                                      for b in budgets) + " |")
     print("|---|---|" + "---|" * len(budgets))
     for tuning in sorted({r[0] for r in rows}):

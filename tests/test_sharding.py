@@ -18,7 +18,7 @@ from dpo_jax.models import common, gpt2
 from dpo_jax.models.gpt2 import GPT2, GPT2Config
 from dpo_jax.models.gemma import GemmaConfig
 from dpo_jax.models.moe import MoEConfig
-from dpo_jax.models.llama import Llama, LlamaConfig
+from dpo_jax.models.llama import LlamaConfig
 from dpo_jax.tuning.full import FullTuning
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")

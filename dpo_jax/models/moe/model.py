@@ -230,6 +230,11 @@ def dispatch(x, weights, experts, weight_mats, first: int = 0, kernel: str = "ra
     return jnp.zeros_like(x).at[token].add(y.astype(x.dtype))
 
 
+def _rows(mesh) -> tuple:
+    """The mesh's data-parallel axes, which split a batch's rows."""
+    return tuple(a for a in mesh_lib.ROWS if a in mesh.axis_names)
+
+
 def top_k(x, k: int, mesh_axes=None):
     """``lax.top_k`` over x's last axis; with ``mesh_axes``, of x (..., B, T, E) with its rows
     and positions split over the mesh, run on each device's own (XLA would gather a top-k's
@@ -237,7 +242,7 @@ def top_k(x, k: int, mesh_axes=None):
     if mesh_axes is None:
         return jax.lax.top_k(x, k)
     mesh = mesh_lib.abstract(mesh_axes)
-    rows = tuple(a for a in mesh_lib.ROWS if a in mesh.axis_names)
+    rows = _rows(mesh)
     spec = P(*(None,) * (x.ndim - 3), rows, mesh_lib.POSITIONS, None)
     return jax.shard_map(lambda a: tuple(jax.lax.top_k(a, k)), mesh=mesh, in_specs=spec,
                          out_specs=(spec, spec))(x)
@@ -257,7 +262,7 @@ def expert_parallel(mesh_axes, x, weights, experts, weight_mats, kernel: str = "
     experts live on: the same bytes for k >= the expert axis size (Qwen3-MoE's 8 of 128 on 8),
     more for Mixtral's top-2, and no worst-case receive buffer to size."""
     mesh = mesh_lib.abstract(mesh_axes)
-    rows = tuple(a for a in mesh_lib.ROWS if a in mesh.axis_names)
+    rows = _rows(mesh)
     if x.ndim == 3:  # (B, T, C): rows over the data-parallel axes, positions over context,
         # flattened into tokens on each device
         batch = P(rows, mesh_lib.POSITIONS, None)
