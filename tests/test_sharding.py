@@ -383,22 +383,25 @@ def test_each_context_device_computes_only_its_positions(base, width):
 
 
 @pytest.mark.parametrize("softcap, zigzag, tile, form", [
-    (None, False, 0, "rule"), (5.0, False, 2, "rule"), (None, True, 0, "rule"),
-    (5.0, True, 2, "rule"), (None, False, 2, "dense"), (5.0, True, 2, "dense")])
+    (None, False, None, "rule"), (5.0, False, (2, 4), "rule"), (None, True, None, "rule"),
+    (5.0, True, (2, 2), "rule"), (None, False, (2, 4), "dense"), (5.0, True, (4, 2), "dense")])
 def test_ring_attention_equals_attention_over_the_whole_row(softcap, zigzag, tile, form,
                                                             monkeypatch):
     """attention.ring over a context axis of 4 (x data 2): grouped-query heads, a causal mask
     with a sliding window (row 0), left padding (row 1), packed units (row 2) and prefix
     sharing's rejected-skips-chosen rule (row 3), Gemma 2's soft-cap; the row in index order or
-    in zig-zag order (the causally hidden half blocks skipped); values and gradients equal XLA
-    attention over the whole row wherever a query attends to something. ``tile``: the queries
-    of each step in tiles of 2 (row order: 3 tiles of a device's 6; zig-zag: a chunk of 3 in 2
-    tiles, the second padded with a query that sees nothing). ``form``: the ring computes each
+    in zig-zag order (the causally hidden half blocks skipped); values and gradients (the
+    custom VJP's ring backward pass) equal XLA attention over the whole row wherever a query
+    attends to something. ``tile``: (queries, keys) per tile within a step, so that a step's
+    piece is cut both ways (row order, a device's 6 positions: 3 query tiles of 2, 2 key tiles
+    of 3; zig-zag, a chunk of 3: 2 tiles, the second padded with a query or a key that nothing
+    sees). ``form``: the ring computes each
     tile's mask from the mask's ``Rule`` (what training passes), or takes its rows of the dense
     mask (a mask without a rule)."""
     from dpo_jax.models import attention
     if tile:
-        monkeypatch.setattr(attention, "RING_TILE", tile)
+        monkeypatch.setattr(attention, "RING_TILE", tile[0])
+        monkeypatch.setattr(attention, "RING_KEY_TILE", tile[1])
     rng = np.random.default_rng(0)
     b, t, h, kh, d = 4, 24, 4, 2, 8
     q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32) for n in (h, kh, kh))

@@ -339,6 +339,25 @@ def resolve(requested: str, *, platform: str, dtype: str, head_dim: int, mask_fo
 
 
 RING_TILE = 1024  # ring attention: queries per tile of a step's (queries x keys) logits
+RING_KEY_TILE = 1024  # ring attention: keys per tile
+
+
+def _tiles(a, axis: int, size: int, fill):
+    """``a`` cut along ``axis`` into equal tiles of at most ``size`` (the last padded with
+    ``fill``), the tiles on a new leading axis."""
+    t = a.shape[axis]
+    n = -(-t // size)
+    tile = -(-t // n)
+    a = jnp.pad(a, [(0, n * tile - t if i == axis else 0) for i in range(a.ndim)],
+                constant_values=fill)
+    return jnp.moveaxis(a.reshape(a.shape[:axis] + (n, tile) + a.shape[axis + 1:]), axis, 0)
+
+
+def _untiles(a, axis: int, t: int):
+    """The inverse of ``_tiles``: (n, ..., tile, ...) back to (..., t, ...)."""
+    a = jnp.moveaxis(a, 0, axis)
+    a = a.reshape(a.shape[:axis] + (-1,) + a.shape[axis + 2:])
+    return jax.lax.slice_in_dim(a, 0, t, axis=axis)
 
 
 def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None = None):
@@ -348,10 +367,15 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
     so no device ever holds a row's whole keys or its (queries x keys) logits. ``q`` (B, T, H,
     D), ``k`` / ``v`` (B, S, K, D) and ``mask`` (a ``Mask`` or (B, T, S)) as ``attend`` takes
     them, their positions split over ``context`` (rows over the data-parallel axes, heads over
-    ``tensor``). Queries that may attend to nothing (padding) give zeros. Each step is
-    rematerialized in the backward pass, which then keeps one key block per step, and within a
-    step the queries go in tiles of ``RING_TILE``, each rematerialized too: the largest logits
-    a device holds are one tile's against one block of keys, whatever the row's length.
+    ``tensor``). Queries that may attend to nothing (padding) give zeros.
+
+    Within a step, queries go in tiles of ``RING_TILE`` and keys in tiles of ``RING_KEY_TILE``:
+    the largest logits a device holds are one (query tile x key tile), whatever the row's
+    length and the axis size. The backward pass is flash attention's (a custom VJP): the
+    forward keeps each query's output and log-sum-exp, and the backward sends the key blocks
+    around the ring again, their gradients travelling with them and arriving home after the
+    last step, each tile's probabilities recomputed from the log-sum-exp. Nothing of the
+    forward's tiles is kept, and no step is rematerialized.
 
     A causal mask in zig-zag order (``Mask.order``, see ``zigzag``: device i holds chunks i and
     2n-1-i of the row) skips what the causal mask hides. Of an earlier device's block only the
@@ -369,6 +393,7 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
     n = mesh_lib.size(mesh_axes, "context")
     P = jax.sharding.PartitionSpec
     heads = P(mesh_lib.ROWS, "context", "tensor", None)
+    per_query = P(mesh_lib.ROWS, "context", "tensor", None)  # (B, T, K, G) log-sum-exp
     mask = as_mask(mask)
     zig = mask.order == n
     # what a device knows of who sees whom: (its queries' side, the keys' side) as
@@ -384,51 +409,41 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
         queries, keys = sight
         return queries if keys is None else queries.sees(keys)
 
-    def cut_keys(sight, at, size):
+    def cut(sight, qat, kat, c):
+        """The sight of queries [qat, qat + c) and keys [kat, kat + c)."""
+        queries, keys = sight
+        part = lambda a, at, axis: jax.lax.dynamic_slice_in_dim(a, at, c, axis)
+        queries = jax.tree.map(lambda a: part(a, qat, 1), queries)
+        if keys is None:
+            return part(queries, kat, 2), None
+        return queries, jax.tree.map(lambda a: part(a, kat, 1), keys)
+
+    def query_tiles(sight):
+        queries, keys = sight
+        return jax.tree.map(lambda a: _tiles(a, 1, RING_TILE, 0), queries)
+
+    def key_tiles(sight):
+        """(the key tiles of a query tile's sight, scanned over; the tile's sight from one)"""
         queries, keys = sight
         if keys is None:
-            return jax.lax.dynamic_slice_in_dim(queries, at, size, axis=2), None
-        return queries, jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, at, size, 1),
-                                     keys)
+            return _tiles(queries, 2, RING_KEY_TILE, False), lambda x: (x, None)
+        return (jax.tree.map(lambda a: _tiles(a, 1, RING_KEY_TILE, 0), keys),
+                lambda x: (queries, x))
 
-    def fold(state, qg, k, v, allowed):
-        """``fold_tile`` over tiles of at most ``RING_TILE`` queries, each rematerialized in
-        the backward pass: what a step keeps for the backward pass is one tile's (queries x
-        keys) logits, not the whole block's."""
-        t = qg.shape[1]
-        if t <= RING_TILE:
-            return fold_tile(state, qg, k, v, allowed)
-        n_tiles = -(-t // RING_TILE)
-        tile = -(-t // n_tiles)  # equal tiles; the last padded with queries that see nothing
-        pad = n_tiles * tile - t
+    def logits(qg, k):
+        """(b, kh, g, t, s) float32 logits, soft-capped, and the tanh the cap applied."""
+        z = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
+        if not softcap:
+            return z, None
+        capped = jnp.tanh(z / softcap)
+        return softcap * capped, capped
 
-        def tiles(a, axis, fill):
-            a = jnp.pad(a, [(0, pad if i == axis else 0) for i in range(a.ndim)],
-                        constant_values=fill)
-            return jnp.moveaxis(a.reshape(a.shape[:axis] + (n_tiles, tile) + a.shape[axis + 1:]),
-                                axis, 0)
-
-        keys = allowed[1]
-        body = jax.checkpoint(lambda _, x: (None, fold_tile(x[0], x[1], k, v, (x[2], keys))),
-                              prevent_cse=False)
-        m, l, acc = state
-        _, out = jax.lax.scan(body, None, ((tiles(m, 3, -jnp.inf), tiles(l, 3, 0),
-                                            tiles(acc, 3, 0)), tiles(qg, 1, 0),
-                                           jax.tree.map(lambda a: tiles(a, 1, 0), allowed[0])))
-        return tuple(jnp.moveaxis(a, 0, 3).reshape(a.shape[1:4] + (n_tiles * tile,)
-                                                   + a.shape[5:])[:, :, :, :t] for a in out)
-
-    def fold_tile(state, qg, k, v, allowed):
+    def forward_tile(state, qg, k, v, allowed):
         """The online softmax's (max, sum, output) after queries qg (b, t, kh, g, d) meet keys
         and values (b, s, kh, d) where the sight ``allowed`` lets them (``seen``)."""
         m, l, acc = state
-        allowed = seen(allowed)
-        z = jnp.einsum("btkgd,bskd->bkgts", qg, k,
-                       preferred_element_type=jnp.float32) * jnp.float32(scale)
-        if softcap:
-            z = softcap * jnp.tanh(z / softcap)
-        allowed = allowed[:, None, None]
-        z = jnp.where(allowed, z, -jnp.inf)
+        allowed = seen(allowed)[:, None, None]
+        z = jnp.where(allowed, logits(qg, k)[0], -jnp.inf)
         m_new = jnp.maximum(m, z.max(-1))
         safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.where(allowed, jnp.exp(z - safe[..., None]), 0.0)
@@ -437,50 +452,179 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
         acc = acc * fade[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p, v.astype(jnp.float32))
         return m_new, l, acc
 
-    def local(q, k, v, sight):
-        b, t, h, d = q.shape
-        kh, s = k.shape[2], k.shape[1]
-        qg = q.reshape(b, t, kh, h // kh, d)
-        me = jax.lax.axis_index("context")
-        keys_of = lambda src: cut_keys(sight, src * s, s)  # the sight of block src's keys
-        c = t // 2  # zig-zag: a device's two chunks, queries and keys alike
-        cut = lambda a, at, axis: jax.lax.dynamic_slice_in_dim(a, at, c, axis=axis)
+    def forward_piece(state, qg, k, v, sight):
+        """``forward_tile`` over every (query tile x key tile) of queries qg and keys k."""
+        t = qg.shape[1]
+        kk, vv = (_tiles(a, 1, RING_KEY_TILE, 0) for a in (k, v))
 
-        def fold_chunks(state, qat, k, v, allowed, kat):
-            """``fold`` of query chunk ``qat`` against key chunk ``kat`` (offsets 0 or c)."""
-            allowed = cut_keys((jax.tree.map(lambda a: cut(a, qat, 1), allowed[0]),
-                                allowed[1]), kat, c)
-            part = fold(tuple(cut(a, qat, 3) for a in state), cut(qg, qat, 1),
-                        cut(k, kat, 1), cut(v, kat, 1), allowed)
+        def per_query_tile(_, x):
+            state, qt, sq = x
+            ks, tile_sight = key_tiles((sq, sight[1]))
+            state, _ = jax.lax.scan(
+                lambda state, y: (forward_tile(state, qt, y[0], y[1], tile_sight(y[2])), None),
+                state, (kk, vv, ks))
+            return None, state
+
+        m, l, acc = state
+        _, out = jax.lax.scan(per_query_tile, None, (
+            (_tiles(m, 3, RING_TILE, -jnp.inf), _tiles(l, 3, RING_TILE, 0),
+             _tiles(acc, 3, RING_TILE, 0)), _tiles(qg, 1, RING_TILE, 0), query_tiles(sight)))
+        return tuple(_untiles(a, 3, t) for a in out)
+
+    def backward_tile(dq, qg, k, v, do, lse, delta, allowed):
+        """Flash attention's gradients of one (query tile x key tile): dq's new value, and
+        this tile's parts of dk and dv. do (b, t, kh, g, d); lse, delta (b, kh, g, t)."""
+        allowed = seen(allowed)[:, None, None]
+        z, capped = logits(qg, k)
+        p = jnp.where(allowed, jnp.exp(z - lse[..., None]), 0.0)
+        dv = jnp.einsum("bkgts,btkgd->bskd", p, do)
+        dz = p * (jnp.einsum("btkgd,bskd->bkgts", do, v) - delta[..., None])
+        if softcap:
+            dz = dz * (1 - capped * capped)
+        dz = dz * jnp.float32(scale)
+        dq = dq + jnp.einsum("bkgts,bskd->btkgd", dz, k)
+        dk = jnp.einsum("bkgts,btkgd->bskd", dz, qg)
+        return dq, dk, dv
+
+    def backward_piece(grads, qg, k, v, do, lse, delta, sight):
+        """``backward_tile`` over every (query tile x key tile): (dq, dk, dv) + this piece's."""
+        dq, dk, dv = grads
+        t, s = qg.shape[1], k.shape[1]
+        kk, vv = (_tiles(a, 1, RING_KEY_TILE, 0) for a in (k, v))
+
+        def per_query_tile(dkv, x):
+            dq, qt, dot, lset, deltat, sq = x
+            ks, tile_sight = key_tiles((sq, sight[1]))
+
+            def per_key_tile(dq, y):
+                dq, dk, dv = backward_tile(dq, qt, y[0], y[1], dot, lset, deltat,
+                                           tile_sight(y[2]))
+                return dq, (dk, dv)
+
+            dq, (dk, dv) = jax.lax.scan(per_key_tile, dq, (kk, vv, ks))
+            return (dkv[0] + dk, dkv[1] + dv), dq
+
+        (dk_part, dv_part), dq = jax.lax.scan(per_query_tile, (jnp.zeros_like(kk), jnp.zeros_like(vv)), (
+            _tiles(dq, 1, RING_TILE, 0), _tiles(qg, 1, RING_TILE, 0),
+            _tiles(do, 1, RING_TILE, 0), _tiles(lse, 3, RING_TILE, jnp.inf),
+            _tiles(delta, 3, RING_TILE, 0), query_tiles(sight)))
+        return (_untiles(dq, 1, t), dk + _untiles(dk_part, 1, s),
+                dv + _untiles(dv_part, 1, s))
+
+    def pieces(me, src, t):
+        """The (query offset, key offset, size) pieces a device folds of block ``src``."""
+        if not zig:
+            return [(0, 0, t)]
+        c = t // 2  # zig-zag: a device's two chunks, queries and keys alike
+        # the second query chunk sees the first key chunk of every block; the first query
+        # chunk sees the first key chunk of its own or an earlier device's block, the second
+        # the second key chunk of a later one's
+        at = jnp.where(src <= me, 0, c)
+        return [(c, 0, c), (at, at, c)]
+
+    def grouped(q, k):
+        b, t, h, d = q.shape
+        return q.reshape(b, t, k.shape[2], h // k.shape[2], d)
+
+    def around(a):
+        return jax.lax.ppermute(a, "context", [(x, (x + 1) % n) for x in range(n)])
+
+    def local_forward(q, k, v, sight):
+        b, t, h, d = q.shape
+        s = k.shape[1]
+        qg = grouped(q, k)
+        me = jax.lax.axis_index("context")
+        keys_of = lambda src: cut(sight, 0, src * s, s)  # the sight of block src's keys
+
+        def fold(state, qat, kat, size, k, v, sight):
+            part = forward_piece(
+                tuple(jax.lax.dynamic_slice_in_dim(a, qat, size, 3) for a in state),
+                jax.lax.dynamic_slice_in_dim(qg, qat, size, 1),
+                *(jax.lax.dynamic_slice_in_dim(a, kat, size, 1) for a in (k, v)),
+                cut(sight, qat, kat, size))
             return tuple(jax.lax.dynamic_update_slice_in_dim(a, p, qat, axis=3)
                          for a, p in zip(state, part))
 
         def step(carry, j):
             state, k, v = carry
             src = (me - j) % n  # the block of keys this device holds at step j
-            allowed = keys_of(src)
-            if zig:  # the second query chunk sees the first key chunk of every block; the
-                # first query chunk sees the first key chunk of its own or an earlier device's
-                # block, the second the second key chunk of a later one's
-                state = fold_chunks(state, c, k, v, allowed, 0)
-                at = jnp.where(src <= me, 0, c)
-                state = fold_chunks(state, at, k, v, allowed, at)
-            else:
-                state = fold(state, qg, k, v, allowed)
-            k, v = (jax.lax.ppermute(a, "context", [(x, (x + 1) % n) for x in range(n)])
-                    for a in (k, v))
-            return (state, k, v), None
+            for qat, kat, size in pieces(me, src, t):
+                state = fold(state, qat, kat, size, k, v, keys_of(src))
+            return (state, around(k), around(v)), None
 
         acc0 = jnp.zeros_like(qg, jnp.float32).transpose(0, 2, 3, 1, 4)  # (b, kh, g, t, d),
         # as varying over the mesh as the queries (shard_map's types of the scan's carry)
         state = (acc0[..., 0] - jnp.inf, acc0[..., 0], acc0)
         if zig:  # its own block's second chunks, the one pair of chunks the steps leave out
-            state = jax.checkpoint(fold_chunks)(state, c, k, v, keys_of(me), c)
-        (state, _, _), _ = jax.lax.scan(jax.checkpoint(step), (state, k, v), jnp.arange(n))
-        _, l, acc = state
+            state = fold(state, t // 2, t // 2, t // 2, k, v, keys_of(me))
+        (state, _, _), _ = jax.lax.scan(step, (state, k, v), jnp.arange(n))
+        m, l, acc = state
         out = acc / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[..., None]  # (b, kh, g, t, d)
-        return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
+        lse = jnp.where(l > 0, m + jnp.log(l), jnp.inf)  # inf: sees nothing, p = 0 below
+        return (out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype),
+                lse.transpose(0, 3, 1, 2))
 
-    return jax.shard_map(local, mesh=mesh_lib.abstract(mesh_axes),
-                         in_specs=(heads, heads, heads, sight_specs),
-                         out_specs=heads)(q, k, v, sight)
+    def local_backward(q, k, v, sight, out, lse, dout):
+        b, t, h, d = q.shape
+        s = k.shape[1]
+        f32 = lambda a: a.astype(jnp.float32)
+        qg, do = (f32(grouped(a, k)) for a in (q, dout))
+        delta = (do * f32(grouped(out, k))).sum(-1).transpose(0, 2, 3, 1)  # (b, kh, g, t)
+        lse = lse.transpose(0, 2, 3, 1)
+        me = jax.lax.axis_index("context")
+        keys_of = lambda src: cut(sight, 0, src * s, s)  # the sight of block src's keys
+
+        def fold(grads, qat, kat, size, k, v, sight):
+            dq, dk, dv = grads
+            qs = lambda a, axis: jax.lax.dynamic_slice_in_dim(a, qat, size, axis)
+            ks = lambda a: jax.lax.dynamic_slice_in_dim(a, kat, size, 1)
+            part = backward_piece((qs(dq, 1), ks(dk), ks(dv)), qs(qg, 1), ks(k), ks(v),
+                                  qs(do, 1), qs(lse, 3), qs(delta, 3),
+                                  cut(sight, qat, kat, size))
+            return (jax.lax.dynamic_update_slice_in_dim(dq, part[0], qat, 1),
+                    *(jax.lax.dynamic_update_slice_in_dim(a, p, kat, 1)
+                      for a, p in zip((dk, dv), part[1:])))
+
+        def step(carry, j):
+            dq, k, v, dk, dv = carry
+            src = (me - j) % n
+            for qat, kat, size in pieces(me, src, t):
+                dq, dk, dv = fold((dq, dk, dv), qat, kat, size, k, v, keys_of(src))
+            # the block's gradients travel with it and are home after the last step
+            return (dq, *map(around, (k, v, dk, dv))), None
+
+        k, v = f32(k), f32(v)
+        grads = (jnp.zeros_like(qg), jnp.zeros_like(k), jnp.zeros_like(v))
+        if zig:
+            grads = fold(grads, t // 2, t // 2, t // 2, k, v, keys_of(me))
+        (dq, _, _, dk, dv), _ = jax.lax.scan(step, (grads[0], k, v, *grads[1:]),
+                                             jnp.arange(n))
+        return dq.reshape(b, t, h, d).astype(q.dtype), dk, dv
+
+    # rematerialized although never differentiated: differentiating a scan (the model's
+    # layers) hoists what a body computes from its constants alone out of the loop, and would
+    # keep every tile's mask (computed from the keys' rule) for all the steps at once
+    forward = jax.shard_map(jax.checkpoint(local_forward), mesh=mesh_lib.abstract(mesh_axes),
+                            in_specs=(heads, heads, heads, sight_specs),
+                            out_specs=(heads, per_query))
+    backward = jax.shard_map(local_backward, mesh=mesh_lib.abstract(mesh_axes),
+                             in_specs=(heads, heads, heads, sight_specs, heads, per_query,
+                                       heads),
+                             out_specs=(heads, heads, heads))
+
+    @jax.custom_vjp
+    def attention(q, k, v, sight):
+        return forward(q, k, v, sight)[0]
+
+    def attention_forward(q, k, v, sight):
+        out, lse = forward(q, k, v, sight)
+        return out, (q, k, v, sight, out, lse)
+
+    def attention_backward(saved, dout):
+        q, k, v, sight = saved[:4]
+        dq, dk, dv = backward(*saved, dout)
+        return (dq, dk.astype(k.dtype), dv.astype(v.dtype),
+                jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), sight))
+
+    attention.defvjp(attention_forward, attention_backward)
+    return attention(q, k, v, sight)
