@@ -432,7 +432,8 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
 
     def logits(qg, k):
         """(b, kh, g, t, s) float32 logits, soft-capped, and the tanh the cap applied."""
-        z = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
+        z = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+        z = z * jnp.float32(scale)
         if not softcap:
             return z, None
         capped = jnp.tanh(z / softcap)
@@ -504,7 +505,8 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
             dq, (dk, dv) = jax.lax.scan(per_key_tile, dq, (kk, vv, ks))
             return (dkv[0] + dk, dkv[1] + dv), dq
 
-        (dk_part, dv_part), dq = jax.lax.scan(per_query_tile, (jnp.zeros_like(kk), jnp.zeros_like(vv)), (
+        zeros = tuple(jnp.zeros_like(a, jnp.float32) for a in (kk, vv))
+        (dk_part, dv_part), dq = jax.lax.scan(per_query_tile, zeros, (
             _tiles(dq, 1, RING_TILE, 0), _tiles(qg, 1, RING_TILE, 0),
             _tiles(do, 1, RING_TILE, 0), _tiles(lse, 3, RING_TILE, jnp.inf),
             _tiles(delta, 3, RING_TILE, 0), query_tiles(sight)))
@@ -593,8 +595,9 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
             # the block's gradients travel with it and are home after the last step
             return (dq, *map(around, (k, v, dk, dv))), None
 
-        k, v = f32(k), f32(v)
-        grads = (jnp.zeros_like(qg), jnp.zeros_like(k), jnp.zeros_like(v))
+        # the keys and values travel in their own dtype, their gradients in float32
+        grads = (jnp.zeros_like(qg), jnp.zeros_like(k, jnp.float32),
+                 jnp.zeros_like(v, jnp.float32))
         if zig:
             grads = fold(grads, t // 2, t // 2, t // 2, k, v, keys_of(me))
         (dq, _, _, dk, dv), _ = jax.lax.scan(step, (grads[0], k, v, *grads[1:]),
