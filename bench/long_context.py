@@ -160,7 +160,7 @@ def main():
     ap.add_argument("--run", type=int, default=0,
                     help="memory, on a GPU: also run this many steps of each point: the real "
                          "peak, s per step and tokens/s; budgets from the real peak")
-    ap.add_argument("--attention", default="xla", choices=("xla", "cudnn", "splash"),
+    ap.add_argument("--attention", default="xla", choices=("xla", "cudnn", "splash", "tiled"),
                     help="memory: the attention kernel (bench/memory.py --attention)")
     a = ap.parse_args()
     if a.time:

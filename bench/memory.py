@@ -132,8 +132,9 @@ def parse():
                     choices=("ring", "ring-index-order", "all-gather"),
                     help="over a context axis: ring attention in zig-zag order (the default), "
                          "in the row's order (no causal skipping), or all-gathered keys")
-    ap.add_argument("--attention", default="xla", choices=("xla", "cudnn", "splash"),
-                    help="the attention kernel (cudnn: a GPU, bfloat16, heads up to 128)")
+    ap.add_argument("--attention", default="xla", choices=("xla", "cudnn", "splash", "tiled"),
+                    help="the attention kernel (cudnn: a GPU, bfloat16, heads up to 128; "
+                         "tiled: XLA in tiles, no (T x T) logits)")
     ap.add_argument("--run", type=int, default=0,
                     help="> 0: also run each case this many timed steps (after one untimed): "
                          "the device's real peak memory, seconds per step, tokens/s")

@@ -423,7 +423,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=PROMPT, help="prompt tokens per pair")
     ap.add_argument("--completion", type=int, default=COMPLETION,
                     help="tokens of each completion")
-    ap.add_argument("--attention", default="xla", choices=["xla", "cudnn", "splash"],
+    ap.add_argument("--attention", default="xla", choices=["xla", "cudnn", "splash", "tiled"],
                     help="our attention kernel (cudnn: a GPU, bfloat16)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()

@@ -69,8 +69,9 @@ class ModelConfig:
     remat: bool = K.key(False, "recompute each block's activations in the backward pass", K.flag)
     remat_policy: str = K.key("nothing_saveable", "or dots_saveable / "
                               "dots_with_no_batch_dims_saveable", K.one_of(*common.REMAT))
-    attention: str = K.key("auto", "auto (cudnn on GPU, splash on TPU, else xla) / xla / cudnn "
-                           "/ splash", K.one_of(*attention.CHOICES))
+    attention: str = K.key("auto", "auto (cudnn on GPU, splash on TPU, else xla; tiled for "
+                           "rows of 4096+ tokens no kernel takes) / xla / cudnn / splash / "
+                           "tiled", K.one_of(*attention.CHOICES))
     moe_kernel: str = K.key("auto", "a mixture of experts' grouped matmuls: auto (ragged_dot on "
                             "GPU / TPU, else scan) / ragged_dot / scan",
                             K.one_of("auto", "ragged_dot", "scan"))

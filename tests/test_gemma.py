@@ -189,18 +189,21 @@ def test_sampling_stops_at_the_end_of_turn_the_model_config_lists(variant):
     assert out[0, :j + 1].tolist() == row[:j + 1] and set(out[0, j + 1:]) <= {stops[0]}
 
 
-@pytest.mark.parametrize("form", ["segments"])  # (the lengths form: the same kernel call)
-def test_the_splash_kernel_takes_the_window_and_the_soft_cap(form):
+@pytest.mark.parametrize("impl, form", [("splash", "segments"), ("tiled", "lengths"),
+                                        ("tiled", "segments")])  # (splash's lengths form: the
+# same kernel call)
+def test_the_kernels_take_the_window_and_the_soft_cap(impl, form, monkeypatch):
     """Splash (Pallas, interpreted on the CPU) with its local mask and logit cap on Gemma's
-    local layers and its causal one on the global layers: the XLA path's hidden states (1e-5)
-    and gradients (1e-5 of each leaf's scale), over rows and packed segments longer than the
-    window."""
+    local layers and its causal one on the global layers, and ``tiled`` attention (tiles of 16
+    queries x 24 keys here, each tile's mask from the per-layer rule, the tiles out of the
+    window skipped): the XLA path's hidden states (1e-5) and gradients (1e-5 of each leaf's
+    scale), over rows and packed segments longer than the window."""
     import dataclasses
 
     import jax
     from flax import nnx
 
-    from dpo_jax.models import common
+    from dpo_jax.models import attention, common
     from dpo_jax.models.attention import Mask
     from dpo_jax.models.gemma import Gemma, GemmaConfig
     cfg = GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -228,8 +231,10 @@ def test_the_splash_kernel_takes_the_window_and_the_soft_cap(form):
             return (h * attn[..., None]).sum(), h * attn[..., None]
         return jax.value_and_grad(f, has_aux=True)(params)
 
+    monkeypatch.setattr(attention, "RING_TILE", 16)
+    monkeypatch.setattr(attention, "RING_KEY_TILE", 24)
     (_, want), gw = run("xla")
-    (_, got), gg = run("splash")
+    (_, got), gg = run(impl)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
     for a, b in zip(jax.tree.leaves(gw), jax.tree.leaves(gg)):  # 1e-5 of each leaf's scale
         a, b = np.asarray(a), np.asarray(b)

@@ -73,6 +73,25 @@ def test_every_mask_equals_its_rule():
         np.testing.assert_array_equal(moved.rule_only().sees_itself(), moved.sees_itself())
 
 
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_tiled_attention_matches_xla(softcap, monkeypatch):
+    """``tiled`` attention (``attention.ring`` over no context axis: 4 tiles of 32 queries x 3
+    of 43 keys, the last padded; each tile's mask from the rule, no dense mask; the tiles the
+    mask hides skipped) on each mask form, with and without a logit cap: XLA's outputs at real
+    queries and gradients within 1e-5."""
+    from dpo_jax.models import common
+    monkeypatch.setattr(attention, "RING_TILE", 32)
+    monkeypatch.setattr(attention, "RING_KEY_TILE", 43)
+    q, k, v = qkv()
+    for name, mask, real in masks():
+        tiled = jax.jit(lambda q, k, v, mask: common.attention(
+            q, k, v, mask, scale=0.35, implementation="tiled", softcap=softcap)[0])
+        ref = outputs(attention.attend, q, k, v, mask, real, scale=0.35, softcap=softcap)
+        got = outputs(tiled, q, k, v, mask.rule_only(), real)
+        for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, err_msg=name)
+
+
 @pytest.mark.parametrize("form", [0, 1])  # lengths, segments: the forms splash takes
 def test_splash_kernel_matches_xla(form):
     """The TPU kernel itself (Pallas, interpreted on the CPU) against XLA: 1e-5 (float32;
@@ -115,6 +134,13 @@ def test_auto_picks_the_kernel_and_says_why():
     impl, why = attention.resolve("auto", platform="tpu", **dict(kw, lengths=(500,)))
     assert impl == "xla" and "multiples of 128" in why
     assert attention.resolve("xla", platform="gpu", **kw)[0] == "xla"
+    long = dict(kw, lengths=(512, attention.TILED_FROM))  # no (T x T) logits where no kernel
+    impl, why = attention.resolve("auto", platform="cpu", **long)
+    assert impl == "tiled" and f"rows of {attention.TILED_FROM} tokens" in why
+    impl, why = attention.resolve("auto", platform="gpu", **dict(long, head_dim=256))
+    assert impl == "tiled" and "up to 128" in why  # Gemma 3's heads
+    assert attention.resolve("auto", platform="gpu", **long)[0] == "cudnn"
+    assert attention.resolve("tiled", platform="gpu", **kw)[0] == "tiled"
     with pytest.raises(ValueError, match="cudnn needs a GPU"):
         attention.resolve("cudnn", platform="cpu", **kw)
     with pytest.raises(ValueError, match="no segment form"):
@@ -170,12 +196,19 @@ def run_weights(tmp_path, name, **kw):
 @pytest.mark.parametrize("layout", ["pair", "prefix_sharing"])
 def test_packed_run_ends_where_the_unpacked_run_ends(tmp_path, layout):
     """Eight updates of 2 accumulated micro-batches, reference precomputed (the ordered pass is
-    packed too), eval packed: the weights equal the unpacked run's within float tolerance."""
+    packed too), eval packed: the weights equal the unpacked run's within float tolerance, and
+    so do a packed run's with ``attention="tiled"`` (tiles of 8 x 16: every pass in tiles,
+    from the masks' rules)."""
     kw = dict(layout=layout, gradient_accumulation_steps=2, precompute_ref_log_probs=True)
     plain = run_weights(tmp_path, "plain", **kw)
     packed = run_weights(tmp_path, "packed", packing="exact", **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention, "RING_TILE", 8)
+        mp.setattr(attention, "RING_KEY_TILE", 16)
+        tiled = run_weights(tmp_path, "tiled", packing="exact", attention="tiled", **kw)
     for name in plain:
         np.testing.assert_allclose(packed[name], plain[name], atol=2e-5, err_msg=name)
+        np.testing.assert_allclose(tiled[name], plain[name], atol=2e-5, err_msg=name)
 
 
 @pytest.mark.parametrize("base", ["pair", "prefix_sharing"])

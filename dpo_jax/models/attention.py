@@ -26,6 +26,12 @@ Implementations (config key ``attention``; ``auto`` picks one per platform, see 
 - ``splash``: the Pallas splash-attention kernel (TPU) with a causal mask and segment ids;
   interpreted (slow, exact) off TPU, which is how the tests run it on a CPU. Dense-only masks
   fall back to ``xla``.
+- ``tiled``: flash attention's algorithm written in XLA (``ring`` over no context axis):
+  queries and keys in tiles, an online softmax, tiles the mask hides skipped, each tile's mask
+  from the rule, and a backward pass that recomputes each tile from the saved log-sum-exp. No
+  (T x T) logits or mask: memory linear in the row, on any platform, with any mask, window or
+  soft-cap. ``auto`` takes it for rows of ``TILED_FROM`` tokens or more where no fused kernel
+  applies (cuDNN's heads stop at 128: Gemma 3's are 256).
 
 Decoding with a KV cache always runs ``xla`` (one query at a time: no kernel to gain from).
 """
@@ -44,7 +50,7 @@ from dpo_jax.models import mesh as mesh_lib
 
 log = logging.getLogger(__name__)
 
-IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+IMPLEMENTATIONS = ("xla", "cudnn", "splash", "tiled")
 CHOICES = ("auto",) + IMPLEMENTATIONS
 
 
@@ -196,7 +202,8 @@ def attend(q, k, v, mask, *, scale: float, implementation: str = "xla",
     computes the logits and softmax in float32 for bfloat16 inputs. ``softcap``: Gemma 2's
     attention-logit soft-capping, cap * tanh(logits / cap) before the mask (XLA and splash).
     ``window``: splash's local window over a compact mask (lengths or segments, where index
-    distance is position distance); elsewhere the window is in the dense mask already."""
+    distance is position distance); elsewhere the window is in the dense mask already.
+    (``tiled`` is ``ring``'s, which ``common.attention`` calls; here it is ``xla``.)"""
     mask = as_mask(mask)
     if implementation == "splash" and (mask.segment_ids is not None or mask.lengths is not None):
         return _splash(q, k, v, mask, scale, window, softcap)
@@ -334,12 +341,21 @@ def resolve(requested: str, *, platform: str, dtype: str, head_dim: int, mask_fo
             reasons += why
     if requested == "xla":
         return "xla", "XLA attention (config key attention='xla')"
+    if requested == "tiled":
+        return "tiled", "XLA attention in tiles (config key attention='tiled')"
+    if max(lengths, default=0) >= TILED_FROM:
+        return "tiled", (f"XLA attention in tiles (rows of {max(lengths)} tokens: no (T x T) "
+                         "logits)" + (f"; {'; '.join(reasons)}" if reasons else ""))
     return "xla", "XLA attention" + (f": {'; '.join(reasons)}" if reasons and
                                      platform != "cpu" else " (the CPU's)")
 
 
-RING_TILE = 1024  # ring attention: queries per tile of a step's (queries x keys) logits
-RING_KEY_TILE = 1024  # ring attention: keys per tile
+RING_TILE = 1024  # ring / tiled attention: queries per tile of the (queries x keys) logits
+RING_KEY_TILE = 1024  # ring / tiled attention: keys per tile
+# auto: rows of this many tokens or more take "tiled" where no fused kernel applies (on the
+# CPU, one device, SmolLM2's heads: 0.95x XLA's time at 4096 tokens, 1.09x at 2048;
+# bench/RESULTS.md)
+TILED_FROM = 4096
 
 
 def _tiles(a, axis: int, size: int, fill):
@@ -367,11 +383,15 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
     so no device ever holds a row's whole keys or its (queries x keys) logits. ``q`` (B, T, H,
     D), ``k`` / ``v`` (B, S, K, D) and ``mask`` (a ``Mask`` or (B, T, S)) as ``attend`` takes
     them, their positions split over ``context`` (rows over the data-parallel axes, heads over
-    ``tensor``). Queries that may attend to nothing (padding) give zeros.
+    ``tensor``). Queries that may attend to nothing (padding) give zeros. Without a context
+    axis (n = 1: config key ``attention="tiled"``) this is flash attention's tiles on each
+    device, no collectives.
 
     Within a step, queries go in tiles of ``RING_TILE`` and keys in tiles of ``RING_KEY_TILE``:
     the largest logits a device holds are one (query tile x key tile), whatever the row's
-    length and the axis size. The backward pass is flash attention's (a custom VJP): the
+    length and the axis size; a tile the mask hides entirely is skipped (``lax.cond``): the
+    causal triangle's upper half, other packed units, what a window leaves out. The backward
+    pass is flash attention's (a custom VJP): the
     forward keeps each query's output and log-sum-exp, and the backward sends the key blocks
     around the ring again, their gradients travelling with them and arriving home after the
     last step, each tile's probabilities recomputed from the log-sum-exp. Nothing of the
@@ -442,16 +462,21 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
     def forward_tile(state, qg, k, v, allowed):
         """The online softmax's (max, sum, output) after queries qg (b, t, kh, g, d) meet keys
         and values (b, s, kh, d) where the sight ``allowed`` lets them (``seen``)."""
-        m, l, acc = state
         allowed = seen(allowed)[:, None, None]
-        z = jnp.where(allowed, logits(qg, k)[0], -jnp.inf)
-        m_new = jnp.maximum(m, z.max(-1))
-        safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.where(allowed, jnp.exp(z - safe[..., None]), 0.0)
-        fade = jnp.where(jnp.isfinite(m), jnp.exp(m - safe), 0.0)
-        l = l * fade + p.sum(-1)
-        acc = acc * fade[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p, v.astype(jnp.float32))
-        return m_new, l, acc
+
+        def fold(state):
+            m, l, acc = state
+            z = jnp.where(allowed, logits(qg, k)[0], -jnp.inf)
+            m_new = jnp.maximum(m, z.max(-1))
+            safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            p = jnp.where(allowed, jnp.exp(z - safe[..., None]), 0.0)
+            fade = jnp.where(jnp.isfinite(m), jnp.exp(m - safe), 0.0)
+            l = l * fade + p.sum(-1)
+            acc = acc * fade[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p,
+                                                     v.astype(jnp.float32))
+            return m_new, l, acc
+
+        return jax.lax.cond(allowed.any(), fold, lambda state: state, state)
 
     def forward_piece(state, qg, k, v, sight):
         """``forward_tile`` over every (query tile x key tile) of queries qg and keys k."""
@@ -476,16 +501,21 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
         """Flash attention's gradients of one (query tile x key tile): dq's new value, and
         this tile's parts of dk and dv. do (b, t, kh, g, d); lse, delta (b, kh, g, t)."""
         allowed = seen(allowed)[:, None, None]
-        z, capped = logits(qg, k)
-        p = jnp.where(allowed, jnp.exp(z - lse[..., None]), 0.0)
-        dv = jnp.einsum("bkgts,btkgd->bskd", p, do)
-        dz = p * (jnp.einsum("btkgd,bskd->bkgts", do, v) - delta[..., None])
-        if softcap:
-            dz = dz * (1 - capped * capped)
-        dz = dz * jnp.float32(scale)
-        dq = dq + jnp.einsum("bkgts,bskd->btkgd", dz, k)
-        dk = jnp.einsum("bkgts,btkgd->bskd", dz, qg)
-        return dq, dk, dv
+
+        def grads(dq):
+            z, capped = logits(qg, k)
+            p = jnp.where(allowed, jnp.exp(z - lse[..., None]), 0.0)
+            dv = jnp.einsum("bkgts,btkgd->bskd", p, do)
+            dz = p * (jnp.einsum("btkgd,bskd->bkgts", do, v) - delta[..., None])
+            if softcap:
+                dz = dz * (1 - capped * capped)
+            dz = dz * jnp.float32(scale)
+            dq = dq + jnp.einsum("bkgts,bskd->btkgd", dz, k)
+            dk = jnp.einsum("bkgts,btkgd->bskd", dz, qg)
+            return dq, dk, dv
+
+        none = lambda dq: (dq, jnp.zeros_like(k, jnp.float32), jnp.zeros_like(v, jnp.float32))
+        return jax.lax.cond(allowed.any(), grads, none, dq)
 
     def backward_piece(grads, qg, k, v, do, lse, delta, sight):
         """``backward_tile`` over every (query tile x key tile): (dq, dk, dv) + this piece's."""
@@ -529,13 +559,18 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
         return q.reshape(b, t, k.shape[2], h // k.shape[2], d)
 
     def around(a):
+        if n == 1:
+            return a
         return jax.lax.ppermute(a, "context", [(x, (x + 1) % n) for x in range(n)])
+
+    def device():
+        return jax.lax.axis_index("context") if n > 1 else 0
 
     def local_forward(q, k, v, sight):
         b, t, h, d = q.shape
         s = k.shape[1]
         qg = grouped(q, k)
-        me = jax.lax.axis_index("context")
+        me = device()
         keys_of = lambda src: cut(sight, 0, src * s, s)  # the sight of block src's keys
 
         def fold(state, qat, kat, size, k, v, sight):
@@ -573,7 +608,7 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
         qg, do = (f32(grouped(a, k)) for a in (q, dout))
         delta = (do * f32(grouped(out, k))).sum(-1).transpose(0, 2, 3, 1)  # (b, kh, g, t)
         lse = lse.transpose(0, 2, 3, 1)
-        me = jax.lax.axis_index("context")
+        me = device()
         keys_of = lambda src: cut(sight, 0, src * s, s)  # the sight of block src's keys
 
         def fold(grads, qat, kat, size, k, v, sight):
@@ -607,13 +642,15 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
     # rematerialized although never differentiated: differentiating a scan (the model's
     # layers) hoists what a body computes from its constants alone out of the loop, and would
     # keep every tile's mask (computed from the keys' rule) for all the steps at once
-    forward = jax.shard_map(jax.checkpoint(local_forward), mesh=mesh_lib.abstract(mesh_axes),
-                            in_specs=(heads, heads, heads, sight_specs),
-                            out_specs=(heads, per_query))
-    backward = jax.shard_map(local_backward, mesh=mesh_lib.abstract(mesh_axes),
-                             in_specs=(heads, heads, heads, sight_specs, heads, per_query,
-                                       heads),
-                             out_specs=(heads, heads, heads))
+    forward, backward = jax.checkpoint(local_forward), local_backward
+    if any(size > 1 for _, size in mesh_axes):  # else one device: no shard_map to run
+        forward = jax.shard_map(forward, mesh=mesh_lib.abstract(mesh_axes),
+                                in_specs=(heads, heads, heads, sight_specs),
+                                out_specs=(heads, per_query))
+        backward = jax.shard_map(backward, mesh=mesh_lib.abstract(mesh_axes),
+                                 in_specs=(heads, heads, heads, sight_specs, heads, per_query,
+                                           heads),
+                                 out_specs=(heads, heads, heads))
 
     @jax.custom_vjp
     def attention(q, k, v, sight):

@@ -92,15 +92,24 @@ def context_order(masks, t: int, mesh_axes):
     return attention_lib.zigzag(t, n)
 
 
-def context_masks(masks, mesh_axes):
+def context_masks(masks, mesh_axes, implementation: str = "xla"):
     """A training pass's masks (a ``Mask`` or a family's tuple of them) as its layers take
-    them: under ring attention over a context axis, their rules only (``Mask.rule_only``), so
-    the dense (B, T, T) masks are never built and no device holds a row's worth of mask."""
-    if mesh_lib.size(mesh_axes, POSITIONS) < 2 or CONTEXT_ATTENTION != "ring":
+    them: under ring attention over a context axis, and with ``tiled`` attention, their rules
+    only (``Mask.rule_only``), so the dense (B, T, T) masks are never built and no device
+    holds a row's worth of mask."""
+    if not tiles(mesh_axes, implementation):
         return masks
     return jax.tree.map(lambda m: m.rule_only() if isinstance(m, attention_lib.Mask) and
                         m.rule is not None else m, masks,
                         is_leaf=lambda m: isinstance(m, attention_lib.Mask))
+
+
+def tiles(mesh_axes, implementation: str) -> bool:
+    """Whether attention runs ``attention.ring`` (in tiles, from the masks' rules): over a
+    context axis (unless CONTEXT_ATTENTION gathers the keys), or as ``tiled`` attention."""
+    if mesh_lib.size(mesh_axes, POSITIONS) > 1:
+        return CONTEXT_ATTENTION == "ring"
+    return implementation == "tiled"
 
 
 def split_positions(x, mesh_axes, *, heads: bool = False, gathered: bool = False):
@@ -327,10 +336,10 @@ def attention(q, k, v, mask, *, scale: float, implementation: str = "xla", kv=No
     split over it), ring attention (``attention.ring``; CONTEXT_ATTENTION "all_gather": each
     device's queries against the whole row's keys and values, gathered).
     Returns (output (B, T, H, D), the updated cache or None)."""
+    if kv is None and tiles(mesh_axes, implementation):
+        return attention_lib.ring(q, k, v, mask, scale=scale, mesh_axes=mesh_axes,
+                                  softcap=softcap), None
     if kv is None and mesh_lib.size(mesh_axes, POSITIONS) > 1:
-        if CONTEXT_ATTENTION == "ring":
-            return attention_lib.ring(q, k, v, mask, scale=scale, mesh_axes=mesh_axes,
-                                      softcap=softcap), None
         q = split_positions(q, mesh_axes, heads=True)
         k, v = (split_positions(a, mesh_axes, heads=True, gathered=True) for a in (k, v))
         y = attention_lib.attend(q, k, v, mask, scale=scale, implementation=implementation,

@@ -88,7 +88,7 @@ class CausalLM(nnx.Module):
         order = None if cache is not None else common.context_order(mask, input_ids.shape[1],
                                                                      c.mesh_axes)
         if cache is None:
-            mask = common.context_masks(mask, c.mesh_axes)
+            mask = common.context_masks(mask, c.mesh_axes, c.attention)
         if order is not None:  # the layers see the row in zig-zag order, the head in its own
             input_ids, position_ids = input_ids[:, order], position_ids[:, order]
             mask = jax.tree.map(lambda m: m.reordered(order, c.mesh_size(common.POSITIONS)),
