@@ -16,6 +16,7 @@ is a separate process (the simulated device count is fixed when XLA starts) and 
 without running: minutes per point for a 1B model on a small CPU.
 
     python bench/long_context.py --time --lengths 2048,8192,32768 --contexts 8
+    python bench/long_context.py --time --lengths 2048,4096,8192 --contexts 1 --orders xla,tiled
 
 On a GPU, ``--run 3`` runs each compiled step as well (``bench/memory.py --run``: zero weights,
 one random pair, each point in a process of its own) and adds the device's real peak memory,
@@ -70,7 +71,9 @@ def measure(model, length, context, lora_rank, lora_only, attention="ring", hois
 
 def time_steps(lengths, context, steps=3, orders=("zigzag",)):
     """Median seconds per train step of a small model at each row length (one pair), per ring
-    order (``common.CONTEXT_ORDER``), the orders' steps interleaved: {(length, order): s}."""
+    order (``common.CONTEXT_ORDER``), the orders' steps interleaved: {(length, order): s}. An
+    "order" named after an attention kernel ("xla", "tiled") instead compiles the model with
+    that kernel (config key ``attention``; on one device, the kernels side by side)."""
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={context}")
     sys.path.insert(0, os.path.dirname(HERE))
@@ -92,7 +95,6 @@ def time_steps(lengths, context, steps=3, orders=("zigzag",)):
                       num_hidden_layers=2, num_attention_heads=9, num_key_value_heads=3,
                       head_dim=64, max_position_embeddings=max(lengths), remat=True,
                       mesh_axes=sharding.mesh_axes(mesh))
-    graphdef = nnx.graphdef(common.abstract(Llama, cfg))
     params = nnx.to_pure_dict(nnx.state(Llama(dataclasses.replace(cfg, mesh_axes=()),
                                               rngs=nnx.Rngs(0)), nnx.Param))
     opt = optax.adamw(1e-5)
@@ -110,8 +112,12 @@ def time_steps(lengths, context, steps=3, orders=("zigzag",)):
         batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
         run = {}
         for order in orders:  # traced and compiled with its order (and "@N": ring tiles of N)
-            common.CONTEXT_ORDER, _, tile = order.partition("@")
+            name, _, tile = order.partition("@")
+            kernel = name if name in attention.IMPLEMENTATIONS else "xla"
+            common.CONTEXT_ORDER = "zigzag" if kernel == name else name
             attention.RING_TILE = int(tile) if tile else default_tile
+            graphdef = nnx.graphdef(common.abstract(Llama, dataclasses.replace(
+                cfg, attention=kernel)))
             step = steps_lib.make_train_step(
                 FullTuning(graphdef), layouts.make("pair"), LossConfig(), opt, lambda s: 1e-5,
                 chunk_size=256, in_shardings=(state_sh, state_sh["params"], batch_sh),
@@ -150,7 +156,8 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="--time: timed steps per length")
     ap.add_argument("--orders", default="zigzag",
                     help="--time: ring attention's orders to time side by side (zigzag,index); "
-                         "ORDER@N: with query tiles of N (attention.RING_TILE)")
+                         "ORDER@N: with query tiles of N (attention.RING_TILE); or attention "
+                         "kernels (xla,tiled: one device's)")
     ap.add_argument("--hoist", action="store_true",
                     help="memory: keep the CPU compiler's hoisted float32 copy of the bf16 "
                          "weights (bench/memory.py --no-hoist is the default here)")

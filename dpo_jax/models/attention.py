@@ -352,9 +352,9 @@ def resolve(requested: str, *, platform: str, dtype: str, head_dim: int, mask_fo
 
 RING_TILE = 1024  # ring / tiled attention: queries per tile of the (queries x keys) logits
 RING_KEY_TILE = 1024  # ring / tiled attention: keys per tile
-# auto: rows of this many tokens or more take "tiled" where no fused kernel applies (on the
-# CPU, one device, SmolLM2's heads: 0.95x XLA's time at 4096 tokens, 1.09x at 2048;
-# bench/RESULTS.md)
+# auto: rows of this many tokens or more take "tiled" where no fused kernel applies (a CPU
+# train step of SmolLM2's width and heads, one device: 1.01x XLA's time at 2048 tokens, 0.84x
+# at 4096, 0.50x at 8192; bench/RESULTS.md)
 TILED_FROM = 4096
 
 
@@ -391,11 +391,11 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
     the largest logits a device holds are one (query tile x key tile), whatever the row's
     length and the axis size; a tile the mask hides entirely is skipped (``lax.cond``): the
     causal triangle's upper half, other packed units, what a window leaves out. The backward
-    pass is flash attention's (a custom VJP): the
-    forward keeps each query's output and log-sum-exp, and the backward sends the key blocks
-    around the ring again, their gradients travelling with them and arriving home after the
-    last step, each tile's probabilities recomputed from the log-sum-exp. Nothing of the
-    forward's tiles is kept, and no step is rematerialized.
+    pass is flash attention's (a custom VJP): the forward keeps each query's output and
+    log-sum-exp, and the backward sends the key blocks around the ring again, their gradients
+    travelling with them and arriving home after the last step, each tile's probabilities
+    recomputed from the log-sum-exp. Nothing of the forward's tiles is kept, and no step is
+    rematerialized.
 
     A causal mask in zig-zag order (``Mask.order``, see ``zigzag``: device i holds chunks i and
     2n-1-i of the row) skips what the causal mask hides. Of an earlier device's block only the
@@ -413,7 +413,7 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
     n = mesh_lib.size(mesh_axes, "context")
     P = jax.sharding.PartitionSpec
     heads = P(mesh_lib.ROWS, "context", "tensor", None)
-    per_query = P(mesh_lib.ROWS, "context", "tensor", None)  # (B, T, K, G) log-sum-exp
+    per_query = heads  # the (B, T, K, G) log-sum-exp, split as the heads are
     mask = as_mask(mask)
     zig = mask.order == n
     # what a device knows of who sees whom: (its queries' side, the keys' side) as
@@ -439,8 +439,7 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
         return queries, jax.tree.map(lambda a: part(a, kat, 1), keys)
 
     def query_tiles(sight):
-        queries, keys = sight
-        return jax.tree.map(lambda a: _tiles(a, 1, RING_TILE, 0), queries)
+        return jax.tree.map(lambda a: _tiles(a, 1, RING_TILE, 0), sight[0])
 
     def key_tiles(sight):
         """(the key tiles of a query tile's sight, scanned over; the tile's sight from one)"""
