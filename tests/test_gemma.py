@@ -189,9 +189,9 @@ def test_sampling_stops_at_the_end_of_turn_the_model_config_lists(variant):
     assert out[0, :j + 1].tolist() == row[:j + 1] and set(out[0, j + 1:]) <= {stops[0]}
 
 
+# (splash's lengths form is the same kernel call as its segments form)
 @pytest.mark.parametrize("impl, form", [("splash", "segments"), ("tiled", "lengths"),
-                                        ("tiled", "segments")])  # (splash's lengths form: the
-# same kernel call)
+                                        ("tiled", "segments")])
 def test_the_kernels_take_the_window_and_the_soft_cap(impl, form, monkeypatch):
     """Splash (Pallas, interpreted on the CPU) with its local mask and logit cap on Gemma's
     local layers and its causal one on the global layers, and ``tiled`` attention (tiles of 16

@@ -413,9 +413,8 @@ def test_ring_attention_equals_attention_over_the_whole_row(softcap, zigzag, til
     attends to something. ``tile``: (queries, keys) per tile within a step, so that a step's
     piece is cut both ways (row order, a device's 6 positions: 3 query tiles of 2, 2 key tiles
     of 3; zig-zag, a chunk of 3: 2 tiles, the second padded with a query or a key that nothing
-    sees). ``form``: the ring computes each
-    tile's mask from the mask's ``Rule`` (what training passes), or takes its rows of the dense
-    mask (a mask without a rule)."""
+    sees). ``form``: the ring computes each tile's mask from the mask's ``Rule`` (what training
+    passes), or takes its rows of the dense mask (a mask without a rule)."""
     from dpo_jax.models import attention
     if tile:
         monkeypatch.setattr(attention, "RING_TILE", tile[0])

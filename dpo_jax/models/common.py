@@ -334,8 +334,9 @@ def attention(q, k, v, mask, *, scale: float, implementation: str = "xla", kv=No
     ``softcap``: soft-capped attention logits (Gemma 2); ``window``: splash's local window.
     ``mesh_axes``: the mesh the model is traced for; with a context axis (each row's positions
     split over it), ring attention (``attention.ring``; CONTEXT_ATTENTION "all_gather": each
-    device's queries against the whole row's keys and values, gathered).
-    Returns (output (B, T, H, D), the updated cache or None)."""
+    device's queries against the whole row's keys and values, gathered). ``implementation``
+    "tiled": ``attention.ring`` over no context axis (the queries' and keys' tiles on each
+    device). Returns (output (B, T, H, D), the updated cache or None)."""
     if kv is None and tiles(mesh_axes, implementation):
         return attention_lib.ring(q, k, v, mask, scale=scale, mesh_axes=mesh_axes,
                                   softcap=softcap), None
