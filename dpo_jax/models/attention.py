@@ -345,7 +345,8 @@ def resolve(requested: str, *, platform: str, dtype: str, head_dim: int, mask_fo
         return "tiled", "XLA attention in tiles (config key attention='tiled')"
     if max(lengths, default=0) >= TILED_FROM:
         return "tiled", (f"XLA attention in tiles (rows of {max(lengths)} tokens: no (T x T) "
-                         "logits)" + (f"; {'; '.join(reasons)}" if reasons else ""))
+                         "logits)" + (f"; {'; '.join(reasons)}" if reasons and
+                                      platform != "cpu" else ""))
     return "xla", "XLA attention" + (f": {'; '.join(reasons)}" if reasons and
                                      platform != "cpu" else " (the CPU's)")
 
