@@ -566,36 +566,45 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
     def device():
         return jax.lax.axis_index("context") if n > 1 else 0
 
+    def around_ring(fold, state, blocks, sight):
+        """``fold(state, blocks, qat, kat, size, sight) -> (state, blocks)`` over each piece
+        (``pieces``) of every key block this device meets, ``blocks`` (the keys and values, and
+        what travels with them) passed around the ring after each step: after n steps they are
+        home again. ``sight``: this device's (its queries' side, the row's keys' side)."""
+        t = blocks[0].shape[1]  # a block's positions: as many as the device's queries
+        me = device()
+        keys_of = lambda src: cut(sight, 0, src * t, t)  # the sight of block src's keys
+        if zig:  # its own block's second chunks, the one pair of chunks the steps leave out
+            state, blocks = fold(state, blocks, t // 2, t // 2, t // 2, keys_of(me))
+
+        def step(carry, j):
+            state, blocks = carry
+            src = (me - j) % n  # the block of keys this device holds at step j
+            for qat, kat, size in pieces(me, src, t):
+                state, blocks = fold(state, blocks, qat, kat, size, keys_of(src))
+            return (state, tuple(map(around, blocks))), None
+
+        (state, blocks), _ = jax.lax.scan(step, (state, blocks), jnp.arange(n))
+        return state, blocks
+
     def local_forward(q, k, v, sight):
         b, t, h, d = q.shape
-        s = k.shape[1]
         qg = grouped(q, k)
-        me = device()
-        keys_of = lambda src: cut(sight, 0, src * s, s)  # the sight of block src's keys
 
-        def fold(state, qat, kat, size, k, v, sight):
+        def fold(state, blocks, qat, kat, size, sight):
+            k, v = blocks
             part = forward_piece(
                 tuple(jax.lax.dynamic_slice_in_dim(a, qat, size, 3) for a in state),
                 jax.lax.dynamic_slice_in_dim(qg, qat, size, 1),
                 *(jax.lax.dynamic_slice_in_dim(a, kat, size, 1) for a in (k, v)),
                 cut(sight, qat, kat, size))
             return tuple(jax.lax.dynamic_update_slice_in_dim(a, p, qat, axis=3)
-                         for a, p in zip(state, part))
-
-        def step(carry, j):
-            state, k, v = carry
-            src = (me - j) % n  # the block of keys this device holds at step j
-            for qat, kat, size in pieces(me, src, t):
-                state = fold(state, qat, kat, size, k, v, keys_of(src))
-            return (state, around(k), around(v)), None
+                         for a, p in zip(state, part)), blocks
 
         acc0 = jnp.zeros_like(qg, jnp.float32).transpose(0, 2, 3, 1, 4)  # (b, kh, g, t, d),
         # as varying over the mesh as the queries (shard_map's types of the scan's carry)
         state = (acc0[..., 0] - jnp.inf, acc0[..., 0], acc0)
-        if zig:  # its own block's second chunks, the one pair of chunks the steps leave out
-            state = fold(state, t // 2, t // 2, t // 2, k, v, keys_of(me))
-        (state, _, _), _ = jax.lax.scan(step, (state, k, v), jnp.arange(n))
-        m, l, acc = state
+        (m, l, acc), _ = around_ring(fold, state, (k, v), sight)
         out = acc / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[..., None]  # (b, kh, g, t, d)
         lse = jnp.where(l > 0, m + jnp.log(l), jnp.inf)  # inf: sees nothing, p = 0 below
         return (out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype),
@@ -603,40 +612,26 @@ def ring(q, k, v, mask, *, scale: float, mesh_axes: tuple, softcap: float | None
 
     def local_backward(q, k, v, sight, out, lse, dout):
         b, t, h, d = q.shape
-        s = k.shape[1]
         f32 = lambda a: a.astype(jnp.float32)
         qg, do = (f32(grouped(a, k)) for a in (q, dout))
         delta = (do * f32(grouped(out, k))).sum(-1).transpose(0, 2, 3, 1)  # (b, kh, g, t)
         lse = lse.transpose(0, 2, 3, 1)
-        me = device()
-        keys_of = lambda src: cut(sight, 0, src * s, s)  # the sight of block src's keys
 
-        def fold(grads, qat, kat, size, k, v, sight):
-            dq, dk, dv = grads
+        def fold(dq, blocks, qat, kat, size, sight):
+            k, v, dk, dv = blocks
             qs = lambda a, axis: jax.lax.dynamic_slice_in_dim(a, qat, size, axis)
             ks = lambda a: jax.lax.dynamic_slice_in_dim(a, kat, size, 1)
             part = backward_piece((qs(dq, 1), ks(dk), ks(dv)), qs(qg, 1), ks(k), ks(v),
                                   qs(do, 1), qs(lse, 3), qs(delta, 3),
                                   cut(sight, qat, kat, size))
             return (jax.lax.dynamic_update_slice_in_dim(dq, part[0], qat, 1),
-                    *(jax.lax.dynamic_update_slice_in_dim(a, p, kat, 1)
-                      for a, p in zip((dk, dv), part[1:])))
+                    (k, v, *(jax.lax.dynamic_update_slice_in_dim(a, p, kat, 1)
+                             for a, p in zip((dk, dv), part[1:]))))
 
-        def step(carry, j):
-            dq, k, v, dk, dv = carry
-            src = (me - j) % n
-            for qat, kat, size in pieces(me, src, t):
-                dq, dk, dv = fold((dq, dk, dv), qat, kat, size, k, v, keys_of(src))
-            # the block's gradients travel with it and are home after the last step
-            return (dq, *map(around, (k, v, dk, dv))), None
-
-        # the keys and values travel in their own dtype, their gradients in float32
-        grads = (jnp.zeros_like(qg), jnp.zeros_like(k, jnp.float32),
-                 jnp.zeros_like(v, jnp.float32))
-        if zig:
-            grads = fold(grads, t // 2, t // 2, t // 2, k, v, keys_of(me))
-        (dq, _, _, dk, dv), _ = jax.lax.scan(step, (grads[0], k, v, *grads[1:]),
-                                             jnp.arange(n))
+        # the keys and values travel in their own dtype, their gradients (home after the last
+        # step) beside them in float32
+        blocks = (k, v, jnp.zeros_like(k, jnp.float32), jnp.zeros_like(v, jnp.float32))
+        dq, (_, _, dk, dv) = around_ring(fold, jnp.zeros_like(qg), blocks, sight)
         return dq.reshape(b, t, h, d).astype(q.dtype), dk, dv
 
     # rematerialized although never differentiated: differentiating a scan (the model's
