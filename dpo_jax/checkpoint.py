@@ -56,8 +56,10 @@ def _first_line(e: Exception) -> str:
     """An orbax / tensorstore error in one line: for a failed write, the file and the OS's
     reason (tensorstore buries them in a long message); else the first line, shortened."""
     text = str(e).strip()
+    # the reason may be followed by other [key=value] blocks (a tensorstore_spec) before the
+    # OS error code
     m = re.search(r'Failed writing: "([^"]+)": (?:Failed to write[^:]*: )?([^\[]+?)\s*'
-                  r'\[os_error_code', text)
+                  r'\[.*os_error_code', text, re.DOTALL)
     if m:
         return f"{m.group(2)}: {m.group(1)}"
     return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__

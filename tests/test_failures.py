@@ -338,6 +338,18 @@ def test_a_full_disk_is_found_before_writing_and_named(tmp_path, monkeypatch):
     assert ck.latest_step() == 1  # the last complete one is untouched
 
 
+@pytest.mark.parametrize("spec", ["", " [tensorstore_spec='{\\\"create\\\":true}']"])
+def test_a_failed_write_is_told_as_the_os_reason_and_the_file(spec):
+    # tensorstore's message as it comes, with or without the spec block that a failure while
+    # opening a zarr array puts between the reason and the OS error code (CI met the second)
+    from dpo_jax import checkpoint
+    d = "/w/1.orbax-checkpoint-tmp/opt.orbax-checkpoint-tmp/ocdbt.process_0/"
+    text = (f'OUT_OF_RANGE: Error opening "zarr" driver: Error writing "step/.zarray" in OCDBT '
+            f'database at local file "{d}": Failed writing: "{d}d/90ee": Failed to write 98053 '
+            f"bytes to file 7: File too large{spec} [os_error_code='27']")
+    assert checkpoint._first_line(ValueError(text)) == f"File too large: {d}d/90ee"
+
+
 def test_a_write_limit_hit_while_checkpointing_ends_in_one_line_naming_the_folder(tmp_path,
                                                                                   cache):
     wd = tmp_path / "wd"
