@@ -43,7 +43,7 @@ ROW = re.compile(r"^\s*(full|LoRA r\d+)\s+\S+\s+(?:[\d.]+\s+){3}\S+(?:\s+\(base\
 
 
 def measure(model, length, context, lora_rank, lora_only, attention="ring", hoist=False,
-            run=0, kernel="xla"):
+            run=0, kernel="xla", mlp_tile=0):
     """{tuning: (MiB per device (arguments + temporaries) of one compiled step, the real peak
     MiB or "OOM", s per step, tokens/s)}, the last three "-" unless ``run`` steps ran (then the
     compiler keeps its passes); ``hoist``: keep the CPU compiler's hoisted float32 copy of the
@@ -51,7 +51,7 @@ def measure(model, length, context, lora_rank, lora_only, attention="ring", hois
     cmd = [sys.executable, os.path.join(HERE, "memory.py"), "--model", model, "--pairs", "1",
            "--seq", str(length), "--mesh", f"1,1,1,1,{context}", "--devices", str(context),
            "--dtype", "bfloat16", "--ref-dtype", "bfloat16", "--remat",
-           "--context-attention", attention, "--attention", kernel]
+           "--context-attention", attention, "--attention", kernel, "--mlp-tile", str(mlp_tile)]
     if run:  # real steps: the compiler keeps all its passes
         cmd += ["--run", str(run)]
     elif not hoist:
@@ -73,7 +73,8 @@ def time_steps(lengths, context, steps=3, orders=("zigzag",)):
     """Median seconds per train step of a small model at each row length (one pair), per ring
     order (``common.CONTEXT_ORDER``), the orders' steps interleaved: {(length, order): s}. An
     "order" named after an attention kernel ("xla", "tiled") instead compiles the model with
-    that kernel (config key ``attention``; on one device, the kernels side by side)."""
+    that kernel (config key ``attention``; on one device, the kernels side by side); a
+    "+mlpN" suffix runs the MLP in tiles of N positions (``common.feed_forward``)."""
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={context}")
     sys.path.insert(0, os.path.dirname(HERE))
@@ -112,12 +113,13 @@ def time_steps(lengths, context, steps=3, orders=("zigzag",)):
         batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
         run = {}
         for order in orders:  # traced and compiled with its order (and "@N": ring tiles of N)
-            name, _, tile = order.partition("@")
+            spec, _, mlp = order.partition("+mlp")
+            name, _, tile = spec.partition("@")
             kernel = name if name in attention.IMPLEMENTATIONS else "xla"
             common.CONTEXT_ORDER = "zigzag" if kernel == name else name
             attention.RING_TILE = int(tile) if tile else default_tile
             graphdef = nnx.graphdef(common.abstract(Llama, dataclasses.replace(
-                cfg, attention=kernel)))
+                cfg, attention=kernel, mlp_tile=int(mlp or 0))))
             step = steps_lib.make_train_step(
                 FullTuning(graphdef), layouts.make("pair"), LossConfig(), opt, lambda s: 1e-5,
                 chunk_size=256, in_shardings=(state_sh, state_sh["params"], batch_sh),
@@ -157,7 +159,8 @@ def main():
     ap.add_argument("--orders", default="zigzag",
                     help="--time: ring attention's orders to time side by side (zigzag,index); "
                          "ORDER@N: with query tiles of N (attention.RING_TILE); or attention "
-                         "kernels (xla,tiled: one device's)")
+                         "kernels (xla,tiled: one device's); ORDER+mlpN: the MLP in tiles of N "
+                         "positions")
     ap.add_argument("--hoist", action="store_true",
                     help="memory: keep the CPU compiler's hoisted float32 copy of the bf16 "
                          "weights (bench/memory.py --no-hoist is the default here)")
@@ -169,6 +172,9 @@ def main():
                          "peak, s per step and tokens/s; budgets from the real peak")
     ap.add_argument("--attention", default="xla", choices=("xla", "cudnn", "splash", "tiled"),
                     help="memory: the attention kernel (bench/memory.py --attention)")
+    ap.add_argument("--mlp-tile", type=int, default=0,
+                    help="memory: the MLP in tiles of this many positions (bench/memory.py "
+                         "--mlp-tile; config key mlp='tiled' takes 2048)")
     a = ap.parse_args()
     if a.time:
         lengths = sorted(int(x) for x in a.lengths.split(","))
@@ -190,7 +196,7 @@ def main():
     for n in (int(c) for c in a.contexts.split(",")):
         for length in sorted(int(x) for x in a.lengths.split(",")):
             got = measure(a.model, length, n, a.lora_rank, a.lora_only, a.context_attention,
-                          a.hoist, run=a.run, kernel=a.attention)
+                          a.hoist, run=a.run, kernel=a.attention, mlp_tile=a.mlp_tile)
             for tuning, (mib, peak, step, tps) in got.items():
                 runs.append((tuning, n, length, mib, peak, step, tps))
                 if peak != "OOM":  # the real peak where the device counts one

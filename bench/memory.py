@@ -135,6 +135,9 @@ def parse():
     ap.add_argument("--attention", default="xla", choices=("xla", "cudnn", "splash", "tiled"),
                     help="the attention kernel (cudnn: a GPU, bfloat16, heads up to 128; "
                          "tiled: XLA in tiles, no (T x T) logits)")
+    ap.add_argument("--mlp-tile", type=int, default=0,
+                    help="> 0: the MLP in tiles of this many positions per row (config key "
+                         "mlp='tiled' takes 2048); 0: whole rows")
     ap.add_argument("--run", type=int, default=0,
                     help="> 0: also run each case this many timed steps (after one untimed): "
                          "the device's real peak memory, seconds per step, tokens/s")
@@ -172,6 +175,7 @@ def main():
                               context=sizes[4] if len(sizes) > 4 else 1)
     model_cls, base = model_config(a.model, dtype=a.dtype, remat=a.remat,
                                    remat_policy=a.remat_policy, attention=a.attention,
+                                   mlp_tile=a.mlp_tile,
                                    mesh_axes=sharding.mesh_axes(mesh))
     rules = models.family_of(base).rules
     sharding.check_model_fits(mesh, base, a.pairs)

@@ -72,6 +72,10 @@ class ModelConfig:
     attention: str = K.key("auto", "auto (cudnn on GPU, splash on TPU, else xla; tiled for "
                            "rows of 4096+ tokens no kernel takes) / xla / cudnn / splash / "
                            "tiled", K.one_of(*attention.CHOICES))
+    mlp: str = K.key("auto", "the MLP: auto (tiled for rows of 4096+ tokens) / full (whole "
+                     "rows) / tiled (in tiles of 2048 positions per row and device, each "
+                     "recomputed in the backward pass: a tile's hidden activations at most)",
+                     K.one_of("auto", "full", "tiled"))
     moe_kernel: str = K.key("auto", "a mixture of experts' grouped matmuls: auto (ragged_dot on "
                             "GPU / TPU, else scan) / ragged_dot / scan",
                             K.one_of("auto", "ragged_dot", "scan"))

@@ -13,6 +13,7 @@ from jax.experimental import multihost_utils
 from dpo_jax import data, layouts, packing, sharding
 from dpo_jax.errors import ConfigError
 from dpo_jax.models import attention as attention_lib
+from dpo_jax.models import common
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,9 @@ def layout(cfg) -> layouts.Layout:
 
 def compute(cfg, model_cfg, layout: layouts.Layout, mesh):
     """``model_cfg`` with the attention kernel of config key ``attention`` (``auto``: the fused
-    one where it applies), logged once with the reason, the mesh it is traced for (a mixture of
-    experts exchanges tokens over its expert axis) and its experts' kernel."""
+    one where it applies) and the MLP's tiles (config key ``mlp``), each logged once with the
+    reason, the mesh it is traced for (a mixture of experts exchanges tokens over its expert
+    axis) and its experts' kernel."""
     lengths = sorted({int(b) for b in cfg.data.length_buckets} |
                      {layout.row_length(cfg.data.max_length)})
     try:
@@ -39,8 +41,24 @@ def compute(cfg, model_cfg, layout: layouts.Layout, mesh):
     except ValueError as e:
         raise ConfigError(f"config key {e}") from None
     log.info("attention: %s", why)
-    model_cfg = dataclasses.replace(model_cfg, attention=impl, mesh_axes=sharding.mesh_axes(mesh))
+    tile, why = mlp_tile(cfg.model.mlp, max(lengths), hasattr(model_cfg, "experts_kernel"))
+    log.info("MLP: %s", why)
+    model_cfg = dataclasses.replace(model_cfg, attention=impl, mlp_tile=tile,
+                                    mesh_axes=sharding.mesh_axes(mesh))
     return experts_kernel(cfg.model.moe_kernel, model_cfg)
+
+
+def mlp_tile(key: str, length: int, experts: bool = False) -> tuple[int, str]:
+    """(positions per MLP tile, 0 = whole rows; why) for config key ``mlp`` and rows of
+    ``length`` tokens: ``auto`` tiles rows of ``attention.TILED_FROM`` tokens or more, as it
+    tiles attention there (``common.feed_forward``). ``experts``: the model has sparse layers
+    (never tiled)."""
+    tile = common.MLP_TILE
+    if key == "tiled" or (key == "auto" and length >= attention_lib.TILED_FROM):
+        return tile, (f"in tiles of {tile} positions per row (config key mlp={key!r}; rows of "
+                      f"{length} tokens" + ("; the experts' layers over whole rows)" if experts
+                                            else ")"))
+    return 0, f"whole rows (config key mlp={key!r}; rows of {length} tokens)"
 
 
 def experts_kernel(key: str, model_cfg):

@@ -162,7 +162,10 @@ class Run:
             f"devices: {len(devices)} x {devices[0].platform}, {jax.process_count()} "
             f"process(es); mesh {mesh}",
             f"layout: {self.layout.name}, packing {lay.packing}, attention "
-            f"{self.model_cfg.attention}, LM-head chunks of {self.chunk_size} positions",
+            f"{self.model_cfg.attention}, MLP " + (f"in tiles of {self.model_cfg.mlp_tile} "
+                                                   "positions" if self.model_cfg.mlp_tile
+                                                   else "over whole rows")
+            + f", LM-head chunks of {self.chunk_size} positions",
             f"batches: {opt.train_batch_size} pairs per micro-batch x "
             f"{opt.gradient_accumulation_steps} accumulated = {pairs} pairs per update (all "
             f"devices); {self.total_steps} updates = {self.total_steps / max(per_epoch, 1):.2f} "

@@ -11,9 +11,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from trainutil import tiny_config
-from dpo_jax import config, data, layouts, packing
+from dpo_jax import config, data, layouts, packing, plan
 from dpo_jax.errors import ConfigError
-from dpo_jax.models import attention
+from dpo_jax.models import attention, common
 from dpo_jax.models.attention import Mask
 from dpo_jax.trainer import train_and_evaluate
 
@@ -79,7 +79,6 @@ def test_tiled_attention_matches_xla(softcap, monkeypatch):
     of 43 keys, the last padded; each tile's mask from the rule, no dense mask; the tiles the
     mask hides skipped) on each mask form, with and without a logit cap: XLA's outputs at real
     queries and gradients within 1e-5."""
-    from dpo_jax.models import common
     monkeypatch.setattr(attention, "RING_TILE", 32)
     monkeypatch.setattr(attention, "RING_KEY_TILE", 43)
     q, k, v = qkv()
@@ -150,6 +149,15 @@ def test_auto_picks_the_kernel_and_says_why():
         attention.resolve("splash", platform="cpu", **dict(kw, mask_forms={"dense"}))
 
 
+def test_auto_tiles_the_mlp_of_long_rows_and_says_so():
+    assert plan.mlp_tile("auto", attention.TILED_FROM - 1) == (
+        0, f"whole rows (config key mlp='auto'; rows of {attention.TILED_FROM - 1} tokens)")
+    tile, why = plan.mlp_tile("auto", attention.TILED_FROM, experts=True)
+    assert tile == common.MLP_TILE and why.endswith("the experts' layers over whole rows)")
+    assert plan.mlp_tile("tiled", 64)[0] == common.MLP_TILE
+    assert plan.mlp_tile("full", 1 << 17)[0] == 0
+
+
 def test_packing_settings_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="packing='exact' needs max_completion_length > 0"):
         config.build(tiny_config(tmp_path, packing="exact", max_completion_length=0,
@@ -198,14 +206,16 @@ def test_packed_run_ends_where_the_unpacked_run_ends(tmp_path, layout):
     """Eight updates of 2 accumulated micro-batches, reference precomputed (the ordered pass is
     packed too), eval packed: the weights equal the unpacked run's within float tolerance, and
     so do a packed run's with ``attention="tiled"`` (tiles of 8 x 16: every pass in tiles,
-    from the masks' rules)."""
+    from the masks' rules) and ``mlp="tiled"`` (tiles of 8 positions)."""
     kw = dict(layout=layout, gradient_accumulation_steps=2, precompute_ref_log_probs=True)
     plain = run_weights(tmp_path, "plain", **kw)
     packed = run_weights(tmp_path, "packed", packing="exact", **kw)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(attention, "RING_TILE", 8)
         mp.setattr(attention, "RING_KEY_TILE", 16)
-        tiled = run_weights(tmp_path, "tiled", packing="exact", attention="tiled", **kw)
+        mp.setattr(common, "MLP_TILE", 8)
+        tiled = run_weights(tmp_path, "tiled", packing="exact", attention="tiled", mlp="tiled",
+                            **kw)
     for name in plain:
         np.testing.assert_allclose(packed[name], plain[name], atol=2e-5, err_msg=name)
         np.testing.assert_allclose(tiled[name], plain[name], atol=2e-5, err_msg=name)

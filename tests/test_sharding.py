@@ -286,15 +286,16 @@ def test_experts_split_over_the_expert_axis_give_the_same_steps(monkeypatch):
 
 def test_tiled_attention_on_a_mesh_equals_xla_on_one_device(monkeypatch):
     """``attention="tiled"`` over data 2 x fsdp 2 x tensor 2 (no context axis: each device's
-    rows and heads in tiles of 8 x 8, a shard_map with no collectives) on Gemma 2 (windows,
-    soft-caps, grouped-query heads over tensor): one device's XLA loss, grad norm and params
-    within 1e-5."""
+    rows and heads in tiles of 8 x 8, a shard_map with no collectives), with the MLP in tiles
+    of 5 positions too (rows of 24: 5 tiles, the last padded; its hidden units over tensor),
+    on Gemma 2 (windows, soft-caps, grouped-query heads over tensor): one device's XLA loss
+    and grad norm (untiled MLP) and params within 1e-5."""
     from dpo_jax.models import attention
     monkeypatch.setattr(attention, "RING_TILE", 8)
     monkeypatch.setattr(attention, "RING_KEY_TILE", 8)
     params, batch = host_params(GEMMA), [pair_batch(seed=0)]
     one, ms_one = run_steps(sharding.make_mesh(1, 1, 1), params, batch, cfg=GEMMA)
-    tiled = dataclasses.replace(GEMMA, attention="tiled")
+    tiled = dataclasses.replace(GEMMA, attention="tiled", mlp_tile=5)
     state, ms = run_steps(sharding.make_mesh(2, 2, 2), params, batch, cfg=tiled)
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose(ms[0][key], ms_one[0][key], rtol=1e-5)
@@ -304,12 +305,14 @@ def test_tiled_attention_on_a_mesh_equals_xla_on_one_device(monkeypatch):
 
 CONTEXT_MESHES = [dict(context=2), dict(context=4), dict(context=8),
                   dict(context=2, fsdp=2, tensor=2)]
+# the MLP in tiles of 4 positions of each device's share of a row (common.feed_forward)
+TILED_MLP = [dict(context=2, mlp_tile=4)]
 
 
 @pytest.mark.parametrize("base, layout, packed, meshes, n_steps, zigzag", [
     (CFG, "pair", False, CONTEXT_MESHES, 12, True),
     (LLAMA, "prefix_sharing", True, CONTEXT_MESHES[2:], 1, True),
-    (GEMMA, "prefix_sharing", False, CONTEXT_MESHES[:1], 1, True),
+    (GEMMA, "prefix_sharing", False, TILED_MLP, 1, True),
     (LLAMA, "pair", True, CONTEXT_MESHES[2:3], 1, False),
     (MOE, "prefix_sharing", False, [dict(context=4), dict(context=2, expert=2, tensor=2)], 1,
      True)],
@@ -323,7 +326,7 @@ def test_context_parallel_steps_equal_one_device(base, layout, packed, meshes, n
     travelling with them; the loss, grad norm and updated params of one device (within 1e-5;
     after 12 AdamW steps, on context 2 x fsdp 2 x tensor 2, within 1e-4); a mixture of experts
     over context alone (each device routing its own tokens) and with its expert axis beside
-    the context axis."""
+    the context axis; Gemma with its MLP in tiles of each device's positions."""
     from dpo_jax import packing
     from dpo_jax.models import common as common_
     split, orders = [], []
@@ -361,7 +364,8 @@ def test_context_parallel_steps_equal_one_device(base, layout, packed, meshes, n
         steps_ = [batch(context, fsdp * sizes.get("expert", 1), seed=i) for i in range(n)]
         assert steps_[0][1]["input_ids"].shape[-1] % context == 0  # padded to the axis
         split.clear(), orders.clear()
-        state, ms = run_steps(mesh, params, [b for _, b in steps_], cfg=base,
+        state, ms = run_steps(mesh, params, [b for _, b in steps_],
+                              cfg=dataclasses.replace(base, mlp_tile=sizes.get("mlp_tile", 0)),
                               layout=steps_[0][0], n_steps=n)
         assert split and set(split) == {context}  # the positions were pinned to the axis
         assert orders and {o is not None for o in orders} == {zigzag}, sizes
@@ -373,17 +377,21 @@ def test_context_parallel_steps_equal_one_device(base, layout, packed, meshes, n
             np.testing.assert_allclose(a, b_, atol=1e-5 if n == 1 else 1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("base, width", [(LLAMA, LLAMA.intermediate_size),
-                                         (MOE, MOE.num_experts)], ids=["llama", "moe"])
-def test_each_context_device_computes_only_its_positions(base, width):
+@pytest.mark.parametrize("base, width, tile", [(LLAMA, LLAMA.intermediate_size, 0),
+                                               (LLAMA, LLAMA.intermediate_size, 2),
+                                               (MOE, MOE.num_experts, 0)],
+                         ids=["llama", "llama-mlp-tiles", "moe"])
+def test_each_context_device_computes_only_its_positions(base, width, tile):
     """Issue 29: with the positions split over a context axis of 4, no program of the compiled
     train step holds the batch's (rows x positions) as one axis of tokens: each device's
     projections and MLP (a mixture of experts: its router and experts) take its quarter of the
     positions. (Flattening rows with split positions has no sharding of its own: XLA gathered
-    every token onto every device there, and computed every token's matmuls on each.)"""
+    every token onto every device there, and computed every token's matmuls on each.) With
+    the MLP in tiles of 2 positions, each device's hidden units are a tile of its own
+    positions: (rows, 2, hidden) for one step of the tiles' loop, never a quarter's."""
     import re
     mesh = sharding.make_mesh(1, 1, 1, context=4)
-    cfg = dataclasses.replace(base, mesh_axes=sharding.mesh_axes(mesh))
+    cfg = dataclasses.replace(base, mesh_axes=sharding.mesh_axes(mesh), mlp_tile=tile)
     family = models.family_of(cfg)
     opt, lr = optimizer()
     state, state_sh = sharding.init_state(mesh, host_params(base), opt, family.rules)
@@ -396,8 +404,12 @@ def test_each_context_device_computes_only_its_positions(base, width):
                       {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}),
         out_shardings=(state_sh, jax.sharding.NamedSharding(mesh, P())))
     hlo = step.lower(state, state["params"], sharding.shard_batch(mesh, batch)).compile().as_text()
-    assert re.search(rf"\[{rows},{length // 4},{width}\]", hlo)  # a quarter of the positions
     assert not re.findall(rf"\w+\[{rows * length},\d+\]", hlo)  # no whole rows as tokens
+    if not tile:
+        assert re.search(rf"\[{rows},{length // 4},{width}\]", hlo)  # a quarter of the positions
+        return
+    assert re.search(rf"\[{rows},{tile},{width}\]", hlo)  # a tile, on each device
+    assert not re.search(rf"\[{rows},{length // 4},{width}\]", hlo)
 
 
 @pytest.mark.parametrize("softcap, zigzag, tile, form", [

@@ -101,6 +101,28 @@ def test_merged_export_equals_peft_base_plus_adapter(base, tmp_path, dora):
         run.ckpt.close()
 
 
+def test_lora_dropout_draws_its_own_mask_in_each_mlp_tile():
+    """In the MLP's tiles (``common.feed_forward``, config key ``mlp``) LoRA dropout folds the
+    tile's number into the layer's key: four tiles of a row draw four masks (one key would
+    draw the same mask four times), at the rate asked; outside a tile the layer's own key."""
+    import jax.numpy as jnp
+    from flax import nnx
+    from dpo_jax.models import common
+    width = 8
+    zero = common.Linear(width, width, std=0.0, dtype=jnp.float32, rngs=nnx.Rngs(0), bias=False)
+    cfg = lora.LoRAConfig(rank=width, alpha=width, dropout=0.5, target="")
+    layer = lora.LoRALinear(zero, cfg, jnp.eye(width), jnp.eye(width), dropout=True)
+    layer.lora_key[...] = jax.random.key_data(jax.random.key(3))
+    x = jnp.ones((1, 16, width))
+    whole = np.asarray(layer(x))  # W = 0, A B = I: the output is the dropped-out input
+    tiles = np.asarray(common.feed_forward(layer, x, 4))[0].reshape(4, 4 * width)
+    assert set(np.unique(tiles)) == {0.0, 2.0}  # kept inputs scaled by 1 / (1 - 0.5)
+    assert len({row.tobytes() for row in tiles != 0}) == 4  # a mask per tile
+    assert 0.3 < (tiles != 0).mean() < 0.7
+    np.testing.assert_array_equal(np.asarray(layer(x)), whole)
+    np.testing.assert_array_equal(np.asarray(common.feed_forward(layer, x, 16)), whole)  # 1 tile
+
+
 def test_the_reference_costs_no_memory(base, tmp_path):
     """Live buffers of the embedding's shape that setup creates: with LoRA one per such base
     tensor, the base (frozen, and also the reference); with full tuning four: the policy, its

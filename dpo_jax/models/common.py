@@ -39,7 +39,7 @@ REMAT = {
 ATTENTION = attention_lib.IMPLEMENTATIONS  # dot-product attention kernels (models/attention.py)
 # Fields of a family config that are compute options, not architecture: they are not written to
 # config.json and do not fix parameter shapes (a checkpoint restores under any of them).
-COMPUTE_FIELDS = ("dtype", "remat", "remat_policy", "attention", "mesh_axes",
+COMPUTE_FIELDS = ("dtype", "remat", "remat_policy", "attention", "mlp_tile", "mesh_axes",
                   "experts_kernel")  # the last: a mixture of experts' only
 
 
@@ -51,6 +51,8 @@ class ComputeOptions:
     remat: bool = False     # recompute each block's activations in the backward pass
     remat_policy: str = "nothing_saveable"  # what a rematerialized block keeps (see REMAT)
     attention: str = "xla"  # attention implementation (see ATTENTION); "xla" runs everywhere
+    # the MLP in tiles of this many positions of each row (``feed_forward``); 0 = whole rows
+    mlp_tile: int = 0
     # the device mesh the model is traced for, ((axis, size), ...) (``sharding.mesh_axes``; set
     # by the trainer): a layer that runs its own collectives (a mixture of experts' token
     # exchange over the expert axis) reads it; () = no mesh (one device, or GSPMD's choice)
@@ -60,6 +62,8 @@ class ComputeOptions:
         choice("dtype", self.dtype, tuple(DTYPES))
         choice("remat_policy", self.remat_policy, tuple(REMAT))
         choice("attention", self.attention, ATTENTION)
+        if self.mlp_tile < 0:
+            raise ValueError(f"mlp_tile={self.mlp_tile}: must be >= 0 (0 = whole rows)")
 
     @property
     def compute_dtype(self):
@@ -238,6 +242,58 @@ class GatedMLP(nnx.Module):
         return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
 
 
+# config key mlp="tiled" (and auto for rows of attention.TILED_FROM tokens or more): positions
+# of each row per MLP tile (on each device, under a context axis)
+MLP_TILE = 2048
+
+
+def feed_forward(fn, x, tile: int, mesh_axes=()):
+    """``fn(x)`` for a position-wise ``fn`` (a block's norm and MLP) on x (B, T, C), with
+    ``tile`` > 0 computed in tiles of about ``tile`` positions of each row (Snowflake's TiledMLP):
+    a ``lax.scan`` over the tiles whose body is rematerialized, so neither pass holds more than a
+    tile's (B, tile, hidden) intermediates; the weights' gradients add up over the tiles.
+
+    Each row is cut along its positions (not rows and positions flattened: the rows stay on
+    their data-parallel devices); under a context axis each device cuts its own share of the
+    positions, so every tile is spread over the axis as the row is. The tiles are made equal
+    (the last padded by fewer than the number of tiles); a row of one tile is ``fn(x)`` as it
+    is. Inside a tile ``tile_index()`` is the tile's number (LoRA dropout folds it into its
+    key, so tiles draw different masks)."""
+    b, t, c = x.shape
+    p = 1 if tokens_flatten() else mesh_lib.size(mesh_axes, POSITIONS)
+    per = t // p  # a context axis divides the rows (layouts pad them to a multiple)
+    n = -(-per // tile) if tile else 1
+    if n < 2:
+        return fn(x)
+    size = -(-per // n)
+    xs = x.reshape(b, p, per, c)
+    if n * size > per:
+        xs = jnp.pad(xs, ((0, 0), (0, 0), (0, n * size - per), (0, 0)))
+    xs = xs.reshape(b, p, n, size, c).transpose(2, 0, 1, 3, 4)  # (tiles, B, P, size, C)
+
+    @jax.checkpoint
+    def one(i, xi):
+        token = _TILE.set(i)
+        try:
+            y = fn(split_positions(xi.reshape(b, p * size, c), mesh_axes if p > 1 else ()))
+        finally:
+            _TILE.reset(token)
+        return y.reshape(b, p, size, y.shape[-1])
+
+    _, ys = jax.lax.scan(lambda carry, a: (carry, one(*a)), None, (jnp.arange(n), xs))
+    y = ys.transpose(1, 2, 0, 3, 4).reshape(b, p, n * size, ys.shape[-1])[:, :, :per]
+    return split_positions(y.reshape(b, t, -1), mesh_axes if p > 1 else ())
+
+
+# the number of the MLP tile being traced (``feed_forward``), or None outside one
+_TILE = contextvars.ContextVar("dpo_jax_mlp_tile", default=None)
+
+
+def tile_index():
+    """The (traced) number of the ``feed_forward`` tile being traced, or None outside one."""
+    return _TILE.get()
+
+
 def gelu_tanh(x):
     return jax.nn.gelu(x, approximate=True)
 
@@ -362,6 +418,9 @@ class PreNormBlock(nnx.Module):
     ``parts()`` as (attention's norm, attention, the MLP's norm, MLP); its attention takes
     ``(x, mask, context, per_layer, kv, index)`` and returns (output, kv)."""
 
+    mlp_tile = 0  # ``feed_forward``'s tile (a family's block sets it from its config)
+    mesh_axes = ()
+
     def parts(self) -> tuple:
         raise NotImplementedError
 
@@ -369,7 +428,7 @@ class PreNormBlock(nnx.Module):
         attn_norm, attention, mlp_norm, mlp = self.parts()
         a, kv = attention(attn_norm(x), mask_bts, context, per_layer, kv, index)
         x = x + a
-        return x + mlp(mlp_norm(x)), kv
+        return x + feed_forward(lambda h: mlp(mlp_norm(h)), x, self.mlp_tile, self.mesh_axes), kv
 
 
 def stacked(make, n: int, rngs: nnx.Rngs):

@@ -92,11 +92,14 @@ class LoRALinear(nnx.Module):
         return common.apply_2d(self.project, x)
 
     def adapter_input(self, x2):
-        """PEFT's: dropout on the adapter's input only."""
+        """PEFT's: dropout on the adapter's input only (in an MLP tile, ``common.feed_forward``,
+        the tile's number folded into the key: each tile its own mask)."""
         if not self.lora_dropout:
             return x2
-        keep = jax.random.bernoulli(jax.random.wrap_key_data(self.lora_key[...]),
-                                    1.0 - self.lora_dropout, x2.shape)
+        key = jax.random.wrap_key_data(self.lora_key[...])
+        if common.tile_index() is not None:
+            key = jax.random.fold_in(key, common.tile_index())
+        keep = jax.random.bernoulli(key, 1.0 - self.lora_dropout, x2.shape)
         return jnp.where(keep, x2 / (1.0 - self.lora_dropout), 0).astype(x2.dtype)
 
     def delta(self, h2):

@@ -186,11 +186,13 @@ class DecoderLayer(nnx.Module):
         self.mlp = common.GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.compute_dtype,
                                    common.gelu_tanh, rngs=rngs)
         self.post_feedforward_layernorm = norm()
+        self.mlp_tile, self.mesh_axes = cfg.mlp_tile, cfg.mesh_axes
 
     def __call__(self, x, masks, context, per_layer, kv=None, index=None):
         a, kv = self.self_attn(self.input_layernorm(x), masks, context, per_layer, kv, index)
         x = x + self.post_attention_layernorm(a)
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), kv
+        mlp = lambda h: self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        return x + common.feed_forward(mlp, x, self.mlp_tile, self.mesh_axes), kv
 
 
 

@@ -148,6 +148,7 @@ class Block(common.PreNormBlock):
         self.attn = Attention(cfg, rngs=rngs)
         self.ln_2 = common.LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, cfg.compute_dtype)
         self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp_tile, self.mesh_axes = cfg.mlp_tile, cfg.mesh_axes
 
     def parts(self):
         return self.ln_1, self.attn, self.ln_2, self.mlp

@@ -200,6 +200,7 @@ class DecoderLayer(common.PreNormBlock):
         self.post_attention_layernorm = norm()
         self.mlp = common.GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.compute_dtype,
                                    jax.nn.silu, rngs=rngs)
+        self.mlp_tile, self.mesh_axes = cfg.mlp_tile, cfg.mesh_axes
 
     def parts(self):
         return self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp

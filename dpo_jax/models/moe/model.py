@@ -341,6 +341,9 @@ class DecoderLayer(common.PreNormBlock):
         self.mlp = (common.GatedMLP(cfg.hidden_size, cfg.dense_intermediate_size,
                                     cfg.compute_dtype, jax.nn.silu, rngs=rngs) if dense
                     else SparseMoE(cfg, rngs=rngs))
+        # the dense MLP in tiles; never the experts (their routing keeps the router's logits
+        # for the load-balancing loss, and each tile would be dispatched on its own)
+        self.mlp_tile, self.mesh_axes = (cfg.mlp_tile if dense else 0), cfg.mesh_axes
 
     def parts(self):
         return self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp
