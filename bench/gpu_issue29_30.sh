@@ -5,8 +5,9 @@
 #   bash bench/gpu_issue29_30.sh 1   # issue 29: real peak memory and tokens/s by pair length on
 #                                    # one GPU (gemma-3-1b with attention="tiled", what auto
 #                                    # takes there: its heads of 256 are over cuDNN's 128;
-#                                    # Qwen3-0.6B with cuDNN), against TRL 1.15's published
-#                                    # gemma-3-1b figures
+#                                    # Qwen3-0.6B with cuDNN; both with the MLP in tiles of
+#                                    # 2048 positions, as auto runs rows of 4096+ tokens),
+#                                    # against TRL 1.15's published gemma-3-1b figures
 #   bash bench/gpu_issue29_30.sh 2   # issue 30: QLoRA step time against LoRA in bf16, and the
 #                                    # 8B real peak of LoRA on a bf16 base against NF4
 # Each part is sized to end within 5 minutes on an H100/H200 (timeouts below). Logs go under
@@ -19,11 +20,11 @@ python -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())" | t
 if [ "${1:-1}" = 1 ]; then
   # the longest pair on one device: lengths grow until the device reports out of memory
   timeout 170 python bench/long_context.py --model gemma-3-1b --contexts 1 --run 2 \
-    --attention tiled --lengths 8192,16384,32768,65536,131072 --lora-rank 16 \
+    --attention tiled --mlp-tile 2048 --lengths 8192,16384,32768,65536,131072 --lora-rank 16 \
     --budgets 16,40,80 > "$OUT/long_gemma3_1b.txt" 2>&1
   grep "^|" "$OUT/long_gemma3_1b.txt"
   timeout 110 python bench/long_context.py --model qwen3-0.6b --contexts 1 --run 2 \
-    --attention cudnn --lengths 8192,16384,32768,65536 --lora-rank 16 --lora-only \
+    --attention cudnn --mlp-tile 2048 --lengths 8192,16384,32768,65536 --lora-rank 16 --lora-only \
     --budgets 16,40,80 > "$OUT/long_qwen3_cudnn.txt" 2>&1
   grep "^|" "$OUT/long_qwen3_cudnn.txt"
 else

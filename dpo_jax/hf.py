@@ -124,10 +124,13 @@ def hf_state_dict(cfg, params: dict) -> dict[str, np.ndarray]:
 
 
 def load_pretrained_params(name_or_path: str | os.PathLike, *, dtype: str = "float32",
-                           **compute_options) -> tuple[object, dict]:
+                           keep_fp8: bool = False, **compute_options) -> tuple[object, dict]:
     """(config, params as a nested dict of float32 numpy arrays) of an HF checkpoint.
 
     Host memory only: callers place the arrays (e.g. sharded over a mesh, see sharding.place).
+    ``keep_fp8``: a fine-grained FP8 checkpoint's matrices stay ``quant.FP8`` (its own codes
+    and scales, the bytes as stored; for ``quantize_base="fp8"``) where they are whole 128 x
+    128 tiles of one of our matrices, transposed only; the rest dequantized.
     """
     folder = hub.resolve(name_or_path)
     hf_config = hub.read_config(folder)
@@ -135,7 +138,7 @@ def load_pretrained_params(name_or_path: str | os.PathLike, *, dtype: str = "flo
                          **compute_options)
     family = models.family_of(cfg)
     tensors, origin = hub.read_weights(folder)
-    tensors = _dequantize_fp8(hf_config, tensors, folder)
+    tensors = _dequantize_fp8(hf_config, tensors, folder, keep=keep_fp8)
     tensors = {family.hf_key(k): v for k, v in tensors.items()}
     origin = {family.hf_key(k): v for k, v in origin.items()}
 
@@ -161,17 +164,21 @@ def load_pretrained_params(name_or_path: str | os.PathLike, *, dtype: str = "flo
                 raise CheckpointError(
                     f"{folder / origin[key]}: tensor {key!r} has shape {tuple(a.shape)}, "
                     f"but {hub.CONFIG_FILE} implies {want}")
+            if isinstance(a, quant.FP8):  # its codes are HF's (out, in): ours, transposed
+                if t.transpose and len(t.paths) == 1 and t.row_order is None:
+                    return [quant.FP8(a.codes, a.absmax)]
+                a = a.dense()
             return t.to_ours(np.asarray(a, dtype=np.float32), ours)
 
         layers = []
         for i in t.layer_ids(cfg.n_layers):
             if t.experts:
                 per = [read(t.hf.format(i=i, j=j)) for j in range(t.experts)]
-                layers.append([np.stack([e[k] for e in per]) for k in range(len(t.paths))])
+                layers.append([_stack([e[k] for e in per]) for k in range(len(t.paths))])
             else:
                 layers.append(read(t.hf.format(i=i)))
         for j, path in enumerate(t.paths):
-            loaded[path] = (np.stack([parts[j] for parts in layers]) if t.stacked
+            loaded[path] = (_stack([parts[j] for parts in layers]) if t.stacked
                             else layers[0][j])
     unexpected = sorted(k for k in set(tensors) - expected
                         if not any(re.fullmatch(p, k) for p in family.hf_ignored))
@@ -180,12 +187,22 @@ def load_pretrained_params(name_or_path: str | os.PathLike, *, dtype: str = "flo
     return cfg, models.unflatten_like(template, loaded)
 
 
-def _dequantize_fp8(hf_config: dict, tensors: dict, folder) -> dict:
+def _stack(parts: list):
+    """Per-layer (or per-expert) arrays stacked; ``quant.FP8`` parts stacked as one (their
+    codes and scales), unless some part is dense (then all dequantized)."""
+    if all(isinstance(p, quant.FP8) for p in parts):
+        return quant.FP8(np.stack([p.codes for p in parts]), np.stack([p.absmax for p in parts]))
+    return np.stack([p.dense() if isinstance(p, quant.FP8) else p for p in parts])
+
+
+def _dequantize_fp8(hf_config: dict, tensors: dict, folder, keep: bool = False) -> dict:
     """A fine-grained FP8 checkpoint's (``quantization_config.quant_method: fp8``: DeepSeek-V3's,
     Qwen3's *-FP8) float8_e4m3fn weights times their per-tile ``weight_scale_inv``, float32, as
     transformers loads one on a CPU (``Fp8Dequantize``); the scales dropped. Other checkpoints
-    as they are. (``quantize_base="fp8"`` then quantizes the matrices again; transformers'
-    codec gives back the same codes, and scales within an ulp.)"""
+    as they are. With ``keep``, a weight whose scales are per 128 x 128 tile (``quant.FP8``'s
+    layout) stays as stored, a ``quant.FP8`` in HF's layout (``rows``), for the loader to keep
+    or dequantize; without it, ``quantize_base="fp8"`` would quantize the dequantized matrices
+    again (transformers' codec gives back the same codes, and scales within an ulp)."""
     qc = hf_config.get("quantization_config") or {}
     if qc.get("quant_method") != "fp8":
         return tensors
@@ -207,7 +224,12 @@ def _dequantize_fp8(hf_config: dict, tensors: dict, folder) -> dict:
         if rows % sr or cols % sc:
             raise CheckpointError(f"{folder}: FP8 tensor {key!r} {tuple(a.shape)} does not cut "
                                   f"into its scales' grid {tuple(inv.shape)}")
-        out[key] = quant.FP8(np.asarray(a), inv, rows=True).dense()  # kept as HF lays it out
+        q = quant.FP8(np.asarray(a), inv, rows=True)  # as HF lays it out
+        whole = (sr * quant.FP8_TILE, sc * quant.FP8_TILE) == (rows, cols)
+        out[key] = q if keep and whole else q.dense()
+    if keep:
+        kept = sum(isinstance(a, quant.FP8) for a in out.values())
+        log.info("%s: %d FP8 matrices kept as stored (codes and scales)", folder, kept)
     return out
 
 
@@ -243,14 +265,17 @@ def save_params(cfg, params: dict, path: str | os.PathLike, *, dtype: str = "flo
                              max_shard_bytes=max_shard_bytes)
 
 
-def initial_model(cfg: ModelConfig, tokenizer, mesh=None, seed: int = 0) -> tuple[object, dict]:
+def initial_model(cfg: ModelConfig, tokenizer, mesh=None, seed: int = 0,
+                  keep_fp8: bool = False) -> tuple[object, dict]:
     """(model config, params) of the policy a run starts from (= its reference): an HF checkpoint or
     random (from ``seed``) by ``cfg.model`` (an HF config.json in miniature: ``model_type`` and the
     family's fields). With a mesh, random params are created already sharded; checkpoint params
-    stay host numpy arrays for ``sharding.init_state`` to place."""
+    stay host numpy arrays for ``sharding.init_state`` to place. ``keep_fp8``: an FP8
+    checkpoint's matrices as stored (``load_pretrained_params``)."""
     compute = dict(dtype=cfg.dtype, remat=cfg.remat, remat_policy=cfg.remat_policy)
     if cfg.model_name_or_path:
-        model_cfg, params = load_pretrained_params(cfg.model_name_or_path, **compute)
+        model_cfg, params = load_pretrained_params(cfg.model_name_or_path, keep_fp8=keep_fp8,
+                                                   **compute)
     else:
         spec = dict(cfg.model)
         spec.setdefault("model_type", "gpt2")  # workdirs written before families had no key

@@ -57,7 +57,10 @@ def setup(config, workdir: Path, interrupts: Interrupts | None = None,
     sharding.check_positions_within_processes(mesh)
     tokenizer = hub.load_tokenizer(cfg.model.tokenizer_name_or_path
                                    or cfg.model.model_name_or_path)
-    model_cfg, params = hf.initial_model(cfg.model, tokenizer, mesh, seed=cfg.run.seed)
+    # QLoRA on an FP8 base: an FP8 checkpoint's own codes and scales, never a float32 copy
+    keep_fp8 = bool(cfg.tuning.lora_rank) and cfg.tuning.quantize_base == "fp8"
+    model_cfg, params = hf.initial_model(cfg.model, tokenizer, mesh, seed=cfg.run.seed,
+                                         keep_fp8=keep_fp8)
     phase_done()
     family = models.family_of(model_cfg)
     _check_model(cfg, model_cfg, mesh)

@@ -165,12 +165,13 @@ def test_fp8_equals_transformers():
                                   quant.dequantize(table)[ids])
 
 
-def test_an_fp8_run_trains_what_peft_runs_on_the_fp8_checkpoint(tmp_path):
-    """A LoRA run on a base quantized to FP8 (a 128-wide Llama: every matrix in whole tiles);
-    transformers' FP8 checkpoint of the same base (its own quantizer, weights and
-    ``weight_scale_inv``, ``quant_method: fp8``), which it loads on a CPU dequantized, under
-    PEFT with our adapter, gives our merged export's logits; the base's matrices are ours, and
-    that checkpoint loads here to transformers' values."""
+def test_an_fp8_run_trains_what_peft_runs_on_the_fp8_checkpoint(tmp_path, monkeypatch):
+    """transformers' FP8 checkpoint of a 128-wide Llama (every matrix in whole tiles; its own
+    quantizer, weights and ``weight_scale_inv``, ``quant_method: fp8``): a LoRA run from it with
+    ``quantize_base="fp8"`` holds its codes and scales as stored (bytes equal; no float32 copy,
+    no second rounding), and PEFT with our adapter on the checkpoint as transformers loads it
+    on a CPU (dequantized) gives our merged export's logits. Our quantizer gives the same
+    matrices, and loaded without ``keep_fp8`` the checkpoint reads as transformers' values."""
     import peft
     from safetensors.torch import save_file
     torch.manual_seed(0)
@@ -179,9 +180,6 @@ def test_an_fp8_run_trains_what_peft_runs_on_the_fp8_checkpoint(tmp_path):
                                    num_key_value_heads=4, max_position_embeddings=128,
                                    tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    model.save_pretrained(tmp_path / "base")
-    trainer.train_and_evaluate(lora_config(tmp_path, tmp_path / "base", quantize_base="fp8",
-                                           learning_rate=3e-2), tmp_path / "wd")
     quantizer, tensors = hf_fp8(), {}
     for k, v in model.state_dict().items():
         tensors.update(quantizer._quantize_one(k, v) if k.endswith("proj.weight")
@@ -191,6 +189,21 @@ def test_an_fp8_run_trains_what_peft_runs_on_the_fp8_checkpoint(tmp_path):
     (tmp_path / "fp8" / "config.json").write_text(json.dumps(dict(
         cfg.to_dict(), architectures=["LlamaForCausalLM"], quantization_config=dict(
             quant_method="fp8", weight_block_size=[128, 128], activation_scheme="dynamic"))))
+    run_cfg = lora_config(tmp_path, tmp_path / "fp8", quantize_base="fp8", learning_rate=3e-2)
+    with monkeypatch.context() as m:  # every matrix is the checkpoint's: none quantized again
+        m.setattr(quant, "quantize_fp8", lambda *a, **k: pytest.fail("quantized again"))
+        run = trainer.setup(run_cfg, tmp_path / "setup")
+    frozen = models.flatten(jax.device_get(run.frozen))
+    run.ckpt.close()
+    for name in ("layers.mlp.down_proj.weight", "layers.self_attn.q_proj.weight"):
+        key = "model.layers.1." + name.split(".", 1)[1]
+        kept = frozen[name]
+        assert isinstance(kept, quant.FP8) and kept.codes.shape == (2, *tensors[key].shape)
+        np.testing.assert_array_equal(np.asarray(kept.codes[1]).view(np.uint8),
+                                      tensors[key].view(torch.uint8).numpy())
+        np.testing.assert_array_equal(kept.absmax[1], tensors[f"{key}_scale_inv"].numpy())
+    assert not quant.is_quantized(frozen["embed_tokens.weight"])
+    trainer.train_and_evaluate(run_cfg, tmp_path / "wd")
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp8",
                                                              dtype=torch.float32)
     w = model.model.layers[1].mlp.down_proj.weight.detach().numpy()

@@ -264,10 +264,14 @@ class LoRATuning(Tuning):
 
     def quantized(self, params: dict) -> dict:
         """The loaded base with every matrix of ``quantized_paths`` quantized (on the host, once;
-        a matrix that already is stays)."""
-        if not self.quantized_paths:
-            return params
+        a matrix that already is stays: an FP8 checkpoint's, as stored), every other dense."""
         flat = models.flatten(params)
+        keep = {f"{p}.weight" for p in self.quantized_paths + self.quantized_tables}
+        for name, w in flat.items():
+            if quant.is_quantized(w) and name not in keep:
+                flat[name] = w.dense()
+        if not self.quantized_paths:
+            return models.unflatten_like(params, flat)
         for path in self.quantized_paths + self.quantized_tables:
             w = flat[f"{path}.weight"]
             if not quant.is_quantized(w):
