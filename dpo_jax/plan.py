@@ -56,8 +56,8 @@ def mlp_tile(key: str, length: int, experts: bool = False) -> tuple[int, str]:
     tile = common.MLP_TILE
     if key == "tiled" or (key == "auto" and length >= attention_lib.TILED_FROM):
         return tile, (f"in tiles of {tile} positions per row (config key mlp={key!r}; rows of "
-                      f"{length} tokens" + ("; the experts' layers over whole rows)" if experts
-                                            else ")"))
+                      f"{length} tokens" + (": one tile each" if length <= tile else "")
+                      + ("; the experts' layers over whole rows)" if experts else ")"))
     return 0, f"whole rows (config key mlp={key!r}; rows of {length} tokens)"
 
 
