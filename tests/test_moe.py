@@ -57,9 +57,11 @@ def test_logits_and_logprobs_match_transformers(variant):
     ids, mask, loss_mask = padded_batch(np.random.default_rng(0), VOCAB, t=40)
     ref = torch_logits(tmodel, ids, mask)
     real = mask.astype(bool)
-    for kernel in ("scan", "ragged_dot"):  # the tiled kernel, and XLA's grouped matmul
-        ours = np.asarray(load_pretrained(path, experts_kernel=kernel)(jnp.asarray(ids),
-                                                                       jnp.asarray(mask)))
+    for kernel in ("scan", "ragged_dot"):  # the tiled kernel, and XLA's grouped matmul; with
+        # the second, the MLP in tiles of 16 positions (the dense layer's; the experts' whole)
+        tile = 16 if kernel == "ragged_dot" else 0
+        ours = np.asarray(load_pretrained(path, experts_kernel=kernel, mlp_tile=tile)(
+            jnp.asarray(ids), jnp.asarray(mask)))
         np.testing.assert_allclose(ours[real], ref[real], atol=1e-4, rtol=0,
                                    err_msg=f"{name} {kernel}")
     logps, _ = sequence_logprobs(model, ids, mask, loss_mask, chunk_size=7)
@@ -131,8 +133,9 @@ def test_the_load_balancing_loss_is_transformers(variant):
                                         experts, cfg.num_experts_per_tok, m))
         np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=name)
     # our model's own router logits, gathered out of its scanned stacks, give transformers'
-    # aux_loss (the attention mask excluding padding)
-    model = load_pretrained(path)
+    # aux_loss (the attention mask excluding padding); with the MLP in tiles too (the dense
+    # layer's: the experts route whole rows)
+    model = load_pretrained(path, mlp_tile=8)
     model(jnp.asarray(ids), jnp.asarray(mask))
     np.testing.assert_allclose(float(model.aux_loss()), float(out.aux_loss), rtol=1e-5,
                                err_msg=name)
