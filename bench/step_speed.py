@@ -24,7 +24,9 @@ against transformers' GPT2LMHeadModel; --model smollm2, SmolLM2-135M's (30 layer
   torch-qlora  torch-lora on a bitsandbytes NF4 base (``BitsAndBytesConfig(load_in_4bit=True,
                bnb_4bit_quant_type="nf4")``, compute in --dtype): the peer of qlora
   torch-qlora-dq  torch-qlora with bnb_4bit_use_double_quant: the peer of qlora-dq
-Each mode runs in its own process (peak RSS is that process's). Step time is the median of
+Our modes log TRL's per-token metrics as a run does (token_metrics=True; TRL 1.16's DPOTrainer
+computes them in its fused head too); --no-token-metrics skips them, as the torch modes (log-probs
+only) do. Each mode runs in its own process (peak RSS is that process's). Step time is the median of
 --steps timed steps after 2 warm-up steps. tokens/s counts the tokens of the chosen and the
 rejected sequences (prompt + completion each: 4 x 2 x 128 = 1024 per step) in every mode, so the
 numbers compare the same work.
@@ -253,7 +255,7 @@ def run_jax(mode, a):
     max_length = PROMPT + COMPLETION
     batches = data.PairBatches(pairs_, batch_size=PAIRS, max_length=max_length, pad_id=0,
                                layout=layout, seed=0)
-    loss_cfg = LossConfig(beta=0.1)
+    loss_cfg = LossConfig(beta=0.1, token_metrics=not a.no_token_metrics)
     if mode == "precomputed":
         ref_fn = steps.make_ref_logps_fn(tuning, layout, chunk_size=a.chunk)
         c, r = ref_fn(state["params"], ref, batches.collate(np.arange(PAIRS)))
@@ -423,6 +425,10 @@ def main():
     ap.add_argument("--prompt", type=int, default=PROMPT, help="prompt tokens per pair")
     ap.add_argument("--completion", type=int, default=COMPLETION,
                     help="tokens of each completion")
+    ap.add_argument("--no-token-metrics", action="store_true",
+                    help="our modes skip TRL's per-token metrics (entropy, logits/*, "
+                         "mean_token_accuracy: a statistics pass over the vocabulary, on by "
+                         "default as in TRL's DPOTrainer), which the torch modes never compute")
     ap.add_argument("--attention", default="xla", choices=["xla", "cudnn", "splash", "tiled"],
                     help="our attention kernel (cudnn: a GPU, bfloat16)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -460,7 +466,8 @@ def main():
                             "--lora-rank", str(a.lora_rank),
                             "--pairs", str(a.pairs), "--dtype", a.dtype,
                             "--prompt", str(a.prompt), "--completion", str(a.completion),
-                            "--attention", a.attention],
+                            "--attention", a.attention]
+                           + ["--no-token-metrics"] * a.no_token_metrics,
                            capture_output=True, text=True, env=env)
         line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
         if r.returncode or not line:
